@@ -1,4 +1,15 @@
-"""Dense LLaMA-style decoder shape (torch-free) with its exact parameter and FLOP accounting."""
+"""Dense LLaMA-style decoder shape (torch-free) with its exact parameter and FLOP accounting.
+
+The parameter count is megatron-core's GPTModel exactly: RMSNorm has a weight and no bias, no linear
+layer has a bias, the SwiGLU gate and up projections are one fused [2 * ffn_hidden, hidden] matrix, and
+a tied output layer reuses the embedding matrix.
+
+FLOPs per token follow the PaLM / MFU convention (Chowdhery et al. 2022, appendix B): 6 x the matmul
+parameters (forward 2 + backward 4 per multiply-add, the output layer included, the embedding lookup and
+the norms excluded) plus 12 * layers * heads * head_dim * seq_len for QK^T and AV, counted without causal
+halving. For a GPT-3 shape this equals Megatron's per-iteration formula (Narayanan et al. 2021) divided
+by the tokens of the iteration; see `megatron_flops_per_token`.
+"""
 
 from __future__ import annotations
 
@@ -52,3 +63,51 @@ class DenseConfig:
     def head_dim(self) -> int:
         """Width of one attention head."""
         return self.hidden // self.heads
+
+    # ------------------------------------------------------------------------------------------
+    # accounting (the same four methods on every family's config)
+
+    def layer_matmul_params(self) -> int:
+        """Weights of one block's linear layers: fused QKV, output projection, fused SwiGLU fc1, fc2."""
+        h, hd = self.hidden, self.head_dim
+        qkv = h * (self.heads * hd + 2 * self.kv_heads * hd)
+        proj = self.heads * hd * h
+        fc1 = h * 2 * self.ffn_hidden  # gate and up projections in one matrix
+        fc2 = self.ffn_hidden * h
+        return qkv + proj + fc1 + fc2
+
+    def layer_params(self) -> int:
+        """All weights of one block: its linear layers plus two RMSNorm weights."""
+        return self.layer_matmul_params() + 2 * self.hidden
+
+    def embedding_params(self) -> int:
+        """Input embedding plus the output layer when it is not tied to it."""
+        table = self.vocab_size * self.hidden
+        return table if self.tied_embeddings else 2 * table
+
+    def num_params(self) -> int:
+        """Exact total parameters: embedding, blocks, final norm and (untied) output layer."""
+        return self.embedding_params() + self.layers * self.layer_params() + self.hidden
+
+    def num_params_non_embedding(self) -> int:
+        """Parameters outside the embedding and output layer (Kaplan's N; the Step Law's N)."""
+        return self.num_params() - self.embedding_params()
+
+    def matmul_params(self) -> int:
+        """Weights multiplied per token: all blocks' linear layers plus the output layer."""
+        return self.layers * self.layer_matmul_params() + self.vocab_size * self.hidden
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward): 6 x matmul params + 12 L H Q s attention."""
+        attention = 12 * self.layers * self.heads * self.head_dim * seq_len
+        return float(6 * self.matmul_params() + attention)
+
+
+def megatron_flops_per_token(*, layers: int, hidden: int, seq_len: int, vocab_size: int) -> float:
+    """Narayanan et al. (2021) GPT FLOPs per iteration, 72 B s L h^2 (1 + s/6h + V/12Lh), per token.
+
+    It assumes a 4h MLP (12 h^2 weights per block), which a SwiGLU block with ffn_hidden = 8h/3 matches,
+    so for such a shape it equals `DenseConfig.flops_per_token` (methods: GPT-3 175B gives 1.0764e12).
+    """
+    s, h, n = seq_len, hidden, layers
+    return 72.0 * s * n * h * h * (1 + s / (6 * h) + vocab_size / (12 * n * h)) / s
