@@ -1,0 +1,87 @@
+"""Core attention on `torch.nn.functional.scaled_dot_product_attention`, a drop-in for megatron's
+DotProductAttention in a layer spec (`core_attention=SDPAttention`).
+
+megatron's local DotProductAttention materialises the [b, heads, s, s] score matrix, repeats the
+key/value heads for GQA and runs an unfused softmax; SDPA picks PyTorch's fused kernel (flash on CPU
+and GPU) and handles GQA without copying keys and values. Numerically it equals DotProductAttention
+(tests/test_train_attention.py). Shapes follow megatron: s = sequence, b = batch, np = query heads
+on this rank, ng = key/value groups on this rank, hn = head width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+
+class SDPAttention(MegatronModule):
+    """Causal (or masked) multi-head attention with grouped-query support, no parameters."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str = "self",
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention does not support context parallelism")
+        self.attn_mask_type = attn_mask_type
+        head_dim = config.kv_channels
+        self.softmax_scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(head_dim)
+        self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params=None,
+    ) -> torch.Tensor:
+        """[sq, b, np, hn] queries, [sk, b, ng, hn] keys/values -> [sq, b, np * hn]."""
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor attention bias")
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        sq, b, np_, hn = query.shape
+        # [s, b, n, hn] -> [b, n, s, hn] (views; SDPA accepts the strides)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask = None
+        causal = False
+        if attention_mask is not None:
+            # megatron masks are True where attention is NOT allowed; SDPA's are the opposite
+            mask = ~attention_mask
+        elif mask_type == AttnMaskType.causal and sq > 1:
+            causal = True
+        dropout_p = self.dropout if self.training else 0.0
+        gqa = k.shape[1] != np_
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = self._sdpa(q, k, v, mask, causal, dropout_p, gqa)
+        else:
+            out = self._sdpa(q, k, v, mask, causal, dropout_p, gqa)
+        # [b, np, sq, hn] -> [sq, b, np * hn]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, np_ * hn)
+
+    def _sdpa(self, q, k, v, mask, causal, dropout_p, gqa):
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal,
+            scale=self.softmax_scale, enable_gqa=gqa,
+        )
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        """No parameters, nothing to checkpoint."""
+        return {}

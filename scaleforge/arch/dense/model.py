@@ -1,0 +1,109 @@
+"""Dense LLaMA-style decoder as a megatron-core GPTModel: RoPE, RMSNorm, SwiGLU, GQA, no biases.
+
+No parallel logic: the tensor-parallel layers sit inside megatron's spec, and the layout reaches
+this builder only as TransformerConfig fields (`runtime`). With Transformer Engine importable
+(GPU) its spec is used; otherwise megatron's local spec with the SDPA core attention.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from scaleforge.arch.common.attention import SDPAttention
+from scaleforge.arch.common.init import init_params
+from scaleforge.arch.common.norm import RMSNorm
+from scaleforge.arch.dense.config import DenseConfig
+
+
+def transformer_config(cfg: DenseConfig, runtime: dict[str, Any]) -> TransformerConfig:
+    """megatron TransformerConfig of the shape `cfg` under `runtime` (layout, dtype, fusions)."""
+    return TransformerConfig(
+        num_layers=cfg.layers,
+        hidden_size=cfg.hidden,
+        num_attention_heads=cfg.heads,
+        num_query_groups=cfg.kv_heads,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        # weights are drawn by arch.common.init (layout-independent), not by megatron
+        perform_initialization=False,
+        **runtime,
+    )
+
+
+def layer_spec(config: TransformerConfig) -> ModuleSpec:
+    """The block spec: TE modules where Transformer Engine imports, else local + SDPA."""
+    if _have_te():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        layer = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        final_norm = TENorm
+    else:
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        attn = layer.submodules.self_attention
+        attn.submodules.core_attention = SDPAttention
+        layer.submodules.input_layernorm = RMSNorm
+        layer.submodules.pre_mlp_layernorm = RMSNorm
+        final_norm = RMSNorm
+    layers = get_num_layers_to_build(config)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm),
+    )
+
+
+def build_model(
+    cfg: DenseConfig, *, seq_len: int, seed: int, runtime: dict[str, Any]
+) -> GPTModel:
+    """This rank's pipeline stage of the model, initialised from `seed` independently of layout."""
+    config = transformer_config(cfg, runtime)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(config),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rope_base,
+    )
+    init_params(
+        model, seed=seed, std=cfg.init_std, layers=cfg.layers, tied=cfg.tied_embeddings
+    )
+    return model
+
+
+def _have_te() -> bool:
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,134 @@
+"""CUDA -> CPU redirection so megatron-core runs unchanged on a machine without a GPU.
+
+megatron-core 0.16.1 calls CUDA unconditionally in about a hundred places. `install()` redirects the
+few entry points that the dense/MoE training path actually reaches (measured with TP=2, TP=2+SP,
+PP=2 1F1B, DP=2 + distributed optimizer, and checkpoint save/load, every loss within 5e-7 of one
+process). It does nothing when CUDA is available: on a GPU everything is megatron's own code path.
+Everything not listed here is megatron's real code path on the CPU too.
+"""
+
+from __future__ import annotations
+
+import functools
+
+_INSTALLED = False
+
+# Tensor factories megatron calls with `device=torch.cuda.current_device()` or `device="cuda"`.
+_FACTORIES = (
+    "empty", "zeros", "ones", "full", "tensor", "arange", "rand", "randn", "randint",
+    "empty_like", "zeros_like", "ones_like", "full_like", "empty_strided", "as_tensor", "linspace",
+)
+
+
+def needed() -> bool:
+    """True when this process has no CUDA device (the redirection is then required)."""
+    import torch
+
+    return not torch.cuda.is_available()
+
+
+def install() -> bool:
+    """Apply the redirection once when CUDA is absent; returns whether it is active."""
+    global _INSTALLED
+    if _INSTALLED:
+        return True
+    if not needed():
+        return False
+    import torch
+
+    cuda = torch.cuda
+
+    # parallel_state, tensor_parallel layers/mappings, optimizer and clip_grads allocate on
+    # `torch.cuda.current_device()`, also inside autograd backward (sequence-parallel
+    # reduce-scatter), so the answer must be a valid CPU device, not an index.
+    cuda.current_device = lambda: "cpu"
+    # initialize_model_parallel / DDP call set_device; p2p_communication (pipeline send/recv)
+    # calls synchronize after every batch of isends; both are meaningless on one CPU device.
+    cuda.set_device = lambda device: None
+    cuda.synchronize = lambda device=None: None
+    cuda.empty_cache = lambda: None
+
+    # tensor_parallel.random.CudaRNGStatesTracker.add and model_parallel_cuda_manual_seed seed and
+    # read "the CUDA generator"; on CPU it is the default generator. manual_seed goes to the
+    # generator itself: torch.manual_seed calls cuda.manual_seed_all, which would recurse.
+    cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.manual_seed_all = lambda seed: torch.default_generator.manual_seed(int(seed))
+    cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
+    cuda.set_rng_state = lambda new_state, device="cuda": torch.set_rng_state(new_state)
+    cuda.random.get_rng_state = cuda.get_rng_state
+    cuda.random.set_rng_state = cuda.set_rng_state
+
+    # schedules (loss tensors), transformer utils, the optimizer and clip_grads build tensors with
+    # device="cuda". A TorchFunctionMode is not enough: modes are off inside
+    # autograd.Function.backward, where tensor_parallel mappings allocate too.
+    for name in _FACTORIES:
+        setattr(torch, name, _cpu_factory(getattr(torch, name)))
+
+    # clip_grads asserts `param.type() == "torch.cuda.FloatTensor"` and the distributed optimizer
+    # raises "Wrapped parameters must be one of torch.cuda.FloatTensor..." otherwise.
+    torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
+
+    _redirect_megatron_rng()
+    _define_missing_te_gemm()
+    _INSTALLED = True
+    return True
+
+
+def _is_cuda(device) -> bool:
+    import torch
+
+    if isinstance(device, int) and not isinstance(device, bool):
+        return True
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+def _cpu_factory(fn):
+    @functools.wraps(fn)
+    def factory(*args, **kwargs):
+        if _is_cuda(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+def _cuda_type_name(original):
+    @functools.wraps(original)
+    def type_(self, dtype=None, non_blocking=False, **kwargs):
+        if dtype is None:
+            name = original(self)
+            return name.replace("torch.", "torch.cuda.", 1) if self.device.type == "cpu" else name
+        if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
+            dtype = dtype.replace("torch.cuda.", "torch.", 1)
+        return original(self, dtype, non_blocking, **kwargs)
+
+    return type_
+
+
+def _redirect_megatron_rng() -> None:
+    # tensor_parallel.random's own get/set helpers reach torch.cuda.default_generators (absent on
+    # a CPU build: without this, set silently does nothing and dropout under TP is wrong).
+    import torch
+    from megatron.core.tensor_parallel import random as mrandom
+
+    def get_state(device="cuda", clone=False, graph_safe=False):
+        return torch.get_rng_state()
+
+    def set_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    mrandom._get_cuda_rng_state = get_state
+    mrandom._set_cuda_rng_state = set_state
+
+
+def _define_missing_te_gemm() -> None:
+    # moe_utils references `te_general_gemm` without defining it when Transformer Engine is
+    # absent (NameError in the MoE router); None selects its plain-torch path.
+    try:
+        from megatron.core.transformer.moe import moe_utils
+    except ImportError:
+        return
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
