@@ -1,0 +1,287 @@
+"""plan.yaml: the planner's output, read by submit, status, refit and demo.
+
+Torch-free. `scaleforge.orchestrator.plan` re-exports everything here; import from there.
+
+Top-level keys, in file order:
+  budget        the target compute in FLOPs
+  arch          the architecture family of every run
+  law           the loss law planned from: name, params, ci ({name: [lo, hi]}), source (prior|fit)
+  cluster       the Cluster description the layouts were made for
+  seq_len       tokens per sample of every run
+  unique_tokens unique tokens in the data pool (epochs = D / unique_tokens)
+  runs_dir      where run directories go, relative to the plan file's folder (default `runs`)
+  ladder        the small runs: name, run_id, budget, N, N_non_embedding, D, flops_per_token, flops,
+                epochs, gpus, nodes, gpu_hours, layout, spec (the full RunSpec)
+  target        the run at `budget`: the same fields plus loss, loss_ci, N_ci, D_ci
+  history       earlier targets (each with the law it was planned from), oldest first
+  warnings      one line each (data-constrained runs, layouts that barely fit, ...)
+A run's directory is `<runs_dir>/<name>-<run_id>` (see `run_dir`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from scaleforge.config import RunSpec, from_dict, load_yaml_file, to_dict
+from scaleforge.errors import ConfigError
+from scaleforge.orchestrator.cluster import Cluster, cluster_from_dict, cluster_to_dict
+
+LAW_SOURCES = ("prior", "fit")
+
+
+@dataclass(kw_only=True, frozen=True)
+class LawInfo:
+    """The loss law a plan was made from."""
+
+    name: str
+    """Law form, e.g. `chinchilla` (L = E + A/N^alpha + B/D^beta)."""
+    params: dict
+    """Parameter values by name."""
+    ci: dict
+    """95% interval per parameter: name -> [lo, hi]."""
+    source: str = "prior"
+    """`prior` (published values) or `fit` (fitted to this plan's runs)."""
+    path: str = ""
+    """The fit.json it was read from (empty for the prior)."""
+
+    def __post_init__(self) -> None:
+        if self.source not in LAW_SOURCES:
+            raise ConfigError(f"law.source must be prior or fit, got {self.source!r}")
+        for key, value in self.params.items():
+            if not _finite(value):
+                raise ConfigError(f"law.params.{key} must be a finite number, got {value!r}")
+        for key, pair in self.ci.items():
+            if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(map(_finite, pair))):
+                raise ConfigError(f"law.ci.{key} must be [lo, hi] numbers, got {pair!r}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class PlannedRun:
+    """One run of a plan: its sizes, cost and full RunSpec."""
+
+    name: str
+    """Run name (also the RunSpec's name)."""
+    run_id: str
+    """`scaleforge.config.run_id(spec)`."""
+    budget: float
+    """The compute budget (FLOPs) this run was sized for."""
+    N: int
+    """Total parameters (the law's N; Chinchilla counts embeddings)."""
+    N_non_embedding: int
+    """Parameters outside the embedding and output layer (the Step Law's N)."""
+    D: int
+    """Training tokens: train.steps x tokens per step."""
+    flops_per_token: float
+    """Exact training FLOPs per token of this architecture at the run's seq_len."""
+    flops: float
+    """Training FLOPs actually spent: D x flops_per_token (close to `budget`)."""
+    epochs: float
+    """Passes over the unique tokens of the data pool."""
+    gpus: int
+    """Accelerators (or CPU ranks) the run uses: tp x pp x dp."""
+    nodes: int
+    """Nodes the run uses."""
+    gpu_hours: float
+    """Estimated accelerator-hours at the cluster's assumed MFU."""
+    layout: dict = field(default_factory=dict)
+    """Memory model summary: memory_gb, bubble, step_time_s, recompute."""
+    spec: RunSpec
+    """The full RunSpec the executor ships."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class TargetRun(PlannedRun):
+    """The run at the full budget, with the law's prediction."""
+
+    loss: float
+    """Predicted final loss L(N, D) of the planned shape."""
+    loss_ci: tuple = ()
+    """[lo, hi] of the prediction from the law's parameter intervals."""
+    N_ci: tuple = ()
+    """[lo, hi] of the law's compute-optimal N at this budget."""
+    D_ci: tuple = ()
+    """[lo, hi] of the law's compute-optimal D at this budget."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class Plan:
+    """A ladder of small runs and one target run, all for one architecture and cluster."""
+
+    budget: float
+    """Target compute in FLOPs."""
+    arch: str
+    """Architecture family of every run."""
+    law: LawInfo
+    """The law the sizes came from."""
+    cluster: Cluster
+    """The machines the layouts are for."""
+    seq_len: int
+    """Tokens per sample."""
+    unique_tokens: float
+    """Unique tokens in the data pool."""
+    runs_dir: str = "runs"
+    """Run directories' parent, relative to the plan file's folder (or absolute)."""
+    ladder: tuple = ()
+    """PlannedRun per small run, by budget then size."""
+    target: TargetRun
+    """The run at `budget`."""
+    history: tuple = ()
+    """Earlier targets as dicts (target fields plus `law`), oldest first."""
+    warnings: tuple = ()
+    """One-line warnings made while planning."""
+
+    def runs(self) -> tuple:
+        """Ladder runs then the target."""
+        return (*self.ladder, self.target)
+
+
+# ----------------------------------------------------------------------------------------------
+# paths
+
+
+def run_dir(plan: Plan, plan_path: str | Path, run: PlannedRun) -> Path:
+    """`<runs_dir>/<name>-<run_id>`, runs_dir taken relative to the plan file's folder."""
+    base = Path(plan.runs_dir)
+    if not base.is_absolute():
+        base = Path(plan_path).resolve().parent / base
+    return base / f"{run.name}-{run.run_id}"
+
+
+def with_target(plan: Plan, target: TargetRun, law: LawInfo) -> Plan:
+    """A new plan whose target is `target` (planned from `law`); the old target moves to history."""
+    old = {**run_to_dict(plan.target), "law": law_to_dict(plan.law)}
+    return dataclasses.replace(plan, target=target, law=law, history=(*plan.history, old))
+
+
+# ----------------------------------------------------------------------------------------------
+# dict / YAML
+
+
+def law_to_dict(law: LawInfo) -> dict:
+    return {
+        "name": law.name,
+        "params": {k: float(v) for k, v in law.params.items()},
+        "ci": {k: [float(v[0]), float(v[1])] for k, v in law.ci.items()},
+        "source": law.source,
+        "path": law.path,
+    }
+
+
+def run_to_dict(run: PlannedRun) -> dict:
+    out = {}
+    for f in dataclasses.fields(run):
+        value = getattr(run, f.name)
+        if f.name == "spec":
+            value = to_dict(value)
+        elif isinstance(value, tuple):
+            value = [float(v) for v in value]
+        elif isinstance(value, dict):
+            value = dict(value)
+        out[f.name] = value
+    return out
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    return {
+        "budget": float(plan.budget),
+        "arch": plan.arch,
+        "law": law_to_dict(plan.law),
+        "cluster": cluster_to_dict(plan.cluster),
+        "seq_len": plan.seq_len,
+        "unique_tokens": float(plan.unique_tokens),
+        "runs_dir": plan.runs_dir,
+        "ladder": [run_to_dict(r) for r in plan.ladder],
+        "target": run_to_dict(plan.target),
+        "history": [dict(h) for h in plan.history],
+        "warnings": list(plan.warnings),
+    }
+
+
+def plan_to_yaml(plan: Plan) -> str:
+    return yaml.safe_dump(plan_to_dict(plan), sort_keys=False, default_flow_style=False, width=100)
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    """Write plan.yaml atomically (a temporary file renamed over the target)."""
+    path = Path(path)
+    text = plan_to_yaml(plan)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def load_plan(path: str | Path) -> Plan:
+    """Read plan.yaml; a missing key or invalid RunSpec is a one-line ConfigError naming it."""
+    data = load_yaml_file(path)
+    try:
+        return plan_from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def plan_from_dict(data: Any) -> Plan:
+    if not isinstance(data, dict):
+        raise ConfigError("a plan must be a mapping with keys budget, arch, law, cluster, ladder, target")
+    _require(data, ("budget", "arch", "law", "cluster", "seq_len", "unique_tokens", "ladder", "target"), "plan")
+    law = data["law"]
+    if not isinstance(law, dict):
+        raise ConfigError("law must be a mapping")
+    _require(law, ("name", "params", "ci"), "law")
+    law_info = LawInfo(
+        name=law["name"], params=dict(law["params"] or {}), ci=dict(law["ci"] or {}),
+        source=law.get("source", "prior"), path=law.get("path", "") or "",
+    )
+    ladder = data["ladder"] or []
+    if not isinstance(ladder, list):
+        raise ConfigError("ladder must be a list of runs")
+    return Plan(
+        budget=float(data["budget"]),
+        arch=str(data["arch"]),
+        law=law_info,
+        cluster=cluster_from_dict(data["cluster"]),
+        seq_len=int(data["seq_len"]),
+        unique_tokens=float(data["unique_tokens"]),
+        runs_dir=str(data.get("runs_dir") or "runs"),
+        ladder=tuple(_run_from_dict(r, PlannedRun, f"ladder[{i}]") for i, r in enumerate(ladder)),
+        target=_run_from_dict(data["target"], TargetRun, "target"),
+        history=tuple(dict(h) for h in (data.get("history") or [])),
+        warnings=tuple(str(w) for w in (data.get("warnings") or [])),
+    )
+
+
+def _run_from_dict(data: Any, cls: type, where: str) -> PlannedRun:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where} must be a mapping")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    required = [n for n, f in names.items()
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    _require(data, required, where)
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key '{unknown[0]}'")
+    kwargs = dict(data)
+    try:
+        kwargs["spec"] = from_dict(RunSpec, data["spec"], "spec")
+    except ConfigError as exc:
+        raise ConfigError(f"{where}.{exc}") from None
+    for key in ("loss_ci", "N_ci", "D_ci"):
+        if key in kwargs:
+            kwargs[key] = tuple(float(v) for v in kwargs[key])
+    return cls(**kwargs)
+
+
+def _require(data: dict, keys, where: str) -> None:
+    for key in keys:
+        if key not in data:
+            raise ConfigError(f"{where}: missing key '{key}'")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,114 @@
+"""The loss law a plan starts from before any fit of its own, and the closed forms the planner needs.
+
+Torch-free and numpy-free (the `plan` verb must answer in well under a second).
+
+Prior: Epoch AI's refit of Chinchilla's Approach 3 (Besiroglu et al. 2024, arXiv 2404.10102),
+L(N, D) = E + A / N^alpha + B / D^beta with A=482.01, B=2085.43, E=1.8169, alpha=0.3478, beta=0.3658
+and the 95% intervals below. N counts all parameters (Chinchilla includes the embeddings), D tokens.
+
+Compute-optimal allocation under C = 6 N D (Hoffmann et al. 2022, appendix D.2):
+G = (alpha A / (beta B))^(1/(alpha+beta)), N_opt = G (C/6)^a, D_opt = (C/6)^b / G,
+a = beta / (alpha+beta), b = alpha / (alpha+beta).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+from pathlib import Path
+
+from scaleforge.errors import ConfigError
+
+PARAM_NAMES = ("A", "B", "E", "alpha", "beta")
+
+EPOCH_PARAMS = {"A": 482.01, "B": 2085.43, "E": 1.8169, "alpha": 0.3478, "beta": 0.3658}
+"""Epoch AI's Huber-likelihood refit of Chinchilla (methods 8.1)."""
+
+EPOCH_CI = {
+    "A": (285.2, 743.6),
+    "B": (1042.4, 5810.3),
+    "E": (1.769, 1.871),
+    "alpha": (0.317, 0.373),
+    "beta": (0.331, 0.415),
+}
+"""Their 95% bootstrap intervals."""
+
+
+def chinchilla_loss(params: dict, n: float, d: float) -> float:
+    """L(N, D) = E + A / N^alpha + B / D^beta."""
+    return params["E"] + params["A"] / n ** params["alpha"] + params["B"] / d ** params["beta"]
+
+
+def compute_optimal(params: dict, flops: float) -> tuple[float, float]:
+    """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = flops."""
+    alpha, beta = params["alpha"], params["beta"]
+    g = (alpha * params["A"] / (beta * params["B"])) ** (1.0 / (alpha + beta))
+    a, b = beta / (alpha + beta), alpha / (alpha + beta)
+    return g * (flops / 6.0) ** a, (flops / 6.0) ** b / g
+
+
+def interval(fn, params: dict, ci: dict, samples: list[dict] | None = None) -> tuple[float, float]:
+    """[lo, hi] of fn(params) under the law's uncertainty.
+
+    With bootstrap samples: their 2.5% and 97.5% percentiles. Without: the range over the 32 corners of
+    the box of per-parameter intervals, which ignores the (strong, negative) correlation between the
+    parameters and so is wider than the joint interval; it is the honest interval the prior allows.
+    """
+    if samples:
+        values = sorted(fn({**params, **s}) for s in samples)
+        lo = values[int(math.floor(0.025 * (len(values) - 1)))]
+        hi = values[int(math.ceil(0.975 * (len(values) - 1)))]
+        return lo, hi
+    names = [k for k in PARAM_NAMES if k in ci]
+    values = [fn(params)]
+    for corner in itertools.product((0, 1), repeat=len(names)):
+        values.append(fn({**params, **{k: ci[k][i] for k, i in zip(names, corner)}}))
+    return min(values), max(values)
+
+
+def load_fit(path: str | Path) -> dict:
+    """Read a fit.json: {law, params {A,B,E,alpha,beta}, ci {name: [lo, hi]}, optional samples}."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"--law {path}: no such file")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"--law {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--law {path}: expected a JSON object with keys law, params, ci")
+    for key in ("law", "params", "ci"):
+        if key not in data:
+            raise ConfigError(f"--law {path}: missing key '{key}' (expected law, params, ci)")
+    if data["law"] != "chinchilla":
+        raise ConfigError(
+            f"--law {path}: law {data['law']!r} cannot plan sizes; the planner needs a chinchilla fit"
+        )
+    params, ci = data["params"], data["ci"]
+    if not isinstance(params, dict) or not isinstance(ci, dict):
+        raise ConfigError(f"--law {path}: params and ci must be objects")
+    for name in PARAM_NAMES:
+        value = params.get(name)
+        if not _finite(value):
+            raise ConfigError(f"--law {path}: params.{name} must be a finite number, got {value!r}")
+    if not (params["alpha"] > 0 and params["beta"] > 0 and params["A"] > 0 and params["B"] > 0):
+        raise ConfigError(f"--law {path}: A, B, alpha and beta must be > 0 to plan an allocation")
+    clean_ci = {}
+    for name, pair in ci.items():
+        if not (isinstance(pair, list) and len(pair) == 2 and all(map(_finite, pair))):
+            raise ConfigError(f"--law {path}: ci.{name} must be [lo, hi], got {pair!r}")
+        clean_ci[name] = (float(pair[0]), float(pair[1]))
+    samples = data.get("samples") or []
+    if not isinstance(samples, list) or not all(isinstance(s, dict) for s in samples):
+        raise ConfigError(f"--law {path}: samples must be a list of parameter objects")
+    return {
+        "law": "chinchilla",
+        "params": {k: float(params[k]) for k in PARAM_NAMES},
+        "ci": clean_ci,
+        "samples": [{k: float(s[k]) for k in PARAM_NAMES if k in s} for s in samples],
+    }
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,0 +1,277 @@
+"""Torch-free memory model and parallel-layout search (TP, PP, DP, SP, recompute, micro-batch).
+
+Memory per GPU = model states + activations (+ logits on the last stage), for the fullest stage.
+
+Model states (mixed-precision Adam, bytes per parameter, before dividing by tp x pp):
+  16 = bf16 weights 2 + bf16 grads 2 + fp32 master 4 + Adam m 4 + v 4; ZeRO-1 4 + 12/dp,
+  ZeRO-2 2 + 14/dp, ZeRO-3 16/dp (Rajbhandari et al. 2020). Megatron accumulates and reduces gradients
+  in fp32 (4 bytes), so its total is 18: 6 + 12/dp with the distributed optimizer (that is what the
+  planner uses, `megatron_state_bytes`), 18 without.
+
+Activations per layer (Korthikanti et al. 2022, arXiv 2205.05198; bf16, dropout masks included), with
+s sequence, b micro-batch, h hidden, a heads, t tensor-parallel size:
+  no parallelism            s b h (34 + 5 a s / h)
+  TP, no SP                 s b h (10 + 24/t + 5 a s / (h t))
+  TP + SP                   s b h / t (34 + 5 a s / h)
+  selective recompute       the 5 a s / h term is gone (the softmax/dropout of QK^T is recomputed)
+  full recompute            2 s b h (the layer input only), / t with SP
+FlashAttention never materialises the s x s scores, which removes the 5 a s / h term like selective
+recompute does. The 34 assumes a 4h GeLU MLP; a SwiGLU MLP of 8h/3 stores the same 19 s b h
+(fc1 input 2, fused fc1 output 2 x 8/3 x 2, SwiGLU output 8/3 x 2, mask 1), so it carries over. GQA's
+smaller K and V are not credited (an over-estimate of at most 4 s b h).
+1F1B pipeline: the first stage holds min(pp, m) micro-batches of layers/pp layers, so the total stays
+about layers x per-layer regardless of pp. The last stage also holds fp32 logits, 4 s b V / t.
+Bubble fraction (pp - 1) / m for m micro-batches per step (Narayanan et al. 2021).
+
+Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs per node and both the query and
+the key/value head counts) and then the smallest pp (dividing layers; m >= 4 pp) whose fullest stage fits, first without
+recomputation (selective where the attention kernel needs it), only then with full recomputation;
+SP whenever tp > 1; the rest of the GPUs (as many as the global batch allows) go to DP with the
+distributed optimizer. Step time assumes the cluster's MFU (default 40%, OLMo-core's H100 number).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from scaleforge.errors import LayoutError
+
+MICRO_BATCH_TOKENS = 8192
+"""Largest micro-batch tried, in tokens (4 sequences of 2048): enough to keep an H100 busy."""
+MAX_MICRO_BATCH = 64
+"""Largest micro-batch tried, in sequences (tiny models with short sequences)."""
+FULL_RECOMPUTE_COST = 4 / 3
+"""Full recomputation adds one forward pass: 8 instead of 6 FLOPs per parameter per token."""
+MIB = 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# formulas
+
+
+def activation_bytes_per_layer(
+    *, seq_len: int, micro_batch: int, hidden: int, heads: int, tp: int = 1, sp: bool = False,
+    recompute: str = "none", flash: bool = False,
+) -> float:
+    """Korthikanti's per-layer activation bytes (see the module docstring)."""
+    sbh = seq_len * micro_batch * hidden
+    if recompute == "full":
+        return 2 * sbh / (tp if sp else 1)
+    scores = 0.0 if (flash or recompute == "selective") else 5 * heads * seq_len / hidden
+    if sp:
+        return sbh / tp * (34 + scores)
+    return sbh * (10 + 24 / tp + scores / tp)
+
+
+def zero_bytes_per_param(stage: int, dp: int) -> float:
+    """Model-state bytes per parameter of mixed-precision Adam at ZeRO stage 0-3 (16 unsharded)."""
+    if stage == 0:
+        return 16.0
+    if stage == 1:
+        return 4 + 12 / dp
+    if stage == 2:
+        return 2 + 14 / dp
+    if stage == 3:
+        return 16 / dp
+    raise ValueError(f"ZeRO stage must be 0-3, got {stage}")
+
+
+def megatron_state_bytes(dp: int, distributed_optimizer: bool = True) -> float:
+    """Megatron's bytes per parameter: bf16 weights 2, fp32 grads 4, fp32 master + Adam 12 (/dp sharded)."""
+    return 6 + 12 / dp if distributed_optimizer and dp > 1 else 18.0
+
+
+@dataclass(kw_only=True, frozen=True)
+class Memory:
+    """Bytes per GPU of the fullest pipeline stage."""
+
+    states: float
+    """Weights, gradients and optimizer states."""
+    activations: float
+    """Activations of the in-flight micro-batches."""
+    logits: float
+    """fp32 logits (last stage only)."""
+
+    @property
+    def total(self) -> float:
+        return self.states + self.activations + self.logits
+
+
+def memory_per_gpu(
+    model: Any, *, seq_len: int, micro_batch: int, tp: int = 1, pp: int = 1, dp: int = 1,
+    sp: bool = False, recompute: str = "none", flash: bool = False, microbatches: int = 1,
+    distributed_optimizer: bool = True,
+) -> Memory:
+    """Memory of the fullest stage for `model` (any family config with the accounting interface)."""
+    vh = model.vocab_size * model.hidden
+    body = model.num_params_non_embedding()
+    state_bytes = megatron_state_bytes(dp, distributed_optimizer)
+    layer_act = activation_bytes_per_layer(
+        seq_len=seq_len, micro_batch=micro_batch, hidden=model.hidden, heads=model.heads,
+        tp=tp, sp=sp, recompute=recompute, flash=flash,
+    )
+    stage_layers = math.ceil(model.layers / pp)
+    logits = 4.0 * seq_len * micro_batch * model.vocab_size / tp
+    if pp == 1:
+        params = body + model.embedding_params()
+        return Memory(
+            states=params / tp * state_bytes,
+            activations=layer_act * model.layers,
+            logits=logits,
+        )
+    # first stage: embedding + the most micro-batches in flight; last: output layer + logits
+    stage_params = body / pp + vh
+    first = Memory(
+        states=stage_params / tp * state_bytes,
+        activations=layer_act * stage_layers * min(pp, microbatches), logits=0.0,
+    )
+    last = Memory(
+        states=stage_params / tp * state_bytes, activations=layer_act * stage_layers, logits=logits
+    )
+    return first if first.total >= last.total else last
+
+
+def bubble_fraction(pp: int, microbatches: int) -> float:
+    """1F1B pipeline bubble (pp - 1) / m, as a fraction of the ideal step time."""
+    return (pp - 1) / microbatches
+
+
+# ----------------------------------------------------------------------------------------------
+# search
+
+
+@dataclass(kw_only=True, frozen=True)
+class Layout:
+    """A parallel layout for one run, with its memory and time estimates."""
+
+    tp: int
+    """Tensor-parallel size."""
+    pp: int
+    """Pipeline-parallel size."""
+    dp: int
+    """Data-parallel size."""
+    sp: bool
+    """Sequence parallelism (tp > 1)."""
+    recompute: str
+    """`none`, `selective` or `full`."""
+    micro_batch: int
+    """Sequences per micro-batch."""
+    global_batch: int
+    """Sequences per step (a multiple of micro_batch x dp)."""
+    memory: Memory
+    """Bytes per GPU of the fullest stage."""
+    memory_limit: float
+    """Bytes per GPU the plan may use (inf: unchecked, CPU)."""
+    bubble: float
+    """Pipeline bubble fraction."""
+    step_time_s: float
+    """Estimated seconds per optimizer step at the cluster's MFU."""
+    gpus_per_node: int
+    """From the cluster, to count nodes."""
+
+    @property
+    def gpus(self) -> int:
+        return self.tp * self.pp * self.dp
+
+    @property
+    def nodes(self) -> int:
+        return -(-self.gpus // self.gpus_per_node)
+
+    @property
+    def microbatches(self) -> int:
+        return self.global_batch // (self.micro_batch * self.dp)
+
+    def summary(self) -> dict:
+        """Plain dict for plan.yaml."""
+        return {
+            "memory_gb": round(self.memory.total / 1e9, 3),
+            "memory_limit_gb": None if math.isinf(self.memory_limit) else round(self.memory_limit / 1e9, 3),
+            "bubble": round(self.bubble, 4),
+            "step_time_s": float(f"{self.step_time_s:.4g}"),
+            "recompute": self.recompute,
+            "micro_batch": self.micro_batch,
+        }
+
+
+def round_batch(target: float, multiple: int) -> int:
+    """`target` sequences rounded to the nearest multiple of `multiple` (at least one multiple)."""
+    return max(multiple, int(round(target / multiple)) * multiple)
+
+
+def step_time(model: Any, *, seq_len: int, global_batch: int, gpus: int, cluster: Any,
+              recompute: str, bubble: float) -> float:
+    """Seconds per step: FLOPs / (gpus x peak x MFU), stretched by recompute and the bubble."""
+    flops = model.flops_per_token(seq_len) * seq_len * global_batch
+    if recompute == "full":
+        flops *= FULL_RECOMPUTE_COST
+    return flops / (gpus * cluster.peak_tflops * 1e12 * cluster.mfu) * (1 + bubble)
+
+
+def _divisors(n: int, limit: int) -> list[int]:
+    return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
+
+
+def search_layout(
+    model: Any, *, seq_len: int, batch_target: float, cluster: Any, max_gpus: int | None = None,
+) -> Layout:
+    """The layout for `model` with a global batch near `batch_target` sequences on `cluster`."""
+    max_gpus = min(max_gpus or cluster.gpus, cluster.gpus)
+    limit = cluster.memory_bytes
+    top_mb = max(1, min(MAX_MICRO_BATCH, MICRO_BATCH_TOKENS // seq_len))
+    micro_batches = [m for m in (64, 32, 16, 8, 4, 2, 1) if m <= top_mb]
+    # tp divides the node (so a TP group never straddles two) and both head counts (megatron's rule)
+    tps = [t for t in _divisors(cluster.gpus_per_node, cluster.gpus_per_node)
+           if model.heads % t == 0 and model.kv_heads % t == 0]
+    pps = _divisors(model.layers, max_gpus)
+    closest = None  # the smallest memory seen, for the error message
+    for recomputes in (("none", "selective"), ("full",)):
+        for tp in tps:
+            for pp in pps:
+                if tp * pp > max_gpus:
+                    break
+                for recompute in recomputes:
+                    if recompute == "selective" and cluster.flash_attention:
+                        continue  # same memory as none with flash attention
+                    for mb in micro_batches:
+                        need = mb * (4 * pp if pp > 1 else 1)  # m >= 4 pp keeps the bubble <= 25%
+                        dp = min(max_gpus // (tp * pp), int(batch_target // need))
+                        if dp < 1:
+                            continue
+                        layout = _evaluate(model, tp, pp, dp, mb, recompute, seq_len, batch_target,
+                                           cluster, limit)
+                        if layout.memory.total <= limit:
+                            return layout
+                        if closest is None or layout.memory.total < closest.memory.total:
+                            closest = layout
+    if closest is None:
+        raise LayoutError(
+            f"no layout: a global batch of {batch_target:.3g} sequences of {seq_len} is smaller than "
+            f"one micro-batch; raise the budget or lower data.seq_len"
+        )
+    raise LayoutError(
+        f"model does not fit on {max_gpus} GPUs of {cluster.gpu_memory_gb:g} GB: "
+        f"{model.num_params():.3g} parameters need {closest.memory.total / 1e9:.1f} GB per GPU at best "
+        f"(tp={closest.tp}, pp={closest.pp}, micro_batch={closest.micro_batch}, "
+        f"recompute={closest.recompute}) against {limit / 1e9:.1f} GB usable; "
+        "add nodes (--cluster), use larger GPUs, or lower the budget"
+    )
+
+
+def _evaluate(model, tp, pp, dp, mb, recompute, seq_len, batch_target, cluster, limit) -> Layout:
+    global_batch = round_batch(batch_target, mb * dp)
+    m = global_batch // (mb * dp)
+    sp = tp > 1
+    memory = memory_per_gpu(
+        model, seq_len=seq_len, micro_batch=mb, tp=tp, pp=pp, dp=dp, sp=sp, recompute=recompute,
+        flash=cluster.flash_attention, microbatches=m,
+    )
+    bubble = bubble_fraction(pp, m)
+    return Layout(
+        tp=tp, pp=pp, dp=dp, sp=sp, recompute=recompute, micro_batch=mb, global_batch=global_batch,
+        memory=memory, memory_limit=limit, bubble=bubble,
+        step_time_s=step_time(model, seq_len=seq_len, global_batch=global_batch, gpus=tp * pp * dp,
+                              cluster=cluster, recompute=recompute, bubble=bubble),
+        gpus_per_node=cluster.gpus_per_node,
+    )
