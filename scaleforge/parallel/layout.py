@@ -26,7 +26,8 @@ Bubble fraction (pp - 1) / m for m micro-batches per step (Narayanan et al. 2021
 Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs per node and both the query and
 the key/value head counts) and then the smallest pp (dividing layers; m >= 4 pp) whose fullest stage fits, first without
 recomputation (selective where the attention kernel needs it), only then with full recomputation;
-SP whenever tp > 1; the rest of the GPUs (as many as the global batch allows) go to DP with the
+SP whenever tp > 1; the rest of the GPUs (as many as the global batch allows, a divisor of a node or whole
+nodes) go to DP with the
 distributed optimizer. Step time assumes the cluster's MFU (default 40%, OLMo-core's H100 number).
 """
 
@@ -209,6 +210,16 @@ def step_time(model: Any, *, seq_len: int, global_batch: int, gpus: int, cluster
     return flops / (gpus * cluster.peak_tflops * 1e12 * cluster.mfu) * (1 + bubble)
 
 
+def _whole_nodes(group: int, dp: int, per_node: int) -> int:
+    """The largest dp' <= dp whose group x dp' GPUs divide one node or fill whole nodes."""
+    while dp > 0:
+        gpus = group * dp
+        if (gpus <= per_node and per_node % gpus == 0) or gpus % per_node == 0:
+            return dp
+        dp -= 1
+    return 0
+
+
 def _divisors(n: int, limit: int) -> list[int]:
     return [d for d in range(1, min(n, limit) + 1) if n % d == 0]
 
@@ -236,7 +247,8 @@ def search_layout(
                         continue  # same memory as none with flash attention
                     for mb in micro_batches:
                         need = mb * (4 * pp if pp > 1 else 1)  # m >= 4 pp keeps the bubble <= 25%
-                        dp = min(max_gpus // (tp * pp), int(batch_target // need))
+                        dp = _whole_nodes(tp * pp, min(max_gpus // (tp * pp), int(batch_target // need)),
+                                          cluster.gpus_per_node)
                         if dp < 1:
                             continue
                         layout = _evaluate(model, tp, pp, dp, mb, recompute, seq_len, batch_target,

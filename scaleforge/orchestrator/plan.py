@@ -1,0 +1,375 @@
+"""`orchestrate plan`: a compute budget -> an IsoFLOP ladder of small runs and one target run.
+
+Torch-free; the whole command answers in well under a second (no numpy, scipy or torch on this path).
+
+Ladder: `--budgets` compute budgets log-spaced from `--ladder-min` x C to `--ladder-max` x C (default
+C/1000 to C/30), and at each one `--sizes` model sizes log-spaced over a factor `--size-span` either side
+of the law's compute-optimal N there. Each size becomes a dense shape (`shapes.py`, exact N), trains
+D = budget / flops_per_token tokens (the architecture's exact FLOPs, not 6N), with the Step Law's lr and
+batch and a WSD schedule (`hparams.py`) on the layout `parallel/layout.py` finds on the cluster.
+Target: the law's compute-optimal N at C, shaped and planned the same way, with the predicted loss and
+the intervals the law's parameter intervals give. The law is the Epoch refit of Chinchilla (`prior.py`)
+until `--law fit.json` (from `orchestrate refit`) replaces it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+from scaleforge.arch.registry import config_class, known_archs
+from scaleforge.config import (
+    CheckpointSpec, EvalSpec, ParallelSpec, RunSpec, apply_overrides, run_id,
+)
+from scaleforge.errors import ConfigError
+from scaleforge.orchestrator import prior
+from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, Cluster, load_cluster
+from scaleforge.orchestrator.hparams import plan_hparams, round_sig, step_law_batch_tokens
+from scaleforge.orchestrator.planfile import (  # noqa: F401  (re-exported: the plan.yaml API)
+    LawInfo, Plan, PlannedRun, TargetRun, load_plan, plan_from_dict, plan_to_dict, plan_to_yaml,
+    run_dir, run_to_dict, save_plan, with_target,
+)
+from scaleforge.orchestrator.shapes import dense_shape
+from scaleforge.parallel.layout import search_layout
+
+DEFAULT_UNIQUE_TOKENS = 15e12
+"""Unique tokens assumed when --unique-tokens is not given: FineWeb's 15T (Penedo et al. 2024)."""
+MAX_EPOCHS = 4.0
+"""Past 4 epochs repeated tokens are worth markedly less than fresh ones (Muennighoff et al. 2023)."""
+MIN_STEPS = 50
+"""Fewer optimizer steps than this leave too little of a loss curve to fit: warn."""
+SHAPERS = {"dense": dense_shape}
+"""Architecture -> target N to shape. A family without an entry cannot be planned yet."""
+PLANNED_KEYS = (
+    "name", "model.layers", "model.hidden", "model.heads", "model.kv_heads", "model.ffn_hidden",
+    "data.seq_len", "train.steps", "train.global_batch", "train.micro_batch", "train.lr",
+    "train.min_lr_ratio", "train.warmup_steps", "parallel.tp", "parallel.pp", "parallel.dp",
+    "parallel.sp", "parallel.recompute",
+)
+"""RunSpec keys the planner decides; `--set` may not change them (use the flags instead)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# the law
+
+
+def prior_law() -> LawInfo:
+    """The documented prior: Epoch's refit of Chinchilla with its 95% intervals."""
+    return LawInfo(
+        name="chinchilla", params=dict(prior.EPOCH_PARAMS),
+        ci={k: list(v) for k, v in prior.EPOCH_CI.items()}, source="prior",
+    )
+
+
+def law_from_fit(path: str | Path) -> tuple[LawInfo, list[dict]]:
+    """A fit.json's law (and its bootstrap samples, when it has them)."""
+    fit = prior.load_fit(path)
+    law = LawInfo(
+        name=fit["law"], params=fit["params"], ci={k: list(v) for k, v in fit["ci"].items()},
+        source="fit", path=str(path),
+    )
+    return law, fit["samples"]
+
+
+def _as_law(law: LawInfo | dict | None) -> LawInfo:
+    if law is None:
+        return prior_law()
+    if isinstance(law, LawInfo):
+        return law
+    return LawInfo(name="chinchilla", params=dict(law), ci={}, source="fit")
+
+
+# ----------------------------------------------------------------------------------------------
+# one run
+
+
+def base_spec(arch: str = "dense", overrides: tuple[str, ...] | list[str] = ()) -> RunSpec:
+    """The RunSpec every planned run starts from: the family's defaults plus `--set` overrides."""
+    config_class(arch)  # unknown arch: one-line error naming the known ones
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if key in PLANNED_KEYS:
+            raise ConfigError(f"--set {key}: the planner decides it; use the plan flags instead")
+        if key == "model.arch":
+            raise ConfigError("--set model.arch: use --arch")
+    spec = RunSpec(model=config_class(arch)())
+    return apply_overrides(spec, [f"model.arch={arch}", *overrides])
+
+
+def plan_run(
+    *, kind: str, budget: float, n_target: float, cluster: Cluster, base: RunSpec, seq_len: int,
+    unique_tokens: float, user_keys: frozenset = frozenset(),
+) -> tuple[PlannedRun, list[str]]:
+    """Size, train and lay out one run of about `n_target` parameters for `budget` FLOPs."""
+    arch = base.model.arch
+    if arch not in SHAPERS:
+        raise ConfigError(f"--arch {arch}: no shape rule yet; plannable: {', '.join(sorted(SHAPERS))}")
+    model = SHAPERS[arch](n_target, base.model)
+    fpt = model.flops_per_token(seq_len)
+    tokens = budget / fpt
+    layout = search_layout(
+        model, seq_len=seq_len, batch_target=step_law_batch_tokens(tokens) / seq_len, cluster=cluster
+    )
+    hp = plan_hparams(
+        n_non_embedding=model.num_params_non_embedding(), tokens=tokens, seq_len=seq_len,
+        batch_multiple=layout.micro_batch * layout.dp,
+    )
+    assert hp.global_batch == layout.global_batch, (hp.global_batch, layout.global_batch)
+    n = model.num_params()
+    name = f"{arch}-{kind}-c{_short(budget)}-n{_short(n)}"
+    train = dataclasses.replace(
+        base.train, steps=hp.steps, global_batch=hp.global_batch, micro_batch=layout.micro_batch,
+        lr=hp.lr, min_lr_ratio=hp.min_lr_ratio, warmup_steps=hp.warmup_steps,
+        schedule=("wsd" if "train.schedule" not in user_keys else base.train.schedule),
+        decay_fraction=(hp.decay_fraction if "train.decay_fraction" not in user_keys
+                        else base.train.decay_fraction),
+    )
+    checkpoint = base.checkpoint
+    if "checkpoint.every" not in user_keys:  # ten checkpoints a run
+        checkpoint = dataclasses.replace(checkpoint, every=max(1, math.ceil(hp.steps / 10)))
+    evaluation = base.eval
+    if "eval.every" not in user_keys:  # twenty points on the eval-loss curve
+        evaluation = dataclasses.replace(evaluation, every=max(1, math.ceil(hp.steps / 20)))
+    parallel = ParallelSpec(
+        tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp, recompute=layout.recompute,
+        distributed_optimizer=base.parallel.distributed_optimizer, ep=1,
+    )
+    spec = dataclasses.replace(
+        base, name=name, model=model, data=dataclasses.replace(base.data, seq_len=seq_len),
+        train=train, parallel=parallel, checkpoint=checkpoint, eval=evaluation,
+    )
+    d = hp.steps * hp.global_batch * seq_len
+    epochs = d / unique_tokens
+    warnings = []
+    if epochs > MAX_EPOCHS:
+        warnings.append(
+            f"{name}: {epochs:.1f} epochs over {unique_tokens:.3g} unique tokens (> {MAX_EPOCHS:g}: "
+            "data-constrained, repeats are worth less; add data or recycle it with REWIRE)"
+        )
+    if hp.steps < MIN_STEPS:
+        warnings.append(f"{name}: only {hp.steps} optimizer steps (< {MIN_STEPS}); raise the budget")
+    run = PlannedRun(
+        name=name, run_id=run_id(spec), budget=float(budget), N=n,
+        N_non_embedding=model.num_params_non_embedding(), D=d, flops_per_token=fpt,
+        flops=float(d * fpt), epochs=round_sig(epochs, 4), gpus=layout.gpus, nodes=layout.nodes,
+        gpu_hours=round_sig(hp.steps * layout.step_time_s * layout.gpus / 3600, 4),
+        layout=layout.summary(), spec=spec,
+    )
+    return run, warnings
+
+
+def plan_target(
+    law_params: LawInfo | dict | None, budget: float, arch: str = "dense",
+    cluster: Cluster = DEFAULT_CLUSTER, *, seq_len: int | None = None,
+    unique_tokens: float = DEFAULT_UNIQUE_TOKENS, overrides: tuple[str, ...] = (),
+    samples: list[dict] | None = None,
+) -> tuple[TargetRun, list[str]]:
+    """The target run at `budget` from a law (a LawInfo, a params dict, or None for the prior)."""
+    law = _as_law(law_params)
+    _check_budget(budget)
+    base = base_spec(arch, overrides)
+    seq_len = seq_len or _default_seq_len(cluster, base)
+    params = law.params
+    n_opt, _ = prior.compute_optimal(params, budget)
+    run, warnings = plan_run(
+        kind="target", budget=budget, n_target=n_opt, cluster=cluster, base=base, seq_len=seq_len,
+        unique_tokens=unique_tokens, user_keys=_keys(overrides),
+    )
+    ci = {k: tuple(v) for k, v in law.ci.items()}
+    loss = prior.chinchilla_loss(params, run.N, run.D)
+    loss_ci = prior.interval(lambda p: prior.chinchilla_loss(p, run.N, run.D), params, ci, samples)
+    n_ci = prior.interval(lambda p: prior.compute_optimal(p, budget)[0], params, ci, samples)
+    d_ci = prior.interval(lambda p: prior.compute_optimal(p, budget)[1], params, ci, samples)
+    target = TargetRun(
+        **{f.name: getattr(run, f.name) for f in dataclasses.fields(run)},
+        loss=round_sig(loss, 5), loss_ci=tuple(round_sig(x, 5) for x in loss_ci),
+        N_ci=tuple(round_sig(x, 4) for x in n_ci), D_ci=tuple(round_sig(x, 4) for x in d_ci),
+    )
+    return target, warnings
+
+
+# ----------------------------------------------------------------------------------------------
+# the plan
+
+
+def ladder_budgets(budget: float, lo: float, hi: float, count: int) -> list[float]:
+    """`count` budgets log-spaced from lo x budget to hi x budget, 2 significant digits each."""
+    if count == 1:
+        return [round_sig(budget * math.sqrt(lo * hi), 2)]
+    step = math.log(hi / lo) / (count - 1)
+    return [round_sig(budget * lo * math.exp(i * step), 2) for i in range(count)]
+
+
+def ladder_sizes(n_opt: float, count: int, span: float) -> list[float]:
+    """`count` sizes log-spaced over a factor `span` either side of n_opt."""
+    if count == 1:
+        return [n_opt]
+    half = (count - 1) / 2
+    return [n_opt * span ** ((i - half) / half) for i in range(count)]
+
+
+def make_plan(
+    budget: float, *, arch: str = "dense", cluster: Cluster = DEFAULT_CLUSTER,
+    law: LawInfo | None = None, samples: list[dict] | None = None,
+    ladder_min: float = 1e-3, ladder_max: float = 1 / 30, budgets: int = 5, sizes: int = 7,
+    size_span: float = 4.0, unique_tokens: float = DEFAULT_UNIQUE_TOKENS,
+    seq_len: int | None = None, overrides: tuple[str, ...] = (), runs_dir: str = "runs",
+) -> Plan:
+    """The whole plan (ladder + target); deterministic in its arguments."""
+    _check_budget(budget)
+    _check_positive("--unique-tokens", unique_tokens)
+    _check_positive("--size-span", size_span)
+    if not 0 < ladder_min <= ladder_max < 1:
+        raise ConfigError(
+            f"need 0 < --ladder-min <= --ladder-max < 1, got {ladder_min:g} and {ladder_max:g}"
+        )
+    if not (isinstance(budgets, int) and budgets >= 1):
+        raise ConfigError(f"--budgets must be a positive integer, got {budgets!r}")
+    if not (isinstance(sizes, int) and 1 <= sizes <= 15):
+        raise ConfigError(f"--sizes must be an integer from 1 to 15 (5-9 is usual), got {sizes!r}")
+    if size_span <= 1 and sizes > 1:
+        raise ConfigError(f"--size-span must be > 1 with several sizes, got {size_span:g}")
+    law = law or prior_law()
+    base = base_spec(arch, overrides)
+    seq_len = seq_len or _default_seq_len(cluster, base)
+    user_keys = _keys(overrides)
+    warnings: list[str] = []
+    ladder: list[PlannedRun] = []
+    for b in ladder_budgets(budget, ladder_min, ladder_max, budgets):
+        n_opt, _ = prior.compute_optimal(law.params, b)
+        seen: set[int] = set()
+        for n in ladder_sizes(n_opt, sizes, size_span):
+            try:
+                run, notes = plan_run(
+                    kind="ladder", budget=b, n_target=n, cluster=cluster, base=base,
+                    seq_len=seq_len, unique_tokens=unique_tokens, user_keys=user_keys,
+                )
+            except ConfigError as exc:  # a size below the smallest shape: drop it, say so
+                if "below the smallest" not in str(exc):
+                    raise
+                warnings.append(f"budget {b:.3g}: size {n:.3g} skipped: {exc}")
+                continue
+            if run.N in seen:  # two targets rounded to one shape (tiny widths)
+                continue
+            seen.add(run.N)
+            ladder.append(run)
+            warnings.extend(notes)
+    if not ladder:
+        raise ConfigError(
+            f"no ladder run fits budget {budget:.3g}: every size is below the smallest model; "
+            "raise --budget or lower model.vocab_size"
+        )
+    target, notes = plan_target(
+        law, budget, arch, cluster, seq_len=seq_len, unique_tokens=unique_tokens,
+        overrides=overrides, samples=samples,
+    )
+    warnings.extend(notes)
+    return Plan(
+        budget=float(budget), arch=arch, law=law, cluster=cluster, seq_len=seq_len,
+        unique_tokens=float(unique_tokens), runs_dir=runs_dir, ladder=tuple(ladder),
+        target=target, history=(), warnings=tuple(warnings),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--budget", required=True, metavar="C", help="target compute in FLOPs, e.g. 1e21")
+    parser.add_argument("--arch", default="dense", help=f"architecture family (known: {', '.join(known_archs())})")
+    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default: 16 nodes of 8 x H100 80 GB)")
+    parser.add_argument("--law", metavar="FILE", help="fit.json to plan from (default: the Chinchilla prior)")
+    parser.add_argument("--out", default="plan.yaml", metavar="PLAN", help="plan file to write (plan.yaml)")
+    parser.add_argument("--ladder-min", default="1e-3", metavar="F", help="smallest ladder budget / C (1e-3)")
+    parser.add_argument("--ladder-max", default=str(1 / 30), metavar="F", help="largest ladder budget / C (1/30)")
+    parser.add_argument("--budgets", default="5", metavar="K", help="ladder budgets (5)")
+    parser.add_argument("--sizes", default="7", metavar="S", help="model sizes per ladder budget (7)")
+    parser.add_argument("--size-span", default="4", metavar="X", help="sizes span N_opt/X .. N_opt*X (4)")
+    parser.add_argument("--unique-tokens", default=None, metavar="T",
+                        help=f"unique tokens in the data pool (default {DEFAULT_UNIQUE_TOKENS:.3g})")
+    parser.add_argument("--seq-len", default=None, metavar="S", help="sequence length (2048 on GPUs)")
+    parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="run directories, beside the plan (runs)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="RunSpec override for every run, e.g. model.vocab_size=32000 (repeatable)")
+    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+
+
+def run(args: argparse.Namespace) -> int:
+    budget = _number("--budget", args.budget)
+    cluster = load_cluster(args.cluster) if args.cluster else DEFAULT_CLUSTER
+    law, samples = law_from_fit(args.law) if args.law else (prior_law(), None)
+    plan = make_plan(
+        budget, arch=args.arch, cluster=cluster, law=law, samples=samples,
+        ladder_min=_number("--ladder-min", args.ladder_min),
+        ladder_max=_number("--ladder-max", args.ladder_max),
+        budgets=_integer("--budgets", args.budgets), sizes=_integer("--sizes", args.sizes),
+        size_span=_number("--size-span", args.size_span),
+        unique_tokens=(_number("--unique-tokens", args.unique_tokens)
+                       if args.unique_tokens is not None else DEFAULT_UNIQUE_TOKENS),
+        seq_len=_integer("--seq-len", args.seq_len) if args.seq_len is not None else None,
+        overrides=tuple(args.overrides), runs_dir=args.runs_dir,
+    )
+    out = Path(args.out)
+    if not out.parent.is_dir():
+        raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
+    if not args.quiet:
+        from scaleforge.orchestrator.plan_table import print_plan
+
+        print_plan(plan)
+    save_plan(plan, out)
+    for line in plan.warnings:
+        print(f"warning: {line}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# helpers
+
+
+def _short(x: float) -> str:
+    """3.2e19 -> '3.2e19', 1.0e8 -> '1e8': compact, and legal in run names."""
+    mantissa, exponent = f"{x:.1e}".split("e")
+    mantissa = mantissa.rstrip("0").rstrip(".")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def _keys(overrides) -> frozenset:
+    return frozenset(item.split("=", 1)[0].strip() for item in overrides)
+
+
+def _default_seq_len(cluster: Cluster, base: RunSpec) -> int:
+    return 2048 if cluster.kind == "gpu" else base.data.seq_len
+
+
+def _number(flag: str, text) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise ConfigError(f"{flag} must be a finite number, got {text!r}")
+    return value
+
+
+def _integer(flag: str, text) -> int:
+    value = _number(flag, text)
+    if not value.is_integer():
+        raise ConfigError(f"{flag} must be an integer, got {text!r}")
+    return int(value)
+
+
+def _check_budget(budget: float) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
+        raise ConfigError(f"--budget must be a finite number of FLOPs, got {budget!r}")
+    if budget <= 0:
+        raise ConfigError(f"--budget must be > 0 FLOPs, got {budget:g}")
+
+
+def _check_positive(flag: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+        raise ConfigError(f"{flag} must be a positive number, got {value!r}")

@@ -1,0 +1,62 @@
+"""The plan as a table on the terminal (rich)."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from scaleforge.orchestrator.planfile import Plan, PlannedRun
+
+
+def _row(run: PlannedRun) -> list[str]:
+    spec = run.spec
+    m, p, t = spec.model, spec.parallel, spec.train
+    return [
+        run.name,
+        f"{run.budget:.2g}",
+        f"{run.N:.3g}",
+        f"{run.D:.3g}",
+        f"{run.D / run.N:.1f}",
+        f"{m.layers}x{m.hidden}",
+        f"{p.tp}/{p.pp}/{p.dp}",
+        str(run.gpus),
+        str(t.global_batch),
+        str(t.steps),
+        f"{t.lr:.3g}",
+        f"{run.layout.get('memory_gb', 0):.1f}",
+        f"{run.gpu_hours:.3g}",
+        f"{run.epochs:.2g}",
+    ]
+
+
+def plan_table(plan: Plan) -> Table:
+    """Ladder rows, then the target row in bold."""
+    unit = "GPU" if plan.cluster.kind == "gpu" else "rank"
+    table = Table(
+        title=f"{plan.arch} plan for {plan.budget:.3g} FLOPs on {plan.cluster.name} "
+        f"({plan.cluster.nodes} x {plan.cluster.gpus_per_node} {unit}s), law: {plan.law.name} "
+        f"({plan.law.source})"
+    )
+    for header in ("run", "C", "N", "D", "D/N", "LxH", "tp/pp/dp", f"{unit}s", "batch", "steps",
+                   "lr", "mem GB", f"{unit}-h", "epochs"):
+        table.add_column(header, justify="left" if header == "run" else "right")
+    for run in plan.ladder:
+        table.add_row(*_row(run))
+    table.add_row(*_row(plan.target), style="bold")
+    return table
+
+
+def print_plan(plan: Plan, console: Console | None = None) -> None:
+    import sys
+
+    # a pipe gets a wide table rather than rich's 80 columns of ellipses
+    console = console or Console(width=None if sys.stdout.isatty() else 170)
+    console.print(plan_table(plan))
+    t = plan.target
+    ladder_hours = sum(r.gpu_hours for r in plan.ladder)
+    console.print(
+        f"target: N={t.N:.3g} [{t.N_ci[0]:.3g}, {t.N_ci[1]:.3g}]  D={t.D:.3g} "
+        f"[{t.D_ci[0]:.3g}, {t.D_ci[1]:.3g}]  loss={t.loss:.4f} [{t.loss_ci[0]:.4f}, "
+        f"{t.loss_ci[1]:.4f}]  {t.gpu_hours:.3g} GPU-h; ladder: {len(plan.ladder)} runs, "
+        f"{ladder_hours:.3g} GPU-h"
+    )
