@@ -103,7 +103,7 @@ def dense_shape(n_target: float, base: DenseConfig | None = None) -> DenseConfig
     best = None  # (key, hidden, layers)
     for hidden in widths():
         rule = rule_layers(hidden)
-        lo, hi = max(1, math.floor(rule / DEPTH_SLACK)), math.ceil(rule * DEPTH_SLACK)
+        lo, hi = max(1, math.floor(rule / DEPTH_SLACK)), max(rule, math.floor(rule * DEPTH_SLACK))
         one = shape_for(hidden, 1, base)
         # N is affine in depth: fixed part (embeddings, final norm) + layers x one block
         per_layer = one.layer_params()
