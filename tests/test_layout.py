@@ -1,0 +1,92 @@
+"""Memory model and layout search (torch-free) against Korthikanti's table and hand computations."""
+
+import dataclasses
+import math
+
+import pytest
+
+from scaleforge.arch.dense.config import DenseConfig
+from scaleforge.errors import LayoutError
+from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, cpu_cluster
+from scaleforge.parallel import layout as L
+
+MIB = 2**20
+GPT3 = DenseConfig(layers=96, hidden=12288, heads=96, kv_heads=96, ffn_hidden=32768, vocab_size=51200)
+SMALL = DenseConfig(layers=4, hidden=256, heads=4, kv_heads=4, ffn_hidden=704, vocab_size=1000)
+
+
+def test_korthikanti_gpt3_per_layer_table():
+    # methods 9: GPT-3 175B, s=2048, b=1, h=12288, a=96, t=8 -> MiB per layer
+    kw = dict(seq_len=2048, micro_batch=1, hidden=12288, heads=96)
+    assert L.activation_bytes_per_layer(**kw) / MIB == 2736.0
+    assert L.activation_bytes_per_layer(**kw, tp=8) / MIB == 552.0
+    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True) / MIB == 342.0
+    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True, recompute="selective") / MIB == 102.0
+    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True, recompute="full") / MIB == 6.0
+    # flash attention drops the 5as/h term exactly as selective recomputation does
+    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True, flash=True) / MIB == 102.0
+
+
+def test_model_state_bytes():
+    assert [L.zero_bytes_per_param(s, 8) for s in range(4)] == [16, 4 + 1.5, 2 + 14 / 8, 2.0]
+    assert L.megatron_state_bytes(1) == 18.0  # fp32 gradient accumulation
+    assert L.megatron_state_bytes(4) == 6 + 3.0
+    assert L.megatron_state_bytes(4, distributed_optimizer=False) == 18.0
+
+
+def test_memory_by_hand_single_stage():
+    assert SMALL.num_params() == 3_725_568 and SMALL.num_params_non_embedding() == 3_213_568
+    mem = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2)
+    assert mem.states == 3_725_568 * 18
+    # s b h = 65,536; 34 + 5 a s / h = 34 + 10 = 44 bytes each, 4 layers
+    assert mem.activations == 65_536 * 44 * 4
+    assert mem.logits == 4 * 128 * 2 * 1000
+    assert mem.total == 79_618_560
+    sharded = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
+    assert sharded.states == 3_725_568 * 9
+
+
+def test_memory_first_pipeline_stage_holds_pp_microbatches():
+    per_layer = 65_536 * 44
+    mem = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, microbatches=8)
+    assert mem.states == (3_213_568 / 2 + 256_000) * 18
+    assert mem.activations == per_layer * 2 * 2 and mem.logits == 0  # the first stage is fuller
+    few = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, microbatches=1)
+    assert few.activations == per_layer * 2 and few.logits == 4 * 128 * 2 * 1000  # now the last
+
+
+def test_bubble():
+    assert L.bubble_fraction(1, 8) == 0
+    assert L.bubble_fraction(8, 32) == 7 / 32
+
+
+def test_search_gpt3_on_eight_nodes():
+    cluster = dataclasses.replace(DEFAULT_CLUSTER, nodes=8)
+    lay = L.search_layout(GPT3, seq_len=2048, batch_target=1536, cluster=cluster)
+    assert (lay.tp, lay.pp, lay.sp) == (8, 8, True)
+    assert lay.memory.total <= cluster.memory_bytes
+    assert lay.microbatches >= 4 * lay.pp
+    assert lay.global_batch % (lay.micro_batch * lay.dp) == 0
+    assert lay.bubble == pytest.approx((lay.pp - 1) / lay.microbatches)
+    ideal = GPT3.flops_per_token(2048) * 2048 * lay.global_batch / (lay.gpus * 989e12 * 0.4)
+    assert lay.step_time_s == pytest.approx(ideal * (1 + lay.bubble))
+
+
+def test_search_refuses_too_small_a_cluster():
+    cluster = dataclasses.replace(DEFAULT_CLUSTER, nodes=4)
+    with pytest.raises(LayoutError, match="does not fit on 32 GPUs of 80 GB"):
+        L.search_layout(GPT3, seq_len=2048, batch_target=1536, cluster=cluster)
+
+
+def test_search_small_model_is_pure_data_parallel_on_whole_nodes():
+    for batch in (5, 26, 100, 1000):
+        lay = L.search_layout(SMALL, seq_len=2048, batch_target=batch, cluster=DEFAULT_CLUSTER)
+        assert (lay.tp, lay.pp, lay.recompute) == (1, 1, "none")
+        assert lay.gpus in (1, 2, 4, 8) or lay.gpus % 8 == 0
+        assert lay.micro_batch * lay.dp <= batch
+
+
+def test_search_cpu_cluster_has_no_memory_check():
+    lay = L.search_layout(GPT3, seq_len=128, batch_target=8, cluster=cpu_cluster(2))
+    assert (lay.tp, lay.pp) == (1, 1) and math.isinf(lay.memory_limit)
+    assert lay.gpus <= 2
