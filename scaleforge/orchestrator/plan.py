@@ -36,7 +36,8 @@ from scaleforge.orchestrator.shapes import dense_shape
 from scaleforge.parallel.layout import search_layout
 
 DEFAULT_UNIQUE_TOKENS = 15e12
-"""Unique tokens assumed when --unique-tokens is not given: FineWeb's 15T (Penedo et al. 2024)."""
+"""Unique tokens assumed when neither --unique-tokens nor built stores say: FineWeb's 15T tokens
+(Penedo et al. 2024)."""
 MAX_EPOCHS = 4.0
 """Past 4 epochs repeated tokens are worth markedly less than fresh ones (Muennighoff et al. 2023)."""
 MIN_STEPS = 50
@@ -144,11 +145,6 @@ def plan_run(
     d = hp.steps * hp.global_batch * seq_len
     epochs = d / unique_tokens
     warnings = []
-    if epochs > MAX_EPOCHS:
-        warnings.append(
-            f"{name}: {epochs:.1f} epochs over {unique_tokens:.3g} unique tokens (> {MAX_EPOCHS:g}: "
-            "data-constrained, repeats are worth less; add data or recycle it with REWIRE)"
-        )
     if hp.steps < MIN_STEPS:
         warnings.append(f"{name}: only {hp.steps} optimizer steps (< {MIN_STEPS}); raise the budget")
     run = PlannedRun(
@@ -215,12 +211,11 @@ def make_plan(
     budget: float, *, arch: str = "dense", cluster: Cluster = DEFAULT_CLUSTER,
     law: LawInfo | None = None, samples: list[dict] | None = None,
     ladder_min: float = 1e-3, ladder_max: float = 1 / 30, budgets: int = 5, sizes: int = 7,
-    size_span: float = 4.0, unique_tokens: float = DEFAULT_UNIQUE_TOKENS,
+    size_span: float = 4.0, unique_tokens: float | None = None,
     seq_len: int | None = None, overrides: tuple[str, ...] = (), runs_dir: str = "runs",
 ) -> Plan:
     """The whole plan (ladder + target); deterministic in its arguments."""
     _check_budget(budget)
-    _check_positive("--unique-tokens", unique_tokens)
     _check_positive("--size-span", size_span)
     if not 0 < ladder_min <= ladder_max < 1:
         raise ConfigError(
@@ -237,7 +232,17 @@ def make_plan(
     seq_len = seq_len or _default_seq_len(cluster, base)
     user_keys = _keys(overrides)
     warnings: list[str] = []
+    if unique_tokens is None:
+        unique_tokens = pool_tokens(base.data.stores)
+        if unique_tokens is None:
+            unique_tokens = DEFAULT_UNIQUE_TOKENS
+            warnings.append(
+                f"data stores {', '.join(base.data.stores)} not built here: assumed "
+                f"{DEFAULT_UNIQUE_TOKENS:.3g} unique tokens; pass --unique-tokens"
+            )
+    _check_positive("--unique-tokens", unique_tokens)
     ladder: list[PlannedRun] = []
+    skipped: list[float] = []
     for b in ladder_budgets(budget, ladder_min, ladder_max, budgets):
         n_opt, _ = prior.compute_optimal(law.params, b)
         seen: set[int] = set()
@@ -250,7 +255,7 @@ def make_plan(
             except ConfigError as exc:  # a size below the smallest shape: drop it, say so
                 if "below the smallest" not in str(exc):
                     raise
-                warnings.append(f"budget {b:.3g}: size {n:.3g} skipped: {exc}")
+                skipped.append(n)
                 continue
             if run.N in seen:  # two targets rounded to one shape (tiny widths)
                 continue
@@ -267,11 +272,43 @@ def make_plan(
         overrides=overrides, samples=samples,
     )
     warnings.extend(notes)
+    if skipped:
+        warnings.append(
+            f"{len(skipped)} ladder sizes below the smallest model for vocab_size="
+            f"{base.model.vocab_size} skipped (the largest was {max(skipped):.3g} parameters); "
+            "raise --ladder-min or lower model.vocab_size to keep them"
+        )
+    warnings.extend(_epoch_warnings([*ladder, target], unique_tokens))
     return Plan(
         budget=float(budget), arch=arch, law=law, cluster=cluster, seq_len=seq_len,
         unique_tokens=float(unique_tokens), runs_dir=runs_dir, ladder=tuple(ladder),
         target=target, history=(), warnings=tuple(warnings),
     )
+
+
+def pool_tokens(stores: tuple[str, ...]) -> float | None:
+    """Training tokens in the data stores (from their metadata), or None when one is not built."""
+    from scaleforge.data_pipeline.store import read_metadata, store_path
+
+    total = 0
+    for name in stores:
+        meta = read_metadata(store_path(name))
+        if meta is None:
+            return None
+        total += int(meta["splits"]["train"]["tokens"])
+    return float(total)
+
+
+def _epoch_warnings(runs: list[PlannedRun], unique_tokens: float) -> list[str]:
+    over = [r for r in runs if r.epochs > MAX_EPOCHS]
+    if not over:
+        return []
+    worst = max(over, key=lambda r: r.epochs)
+    return [
+        f"{len(over)} of {len(runs)} runs repeat the {unique_tokens:.3g} unique tokens more than "
+        f"{MAX_EPOCHS:g} times (up to {worst.epochs:.1f} epochs, {worst.name}): data-constrained, "
+        "repeats are worth less than fresh tokens; add data or recycle it with REWIRE"
+    ]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -290,7 +327,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="7", metavar="S", help="model sizes per ladder budget (7)")
     parser.add_argument("--size-span", default="4", metavar="X", help="sizes span N_opt/X .. N_opt*X (4)")
     parser.add_argument("--unique-tokens", default=None, metavar="T",
-                        help=f"unique tokens in the data pool (default {DEFAULT_UNIQUE_TOKENS:.3g})")
+                        help="unique tokens in the data pool (default: the stores' train tokens, "
+                        f"or {DEFAULT_UNIQUE_TOKENS:.3g} when they are not built here)")
     parser.add_argument("--seq-len", default=None, metavar="S", help="sequence length (2048 on GPUs)")
     parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="run directories, beside the plan (runs)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -309,7 +347,7 @@ def run(args: argparse.Namespace) -> int:
         budgets=_integer("--budgets", args.budgets), sizes=_integer("--sizes", args.sizes),
         size_span=_number("--size-span", args.size_span),
         unique_tokens=(_number("--unique-tokens", args.unique_tokens)
-                       if args.unique_tokens is not None else DEFAULT_UNIQUE_TOKENS),
+                       if args.unique_tokens is not None else None),
         seq_len=_integer("--seq-len", args.seq_len) if args.seq_len is not None else None,
         overrides=tuple(args.overrides), runs_dir=args.runs_dir,
     )
@@ -321,8 +359,10 @@ def run(args: argparse.Namespace) -> int:
 
         print_plan(plan)
     save_plan(plan, out)
+    sys.stdout.flush()
     for line in plan.warnings:
         print(f"warning: {line}", file=sys.stderr)
+    sys.stderr.flush()
     print(f"wrote {out}")
     return 0
 
