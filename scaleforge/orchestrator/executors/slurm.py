@@ -1,0 +1,316 @@
+"""Slurm executor through submitit: one job per run, or one array for runs of the same shape.
+
+Launcher model: one srun task per rank (`tasks_per_node` = ranks per node). Each task runs
+`TrainTask`, which starts `python -m scaleforge.pretrain RUN.yaml --out DIR` as that rank (it reads
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), so every rank receives Slurm's signals itself: Slurm signals
+every process of a job step, not only the task's first one.
+
+Preemption and time limits. Jobs are submitted with `--signal=USR2@<signal_delay_s>` (submitit's
+preemption signal) and `--requeue`. On USR2 or SIGTERM the trainer's own handler sets a stop flag that
+all ranks agree on at the next step, saves a checkpoint and exits with its requeue code. `TrainTask`
+replaces submitit's USR2 handler (which would run `scontrol requeue` from the node at once, before the
+trainer has saved) with one that only notes the signal, and turns the requeue exit into a failed job.
+
+The requeue itself needs no Slurm command on the compute nodes (`scontrol` is often only on login
+nodes, submitit#1601): at submission, each run also gets `max_requeues` continuation jobs, job k with
+`--dependency=afternotok:J0:...:J(k-1) --kill-on-invalid-dep=yes`. A continuation starts only when all
+jobs before it failed (saved-and-stopped, preempted, timed out or node failure), resumes from
+checkpoints/latest, and is cancelled by Slurm as soon as one before it completes. A continuation that
+finds the run finished or failed (status.json) returns at once, so a crash is not retried.
+Array runs get per-task continuations (`afternotok:ARRAY_TASK`), so each run resumes on its own.
+
+Everything that reaches a shell or an `#SBATCH` line is checked here or quoted by submitit (shlex):
+run names are restricted by the RunSpec; partition, account and paths are checked below.
+Torch-free (submitit is imported when jobs are submitted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+from scaleforge.errors import ConfigError
+from scaleforge.orchestrator import runs
+from scaleforge.orchestrator.runs import JobRecord, RunEntry, SchedulerError
+
+# Slurm names (partition, account, qos) and job names: no shell or sbatch metacharacters.
+SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Paths reach `#SBATCH --output=` (where Slurm expands %j and friends) and the srun command line.
+UNSAFE_PATH_CHARS = ("%", "\n", "\r", "\0")
+
+
+@dataclass(kw_only=True, frozen=True)
+class SlurmOptions:
+    """How runs are submitted to Slurm."""
+
+    partition: str | None = None
+    """Partition (default: the cluster's default partition)."""
+    account: str | None = None
+    """Account to charge (default: the user's default account)."""
+    qos: str | None = None
+    """Quality of service (default: none)."""
+    max_requeues: int = 3
+    """Continuation jobs per run: how often a run may be preempted or hit its time limit and resume."""
+    signal_delay_s: int = 120
+    """USR2 is sent this long before the time limit, so the trainer can save (Slurm may send it up
+    to 60 s early)."""
+    cpus_per_task: int = 1
+    """CPU cores per rank (OMP_NUM_THREADS is set to it)."""
+    array: bool = True
+    """Submit runs of the same shape (nodes, ranks, GPUs, time limit) as one job array."""
+    python: str = field(default_factory=lambda: sys.executable)
+    """Python interpreter on the compute nodes (the same environment as here by default)."""
+
+    def __post_init__(self) -> None:
+        for name in ("partition", "account", "qos"):
+            value = getattr(self, name)
+            if value is not None and not SAFE_NAME_RE.match(value):
+                raise ConfigError(f"slurm {name}={value!r}: use letters, digits, '.', '_' or '-'")
+        if self.max_requeues < 0 or self.signal_delay_s < 0 or self.cpus_per_task < 1:
+            raise ConfigError("slurm max_requeues and signal_delay_s must be >= 0, cpus_per_task >= 1")
+        _check_path("python", self.python)
+
+
+def _check_path(what: str, path: Any) -> None:
+    text = str(path)
+    bad = [c for c in UNSAFE_PATH_CHARS if c in text]
+    if bad:
+        raise ConfigError(f"{what} {text!r} contains {bad[0]!r}, which Slurm would expand or split: "
+                          "use a path without it")
+
+
+# ----------------------------------------------------------------------------------------------
+# inside the job: one srun task = one rank
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrainTask:
+    """The function submitit runs in every srun task: trains one rank of one run."""
+
+    run_dir: str
+    """The run directory (run.yaml is read from it; logs are written to its logs/)."""
+    continuation: bool = False
+    """A continuation job: returns at once if the run already finished or failed."""
+    python: str = ""
+    """Interpreter for the trainer (default: the one running this task)."""
+
+    def __call__(self) -> dict:
+        return run_task(self)
+
+
+class RunStopped(RuntimeError):
+    """The trainer saved and stopped (preempted or at its time limit): the job ends failed, so the
+    run's next continuation job starts."""
+
+
+class RunFailed(RuntimeError):
+    """The trainer failed."""
+
+
+def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
+    run_dir = Path(task.run_dir)
+    rank = int(os.environ.get("SLURM_PROCID", "0"))
+    job = _job_id_from_env()
+    if task.continuation:
+        state = _status(run_dir).get("state")
+        if state in runs.FINAL_STATES or state == "failed":
+            return {"run_dir": str(run_dir), "state": state, "job": job, "skipped": True}
+    noted: list[int] = []
+    # Replace submitit's handlers: its USR2 handler would requeue through scontrol immediately. The
+    # trainer (this task's child, signalled by Slurm too) saves; we only wait for it.
+    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
+        signal.signal(sig, lambda s, _f: noted.append(s))
+    log_path = run_dir / runs.LOG_DIR / f"slurm-{job}.rank{rank}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [task.python or sys.executable, "-m", "scaleforge.pretrain", str(run_dir / runs.SPEC_FILE),
+           "--out", str(run_dir)]
+    with open(log_path, "a") as log:
+        log.write(f"=== job {job} rank {rank} on {socket.gethostname()} "
+                  f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')} ===\n")
+        log.flush()
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    status = _status(run_dir)
+    if code == 0:
+        return {"run_dir": str(run_dir), "state": status.get("state"), "step": status.get("step"),
+                "job": job}
+    code_requeue = _requeue_exit_code() if requeue_code is None else requeue_code
+    signals = ",".join(signal.Signals(s).name for s in noted) or "none seen by the task"
+    if code == code_requeue:
+        raise RunStopped(f"{run_dir.name}: saved at step {status.get('step')} and stopped "
+                         f"(signals: {signals}); the next continuation job resumes it")
+    raise RunFailed(f"{run_dir.name}: trainer exited with {code} (signals: {signals}); log: {log_path}")
+
+
+def _requeue_exit_code() -> int:
+    from scaleforge.pretrain.signals import REQUEUE_EXIT_CODE
+
+    return int(REQUEUE_EXIT_CODE)
+
+
+def _job_id_from_env() -> str:
+    array = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array:
+        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
+    return os.environ.get("SLURM_JOB_ID", "nojob")
+
+
+def _status(run_dir: Path) -> dict:
+    try:
+        data = json.loads((run_dir / runs.STATUS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+# ----------------------------------------------------------------------------------------------
+# submission (login node)
+
+
+def cluster_gpus() -> bool:
+    """Whether any node of the cluster offers GPUs as a generic resource (gres)."""
+    out = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=60,
+                         check=False)
+    if out.returncode != 0:
+        raise SchedulerError(f"sinfo failed: {out.stderr.strip()[:300]} (is SLURM_CONF set and the "
+                             "cluster up? `slurm/dev-cluster up` starts one on this machine)")
+    return "gpu" in out.stdout
+
+
+def check_submittable(entries: list[RunEntry], *, has_gpus: bool) -> None:
+    """Refuse runs the cluster cannot take, before anything is submitted."""
+    for e in entries:
+        _check_path("run directory", e.run_dir)
+        if not SAFE_NAME_RE.match(e.name):
+            raise ConfigError(f"run name {e.name!r}: use letters, digits, '.', '_' or '-'")
+        if e.gpus_per_node and not has_gpus:
+            raise ConfigError(
+                f"run {e.name} asks for {e.gpus_per_node} GPUs per node but the cluster has no gpu "
+                "gres: plan for a CPU cluster (`orchestrate plan --cluster FILE` with kind: cpu)"
+            )
+
+
+def _shape(e: RunEntry) -> tuple:
+    return (e.nodes, e.ranks_per_node, e.gpus_per_node, e.time_min)
+
+
+def _parameters(e: RunEntry, options: SlurmOptions, job_name: str) -> dict:
+    params: dict[str, Any] = dict(
+        job_name=job_name,
+        time=e.time_min,
+        nodes=e.nodes,
+        ntasks_per_node=e.ranks_per_node,
+        cpus_per_task=options.cpus_per_task,
+        signal_delay_s=options.signal_delay_s,
+        stderr_to_stdout=True,
+        setup=[f"export OMP_NUM_THREADS={int(options.cpus_per_task)}", "export PYTHONUNBUFFERED=1"],
+        additional_parameters={"requeue": True, "kill-on-invalid-dep": "yes"},
+    )
+    if e.gpus_per_node:
+        params["gpus_per_node"] = e.gpus_per_node
+    for name in ("partition", "account", "qos"):
+        if getattr(options, name):
+            params[name] = getattr(options, name)
+    return params
+
+
+def _executor(folder: Path, options: SlurmOptions, params: dict):
+    import submitit
+
+    ex = submitit.SlurmExecutor(folder=folder, max_num_timeout=options.max_requeues,
+                                python=_quote(options.python))
+    ex.update_parameters(**params)
+    return ex
+
+
+def _quote(path: str) -> str:
+    import shlex
+
+    return shlex.quote(path)
+
+
+def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *,
+                 echo: Callable[[str], None] = print) -> dict[str, JobRecord]:
+    """Submit every entry (first job + continuation chain); returns {run name: JobRecord}.
+
+    Each run's job.json is written as soon as its first job is queued and rewritten as each
+    continuation is added, so an interrupted submission never leaves a queued run unrecorded.
+    """
+    options = options or SlurmOptions()
+    if not entries:
+        return {}
+    if shutil.which("sbatch") is None:
+        raise SchedulerError("sbatch is not on PATH: submit from a host with Slurm's client commands "
+                             "(or use --executor local)")
+    check_submittable(entries, has_gpus=cluster_gpus())
+    for e in entries:
+        runs.prepare_run_dir(e)
+    groups: dict[tuple, list[RunEntry]] = {}
+    for e in entries:
+        groups.setdefault((e.run_dir.parent, *_shape(e)), []).append(e)
+    records: dict[str, JobRecord] = {}
+    for (parent, *_), group in groups.items():
+        folder = parent / ".slurm"
+        first = _submit_first(group, folder, options)
+        for e, jid in zip(group, first):
+            record = JobRecord(executor="slurm", job_ids=(jid,), submitted_at=time.time(),
+                               host=socket.gethostname())
+            runs.write_job(e.run_dir, record)
+            records[e.name] = record
+            echo(f"{e.name}: job {jid} ({e.nodes} node{'s' if e.nodes > 1 else ''}, "
+                 f"{e.ranks} rank{'s' if e.ranks > 1 else ''}, {e.time_min} min)")
+        for e in group:
+            record = records[e.name]
+            for _ in range(options.max_requeues):
+                params = _parameters(e, options, f"sf-{e.name}")
+                params["dependency"] = "afternotok:" + ":".join(record.job_ids)
+                job = _executor(folder, options, params).submit(
+                    TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python))
+                record = replace(record, job_ids=(*record.job_ids, job.job_id))
+                runs.write_job(e.run_dir, record)
+            records[e.name] = record
+            if options.max_requeues:
+                echo(f"{e.name}: continuation jobs {', '.join(record.job_ids[1:])} "
+                     "(each starts only if every job before it was preempted or stopped)")
+    return records
+
+
+def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions) -> list[str]:
+    head = group[0]
+    tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python) for e in group]
+    if len(group) > 1 and options.array:
+        ex = _executor(folder, options, _parameters(head, options, f"sf-{head.name}-array"))
+        jobs = ex.submit_array(tasks)
+        return [j.job_id for j in jobs]
+    out = []
+    for e, task in zip(group, tasks):
+        ex = _executor(folder, options, _parameters(e, options, f"sf-{e.name}"))
+        out.append(ex.submit(task).job_id)
+    return out
+
+
+def describe_plan(entries: list[RunEntry], options: SlurmOptions) -> list[str]:
+    """What `submit --dry-run` would queue, one line per job group."""
+    groups: dict[tuple, list[RunEntry]] = {}
+    for e in entries:
+        groups.setdefault(_shape(e), []).append(e)
+    lines = []
+    for (nodes, per_node, gpus, time_min), group in groups.items():
+        kind = "array" if len(group) > 1 and options.array else "job" + ("s" if len(group) > 1 else "")
+        gres = f", {gpus} GPUs/node" if gpus else ""
+        lines.append(
+            f"{kind} of {len(group)}: {', '.join(e.name for e in group)} - {nodes} node(s) x "
+            f"{per_node} task(s), {options.cpus_per_task} CPU/task{gres}, {time_min} min, "
+            f"USR2 {options.signal_delay_s} s before the limit, + {options.max_requeues} "
+            "continuation job(s) per run"
+        )
+    return lines

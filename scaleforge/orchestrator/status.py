@@ -1,0 +1,82 @@
+"""`orchestrate status PLAN`: one table row per run of a plan (ladder and target).
+
+Columns: run, arch, N (parameters), D (training tokens), state, step/total, last loss, job. States
+come from each run directory first and then one batched scheduler query (see `runs.run_states`); if
+the scheduler cannot be asked, Slurm runs that are not finished show `unknown`. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="plan.yaml written by `orchestrate plan`")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per run instead")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaleforge.orchestrator import planfile, runs
+
+    plan = planfile.load_plan(args.plan)
+    entries = runs.entries_from_plan(args.plan, target=True)
+    info = {r.name: r for r in plan.runs()}
+    states = runs.run_states(entries, tolerant=True)
+    rows = []
+    for st in states:
+        planned = info[st.entry.name]
+        rows.append({
+            "run": st.entry.name,
+            "role": "target" if st.entry.name == plan.target.name else "ladder",
+            "arch": getattr(planned.spec.model, "arch", plan.arch),
+            "N": planned.N,
+            "D": planned.D,
+            "state": st.state,
+            "step": st.step,
+            "total_steps": st.total_steps,
+            "last_loss": st.last_loss,
+            "job": st.job,
+            "job_state": st.job_state,
+            "run_dir": str(st.entry.run_dir),
+        })
+    if args.json:
+        for row in rows:
+            print(json.dumps(row))
+        return 0
+    print_table(rows, title=f"{args.plan}: {len(rows)} runs")
+    return 0
+
+
+STATE_STYLE = {
+    "completed": "green", "running": "cyan", "queued": "blue", "preempted": "yellow",
+    "interrupted": "yellow", "failed": "red", "diverged": "red", "unknown": "magenta", "new": "dim",
+}
+
+
+def print_table(rows: list[dict], *, title: str = "") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title or None)
+    for name, justify in (("run", "left"), ("arch", "left"), ("N", "right"), ("D", "right"),
+                          ("state", "left"), ("step/total", "right"), ("last loss", "right"),
+                          ("job", "left")):
+        table.add_column(name, justify=justify)
+    for row in rows:
+        style = STATE_STYLE.get(row["state"], "")
+        name = row["run"] + (" (target)" if row["role"] == "target" else "")
+        loss = "" if row["last_loss"] is None else f"{row['last_loss']:.4f}"
+        job = row["job"] + (f" {row['job_state']}" if row["job"] and row["job_state"] else "")
+        table.add_row(name, row["arch"], _si(row["N"]), _si(row["D"]),
+                      f"[{style}]{row['state']}[/{style}]" if style else row["state"],
+                      f"{row['step']}/{row['total_steps'] or '?'}", loss, job)
+    Console(width=max(100, Console().width)).print(table)
+
+
+def _si(x: float) -> str:
+    """1234567 -> 1.23M."""
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"

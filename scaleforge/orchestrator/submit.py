@@ -1,0 +1,105 @@
+"""`orchestrate submit PLAN [--executor local|slurm] [--dry-run] [--only NAME...] [--target]`.
+
+Launches a plan's runs, idempotently: each run's state is read from its run directory first, then the
+jobs it recorded are looked up in one batched scheduler query. A finished run (completed, diverged) is
+skipped, a run whose job is still pending or running is skipped, an interrupted, preempted or failed
+run is resumed from its last checkpoint, and a new run is started. Submitting twice queues nothing the
+second time. Torch-free.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from scaleforge.errors import ConfigError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="plan.yaml written by `orchestrate plan`")
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local",
+                        help="local: subprocesses on this machine (default); slurm: jobs through "
+                             "submitit on the cluster SLURM_CONF names")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="show what would be launched, skipped or resumed; launch nothing")
+    parser.add_argument("--only", nargs="+", action="extend", default=[], metavar="NAME",
+                        help="launch only these runs (by name)")
+    parser.add_argument("--target", action="store_true",
+                        help="also launch the plan's target run (after `orchestrate refit`)")
+    parser.add_argument("--time-min", type=int, default=None, metavar="MIN",
+                        help="per-job time limit in minutes (default: twice the plan's estimate "
+                             "+ 10)")
+    parser.add_argument("--max-requeues", type=int, default=3, metavar="N",
+                        help="times a run may be preempted or stopped at its time limit and resumed "
+                             "(default 3)")
+    slurm = parser.add_argument_group("slurm")
+    slurm.add_argument("--partition", default=None, help="partition (default: the cluster's)")
+    slurm.add_argument("--account", default=None, help="account to charge")
+    slurm.add_argument("--qos", default=None, help="quality of service")
+    slurm.add_argument("--cpus-per-task", type=int, default=1, metavar="N",
+                       help="CPU cores per rank (default 1)")
+    slurm.add_argument("--signal-delay", type=int, default=120, metavar="S",
+                       help="seconds before the time limit at which USR2 asks runs to save "
+                            "(default 120)")
+    slurm.add_argument("--no-array", action="store_true",
+                       help="one job per run instead of arrays of same-shaped runs")
+    local = parser.add_argument_group("local")
+    local.add_argument("--cores", type=int, default=None, metavar="N",
+                       help="cores the local executor may fill (default: all)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaleforge.orchestrator import runs
+
+    if args.max_requeues < 0:
+        raise ConfigError(f"--max-requeues must be >= 0, got {args.max_requeues}")
+    if args.time_min is not None and args.time_min < 1:
+        raise ConfigError(f"--time-min must be >= 1, got {args.time_min}")
+    if args.cores is not None and args.cores < 1:
+        raise ConfigError(f"--cores must be >= 1, got {args.cores}")
+    only = [n for item in args.only for n in item.split(",") if n]
+    entries = runs.entries_from_plan(args.plan, target=args.target, time_min=args.time_min,
+                                     only=only)
+    options = _slurm_options(args) if args.executor == "slurm" else None
+    states = runs.run_states(entries)
+    launch = []
+    for st in states:
+        verb = {"skip": "skip", "start": "start", "resume": "resume"}[st.action]
+        why = st.state + (f", job {st.job} {st.job_state}" if st.job and st.job_state else "")
+        step = f" from step {st.step}" if st.action == "resume" else ""
+        print(f"{st.entry.name}: {verb}{step} ({why})")
+        if st.action != "skip":
+            launch.append(st.entry)
+    if not launch:
+        print("nothing to launch")
+        return 0
+    if args.dry_run:
+        if options is not None:
+            from scaleforge.orchestrator.executors.slurm import describe_plan
+
+            for line in describe_plan(launch, options):
+                print(f"would submit {line}")
+        print(f"dry run: {len(launch)} run(s) would be launched with the {args.executor} executor")
+        return 0
+    if args.executor == "slurm":
+        from scaleforge.orchestrator.executors.slurm import submit_slurm
+
+        submit_slurm(launch, options)
+        print(f"submitted {len(launch)} run(s); `orchestrate status {args.plan}` shows their states")
+        return 0
+    from scaleforge.orchestrator.executors.local import run_local
+
+    codes = run_local(launch, cores=args.cores, max_requeues=args.max_requeues)
+    bad = {name: code for name, code in codes.items() if code != 0}
+    if bad:
+        print(f"{len(bad)} run(s) did not finish: "
+              + ", ".join(f"{n} (exit {c})" for n, c in sorted(bad.items())))
+        return 1
+    return 0
+
+
+def _slurm_options(args: argparse.Namespace):
+    from scaleforge.orchestrator.executors.slurm import SlurmOptions
+
+    return SlurmOptions(partition=args.partition, account=args.account, qos=args.qos,
+                        max_requeues=args.max_requeues, signal_delay_s=args.signal_delay,
+                        cpus_per_task=args.cpus_per_task, array=not args.no_array)
