@@ -224,11 +224,11 @@ def _restore_arrays(path: Path, root, meta: dict) -> dict:
                 array = group[name]
             else:
                 array = group.create_array(
-                    name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0,
-                    compressors=ZstdCodec(level=3),
-                    # A chunk of zeros is data here (id 0 is the separator): always write it.
-                    config={"write_empty_chunks": True},
+                    name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=ZstdCodec(level=3)
                 )
+            # A chunk of zeros is data here (id 0 is the separator; offsets start at 0): always write
+            # it. This setting is not stored with the array, so it is applied on every open.
+            array = array.with_config({"write_empty_chunks": True})
             array.resize((length,))
             nchunks = math.ceil(length / chunk)
             # Chunk files past the committed end (from an uncommitted batch) are removed.
