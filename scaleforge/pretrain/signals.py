@@ -1,0 +1,96 @@
+"""Preemption signals: a handler that only sets a flag, read by the training loop at step boundaries.
+
+The loop all-reduces `stop_requested()` over the ranks after every step, so all ranks save the same
+step, then exit with REQUEUE_EXIT_CODE so that an executor (local or Slurm) requeues the run; the
+re-run resumes from that checkpoint.
+
+How the signal reaches every rank:
+- srun (one task = one rank): Slurm signals every task of the step itself (`scancel --signal=USR1`,
+  `#SBATCH --signal=USR1@90` without `B:`), so each rank's handler runs.
+- `orchestrate train --nproc N` (torchrun): torchrun's agent handles only SIGTERM, SIGINT, SIGHUP and
+  SIGQUIT by default, and when it gets one it forwards it to the ranks and SIGKILLs them
+  `--shutdown-timeout` (30 s) later, which may cut a save short; SIGUSR1/SIGUSR2 kill torchrun itself
+  (default action) and never reach the ranks. The parent therefore installs `forward_to_ranks(proc)`,
+  which sends the signal straight to the rank processes (torchrun's children) and leaves torchrun
+  alone: the ranks save, exit with REQUEUE_EXIT_CODE, and the parent maps torchrun's failure code back
+  to REQUEUE_EXIT_CODE from status.json.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+REQUEUE_EXIT_CODE = 75
+"""Exit code after a signal-triggered save: EX_TEMPFAIL of sysexits.h ("try again later")."""
+
+HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+"""Signals that request a save-and-exit at the next step boundary."""
+
+_received: list[int] = []
+
+
+def _handler(signum: int, _frame: Any) -> None:
+    # Only record: saving from inside a signal handler would interrupt collectives and file writes.
+    _received.append(signum)
+
+
+def install() -> None:
+    """Route HANDLED signals to the flag (call once per rank, from the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        raise RuntimeError("signals.install() must be called from the main thread")
+    for sig in HANDLED:
+        signal.signal(sig, _handler)
+
+
+def stop_requested() -> bool:
+    """True once any HANDLED signal has arrived in this process."""
+    return bool(_received)
+
+
+def received() -> str | None:
+    """Name of the first signal received (None if none)."""
+    return signal.Signals(_received[0]).name if _received else None
+
+
+def reset() -> None:
+    """Forget received signals (a new run in the same process)."""
+    _received.clear()
+
+
+def rank_pids(launcher_pid: int) -> list[int]:
+    """Process ids of the ranks that torchrun (`launcher_pid`) started: its direct children."""
+    import psutil
+
+    try:
+        return [child.pid for child in psutil.Process(launcher_pid).children()]
+    except psutil.NoSuchProcess:
+        return []
+
+
+@contextlib.contextmanager
+def forward_to_ranks(proc: Any, signals: tuple[int, ...] = HANDLED) -> Iterator[None]:
+    """While inside, a HANDLED signal to this process is sent to each rank under `proc` (torchrun).
+
+    SIGINT is not forwarded: a terminal's Ctrl-C already reaches the whole process group.
+    """
+
+    def forward(signum: int, _frame: Any) -> None:
+        pids = rank_pids(proc.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+        if not pids:  # ranks not started yet (or gone): let torchrun handle it
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
