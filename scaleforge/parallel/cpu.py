@@ -67,6 +67,13 @@ def install() -> bool:
     # clip_grads asserts `param.type() == "torch.cuda.FloatTensor"` and the distributed optimizer
     # raises "Wrapped parameters must be one of torch.cuda.FloatTensor..." otherwise.
     torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
+    # DistributedOptimizer.get_parameter_state_dp_zero (used by the model-space `fully_reshardable`
+    # checkpoint format of scaleforge.pretrain.checkpoint) moves its all-gather buffer with
+    # `Tensor.cuda()`: "Torch not compiled with CUDA enabled" without this.
+    torch.Tensor.cuda = lambda self, *args, **kwargs: self
+    # DistributedOptimizer.get_parameter_state_dp_zero (checkpointing the distributed optimizer in
+    # the fully_reshardable format) moves its gather buffers with `.cuda()`.
+    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kwargs: self
 
     _redirect_megatron_rng()
     _define_missing_te_gemm()
