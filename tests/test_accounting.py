@@ -85,6 +85,9 @@ def test_shapes_round_trip(vocab):
         assert cfg.hidden % step == 0 and cfg.ffn_hidden % step == 0
         assert cfg.heads * cfg.head_dim == cfg.hidden and cfg.head_dim in (32, 64, 128)
         assert cfg.ffn_hidden >= 8 * cfg.hidden / 3
+        assert cfg.layers % shapes.depth_step(cfg.hidden) == 0  # pipeline stages split it
+        if cfg.hidden >= 2048:
+            assert cfg.heads % 4 == 0 and cfg.layers % 4 == 0  # TP and PP of 4 divide them
         assert 32 / 1.5 <= cfg.hidden / cfg.layers <= 128 * 1.5  # the aspect rule, +- depth slack
         assert shapes.dense_shape(target, base) == cfg  # deterministic
 

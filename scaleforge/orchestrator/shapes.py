@@ -12,6 +12,7 @@ Torch-free and deterministic. Rules (the exact N is then recomputed by `DenseCon
 - Depth: the aspect ratio hidden / layers is 32 up to hidden 128 and grows as 32 sqrt(hidden / 128) to
   128 at hidden 2048, then stays 128. That reproduces OLMo-2 1B (2048 / 16), LLaMA-2 7B (4096 / 32)
   and GPT-3 175B (12288 / 96); Marin's and OLMo's small ladder rungs sit at 64-100 near hidden 512-1024.
+- Depth is a multiple of 2 from hidden 1024 and of 4 from hidden 2048, so pipeline stages divide it.
 - ffn_hidden = 8/3 hidden (SwiGLU with the weights of a 4h MLP) rounded up to a multiple of 64
   (of 32 below hidden 256).
 - Among widths on the grid and depths within a factor 4/3 of the rule, the shape whose N is within 5%
@@ -52,6 +53,15 @@ def head_dim_for(hidden: int) -> int:
     if hidden < 2048:
         return 64
     return 128
+
+
+def depth_step(hidden: int) -> int:
+    """Depths are multiples of this, so that pipeline stages can split them (GPT-3's 96, LLaMA's 32)."""
+    if hidden < 1024:
+        return 1
+    if hidden < 2048:
+        return 2
+    return 4
 
 
 def aspect_ratio(hidden: int) -> float:
@@ -103,14 +113,16 @@ def dense_shape(n_target: float, base: DenseConfig | None = None) -> DenseConfig
     best = None  # (key, hidden, layers)
     for hidden in widths():
         rule = rule_layers(hidden)
-        lo, hi = max(1, math.floor(rule / DEPTH_SLACK)), max(rule, math.floor(rule * DEPTH_SLACK))
+        step = depth_step(hidden)
+        lo = max(step, math.floor(rule / DEPTH_SLACK))
+        hi = max(-(-rule // step) * step, math.floor(rule * DEPTH_SLACK))
         one = shape_for(hidden, 1, base)
         # N is affine in depth: fixed part (embeddings, final norm) + layers x one block
         per_layer = one.layer_params()
         fixed = one.num_params() - per_layer
         if fixed + lo * per_layer > n_target * 2:
             break  # wider shapes only grow
-        for layers in range(lo, hi + 1):
+        for layers in range(-(-lo // step) * step, hi + 1, step):
             err = abs(math.log((fixed + layers * per_layer) / n_target))
             aspect = abs(math.log(layers / rule))
             within = err <= math.log1p(TOLERANCE)
