@@ -26,7 +26,7 @@ def tiny_spec(name: str, *, seed: int = 1234, steps: int = 20, store: str | Path
         "model": {"arch": "dense", "layers": 2, "hidden": 64, "heads": 2, "kv_heads": 2,
                   "ffn_hidden": 128, "vocab_size": 512},
         "data": {"stores": [str(store)], "seq_len": 32},
-        "train": {"steps": steps, "global_batch": 4, "micro_batch": 2, "warmup_steps": 2},
+        "train": {"steps": steps, "global_batch": 4 * dp, "micro_batch": 2, "warmup_steps": 2},
         "parallel": {"dp": dp},
         "checkpoint": {"every": 5}, "eval": {"every": 0},
     })
@@ -77,7 +77,8 @@ def test_run_dir_layout_and_identity(tmp_path):
     assert e.run_dir == tmp_path / "runs" / f"alpha-{run_id(e.spec)}"
     assert e.run_id == run_id(e.spec) and len(e.run_id) == 12
     # layout and checkpoint cadence are not identity: the same run under another layout
-    e2 = entry(tmp_path, "alpha", dp=2)
+    spec2 = replace(e.spec, parallel=replace(e.spec.parallel, dp=2))
+    (e2,) = runs.entries_from_specs([("alpha", spec2)], tmp_path / "runs")
     assert e2.run_dir == e.run_dir and e2.ranks == 2
     # a different seed is a different run
     assert entry(tmp_path, "alpha", seed=7).run_dir != e.run_dir

@@ -496,7 +496,8 @@ def _state(entry: RunEntry, d: DirState, record: JobRecord | None, sched: dict[s
         return RunState(state="interrupted", job_state=job_state, **base)
     if written in TRAINER_STATES:
         return RunState(state=written, job_state=job_state, **base)
-    if record is not None and d.step == 0 and d.latest_checkpoint is None:
+    never_launched = record is not None and record.executor == "local" and not record.attempts
+    if record is not None and not never_launched and d.step == 0 and d.latest_checkpoint is None:
         # submitted, never started training, and the job is gone (cancelled, or it failed at start)
         return RunState(state="failed", job_state=job_state, **base)
     return RunState(state="new" if d.step == 0 else "interrupted", job_state=job_state, **base)
