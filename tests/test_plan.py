@@ -80,6 +80,17 @@ def test_with_target_keeps_history(plan):
     assert new.history[-1]["law"]["source"] == "prior"
 
 
+def test_replan_target_keeps_overrides(tmp_path):
+    from scaleforge.orchestrator.plan import replan_target
+
+    p = make_plan(1e18, overrides=("model.vocab_size=32000", "seed=7"), unique_tokens=1e12)
+    law = dataclasses.replace(prior_law(), params={**prior.EPOCH_PARAMS, "alpha": 0.3}, source="fit")
+    new = load_plan(save_plan(replan_target(p, law), tmp_path / "p.yaml"))
+    assert new.overrides == ("model.vocab_size=32000", "seed=7")
+    assert new.target.spec.model.vocab_size == 32000 and new.target.spec.seed == 7
+    assert new.target.N != p.target.N and len(new.history) == 1
+
+
 def test_tiny_cpu_plan():
     p = make_plan(1e14, cluster=cpu_cluster(2), ladder_min=1e-2, ladder_max=0.3,
                   overrides=("model.vocab_size=512",), seq_len=128, unique_tokens=5e6)

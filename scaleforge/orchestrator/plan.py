@@ -187,6 +187,15 @@ def plan_target(
     return target, warnings
 
 
+def replan_target(plan: Plan, law: LawInfo, samples: list[dict] | None = None) -> Plan:
+    """`plan` with its target re-planned from `law` (the old target moves to `history`)."""
+    target, _ = plan_target(
+        law, plan.budget, plan.arch, plan.cluster, seq_len=plan.seq_len,
+        unique_tokens=plan.unique_tokens, overrides=plan.overrides, samples=samples,
+    )
+    return with_target(plan, target, law)
+
+
 # ----------------------------------------------------------------------------------------------
 # the plan
 
@@ -281,7 +290,8 @@ def make_plan(
     warnings.extend(_epoch_warnings([*ladder, target], unique_tokens))
     return Plan(
         budget=float(budget), arch=arch, law=law, cluster=cluster, seq_len=seq_len,
-        unique_tokens=float(unique_tokens), runs_dir=runs_dir, ladder=tuple(ladder),
+        unique_tokens=float(unique_tokens), runs_dir=runs_dir, overrides=tuple(overrides),
+        ladder=tuple(ladder),
         target=target, history=(), warnings=tuple(warnings),
     )
 

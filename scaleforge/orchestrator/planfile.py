@@ -10,6 +10,7 @@ Top-level keys, in file order:
   seq_len       tokens per sample of every run
   unique_tokens unique tokens in the data pool (epochs = D / unique_tokens)
   runs_dir      where run directories go, relative to the plan file's folder (default `runs`)
+  overrides     the `--set key=value` items applied to every run's spec
   ladder        the small runs: name, run_id, budget, N, N_non_embedding, D, flops_per_token, flops,
                 epochs, gpus, nodes, gpu_hours, layout, spec (the full RunSpec)
   target        the run at `budget`: the same fields plus loss, loss_ci, N_ci, D_ci
@@ -127,6 +128,8 @@ class Plan:
     """Unique tokens in the data pool."""
     runs_dir: str = "runs"
     """Run directories' parent, relative to the plan file's folder (or absolute)."""
+    overrides: tuple = ()
+    """The `--set key=value` items every run's spec was made with (a re-plan applies them again)."""
     ladder: tuple = ()
     """PlannedRun per small run, by budget then size."""
     target: TargetRun
@@ -196,6 +199,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "seq_len": plan.seq_len,
         "unique_tokens": float(plan.unique_tokens),
         "runs_dir": plan.runs_dir,
+        "overrides": list(plan.overrides),
         "ladder": [run_to_dict(r) for r in plan.ladder],
         "target": run_to_dict(plan.target),
         "history": [dict(h) for h in plan.history],
@@ -249,6 +253,7 @@ def plan_from_dict(data: Any) -> Plan:
         seq_len=int(data["seq_len"]),
         unique_tokens=float(data["unique_tokens"]),
         runs_dir=str(data.get("runs_dir") or "runs"),
+        overrides=tuple(str(o) for o in (data.get("overrides") or [])),
         ladder=tuple(_run_from_dict(r, PlannedRun, f"ladder[{i}]") for i, r in enumerate(ladder)),
         target=_run_from_dict(data["target"], TargetRun, "target"),
         history=tuple(dict(h) for h in (data.get("history") or [])),
