@@ -326,24 +326,25 @@ def _epoch_warnings(runs: list[PlannedRun], unique_tokens: float) -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--budget", required=True, metavar="C", help="target compute in FLOPs, e.g. 1e21")
-    parser.add_argument("--arch", default="dense", help=f"architecture family (known: {', '.join(known_archs())})")
-    parser.add_argument("--cluster", metavar="FILE", help="cluster YAML (default: 16 nodes of 8 x H100 80 GB)")
-    parser.add_argument("--law", metavar="FILE", help="fit.json to plan from (default: the Chinchilla prior)")
-    parser.add_argument("--out", default="plan.yaml", metavar="PLAN", help="plan file to write (plan.yaml)")
-    parser.add_argument("--ladder-min", default="1e-3", metavar="F", help="smallest ladder budget / C (1e-3)")
-    parser.add_argument("--ladder-max", default=str(1 / 30), metavar="F", help="largest ladder budget / C (1/30)")
-    parser.add_argument("--budgets", default="5", metavar="K", help="ladder budgets (5)")
-    parser.add_argument("--sizes", default="7", metavar="S", help="model sizes per ladder budget (7)")
-    parser.add_argument("--size-span", default="4", metavar="X", help="sizes span N_opt/X .. N_opt*X (4)")
-    parser.add_argument("--unique-tokens", default=None, metavar="T",
-                        help="unique tokens in the data pool (default: the stores' train tokens, "
-                        f"or {DEFAULT_UNIQUE_TOKENS:.3g} when they are not built here)")
-    parser.add_argument("--seq-len", default=None, metavar="S", help="sequence length (2048 on GPUs)")
-    parser.add_argument("--runs-dir", default="runs", metavar="DIR", help="run directories, beside the plan (runs)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="RunSpec override for every run, e.g. model.vocab_size=32000 (repeatable)")
-    parser.add_argument("--quiet", action="store_true", help="do not print the table")
+    add = parser.add_argument
+    add("--budget", required=True, metavar="C", help="target compute in FLOPs, e.g. 1e21")
+    add("--arch", default="dense", help=f"architecture family (known: {', '.join(known_archs())})")
+    add("--cluster", metavar="FILE", help="cluster YAML (default: 16 nodes of 8 x H100 80 GB)")
+    add("--law", metavar="FILE", help="fit.json to plan from (default: the Chinchilla prior)")
+    add("--out", default="plan.yaml", metavar="PLAN", help="plan file to write (plan.yaml)")
+    add("--ladder-min", default="1e-3", metavar="F", help="smallest ladder budget / C (1e-3)")
+    add("--ladder-max", default=str(1 / 30), metavar="F", help="largest ladder budget / C (1/30)")
+    add("--budgets", default="5", metavar="K", help="ladder budgets (5)")
+    add("--sizes", default="7", metavar="S", help="model sizes per ladder budget (7)")
+    add("--size-span", default="4", metavar="X", help="sizes span N_opt/X .. N_opt*X (4)")
+    add("--unique-tokens", default=None, metavar="T",
+        help="unique tokens in the data pool (default: the stores' train tokens, "
+        f"or {DEFAULT_UNIQUE_TOKENS:.3g} when they are not built here)")
+    add("--seq-len", default=None, metavar="S", help="sequence length (2048 on GPUs)")
+    add("--runs-dir", default="runs", metavar="DIR", help="run directories, beside the plan (runs)")
+    add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        help="RunSpec override for every run, e.g. model.vocab_size=32000 (repeatable)")
+    add("--quiet", action="store_true", help="do not print the table")
 
 
 def run(args: argparse.Namespace) -> int:

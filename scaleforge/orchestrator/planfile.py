@@ -233,7 +233,8 @@ def load_plan(path: str | Path) -> Plan:
 def plan_from_dict(data: Any) -> Plan:
     if not isinstance(data, dict):
         raise ConfigError("a plan must be a mapping with keys budget, arch, law, cluster, ladder, target")
-    _require(data, ("budget", "arch", "law", "cluster", "seq_len", "unique_tokens", "ladder", "target"), "plan")
+    required = ("budget", "arch", "law", "cluster", "seq_len", "unique_tokens", "ladder", "target")
+    _require(data, required, "plan")
     law = data["law"]
     if not isinstance(law, dict):
         raise ConfigError("law must be a mapping")

@@ -23,12 +23,12 @@ smaller K and V are not credited (an over-estimate of at most 4 s b h).
 about layers x per-layer regardless of pp. The last stage also holds fp32 logits, 4 s b V / t.
 Bubble fraction (pp - 1) / m for m micro-batches per step (Narayanan et al. 2021).
 
-Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs per node and both the query and
-the key/value head counts) and then the smallest pp (dividing layers; m >= 4 pp) whose fullest stage fits, first without
-recomputation (selective where the attention kernel needs it), only then with full recomputation;
-SP whenever tp > 1; the rest of the GPUs (as many as the global batch allows, a divisor of a node or whole
-nodes) go to DP with the
-distributed optimizer. Step time assumes the cluster's MFU (default 40%, OLMo-core's H100 number).
+Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs per node and both the
+query and key/value head counts), then the smallest pp (dividing layers; m >= 4 pp) whose fullest
+stage fits, first without recomputation (selective where the attention kernel needs it), only then
+with full recomputation; SP whenever tp > 1. The rest of the GPUs, as many as the global batch
+allows (a divisor of a node or whole nodes), go to DP with the distributed optimizer. Step time
+assumes the cluster's MFU (default 40%, OLMo-core's H100 number).
 """
 
 from __future__ import annotations
@@ -105,18 +105,21 @@ def memory_per_gpu(
     sp: bool = False, recompute: str = "none", flash: bool = False, microbatches: int = 1,
     distributed_optimizer: bool = True,
 ) -> Memory:
-    """Memory of the fullest stage for `model` (any family config with the accounting interface)."""
+    """Memory of the fullest stage for `model`: any family config with `layers`, `hidden`,
+    `vocab_size`, `num_params()` and `num_params_non_embedding()` (and `heads`, `kv_heads` if it has
+    attention)."""
     vh = model.vocab_size * model.hidden
     body = model.num_params_non_embedding()
+    embedding = model.num_params() - body  # input table (+ untied output layer)
     state_bytes = megatron_state_bytes(dp, distributed_optimizer)
     layer_act = activation_bytes_per_layer(
-        seq_len=seq_len, micro_batch=micro_batch, hidden=model.hidden, heads=model.heads,
+        seq_len=seq_len, micro_batch=micro_batch, hidden=model.hidden, heads=_heads(model),
         tp=tp, sp=sp, recompute=recompute, flash=flash,
     )
     stage_layers = math.ceil(model.layers / pp)
     logits = 4.0 * seq_len * micro_batch * model.vocab_size / tp
     if pp == 1:
-        params = body + model.embedding_params()
+        params = body + embedding
         return Memory(
             states=params / tp * state_bytes,
             activations=layer_act * model.layers,
@@ -210,6 +213,11 @@ def step_time(model: Any, *, seq_len: int, global_batch: int, gpus: int, cluster
     return flops / (gpus * cluster.peak_tflops * 1e12 * cluster.mfu) * (1 + bubble)
 
 
+def _heads(model: Any) -> int:
+    """Attention heads (families without attention, e.g. Mamba, count as one head)."""
+    return getattr(model, "heads", 1)
+
+
 def _whole_nodes(group: int, dp: int, per_node: int) -> int:
     """The largest dp' <= dp whose group x dp' GPUs divide one node or fill whole nodes."""
     while dp > 0:
@@ -233,8 +241,9 @@ def search_layout(
     top_mb = max(1, min(MAX_MICRO_BATCH, MICRO_BATCH_TOKENS // seq_len))
     micro_batches = [m for m in (64, 32, 16, 8, 4, 2, 1) if m <= top_mb]
     # tp divides the node (so a TP group never straddles two) and both head counts (megatron's rule)
+    heads = _heads(model)
     tps = [t for t in _divisors(cluster.gpus_per_node, cluster.gpus_per_node)
-           if model.heads % t == 0 and model.kv_heads % t == 0]
+           if heads % t == 0 and getattr(model, "kv_heads", heads) % t == 0]
     pps = _divisors(model.layers, max_gpus)
     closest = None  # the smallest memory seen, for the error message
     for recomputes in (("none", "selective"), ("full",)):
