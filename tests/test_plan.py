@@ -167,6 +167,8 @@ def test_cli_is_deterministic_and_fast(tmp_path):
     (["--budget", "1e21", "--cluster", "cluster.yaml"], "missing field 'peak_tflops'"),
     (["--budget", "1e21", "--law", "missing.json"], "no such file"),
     (["--budget", "1e21", "--sizes", "2.5"], "--sizes must be an integer"),
+    (["--budget", "1e21", "--seq-len", "0"], "--seq-len must be a positive integer"),
+    (["--budget", "1e21", "--set", "train.lr=1"], "the planner decides it"),
 ])
 def test_cli_bad_input(tmp_path, args, message):
     (tmp_path / "cluster.yaml").write_text("kind: gpu\nnodes: 2\ngpus_per_node: 8\ngpu_memory_gb: 80\n")

@@ -234,11 +234,13 @@ def make_plan(
         raise ConfigError(f"--budgets must be a positive integer, got {budgets!r}")
     if not (isinstance(sizes, int) and 1 <= sizes <= 15):
         raise ConfigError(f"--sizes must be an integer from 1 to 15 (5-9 is usual), got {sizes!r}")
+    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
+        raise ConfigError(f"--seq-len must be a positive integer, got {seq_len!r}")
     if size_span <= 1 and sizes > 1:
         raise ConfigError(f"--size-span must be > 1 with several sizes, got {size_span:g}")
     law = law or prior_law()
     base = base_spec(arch, overrides)
-    seq_len = seq_len or _default_seq_len(cluster, base)
+    seq_len = seq_len if seq_len is not None else _default_seq_len(cluster, base)
     user_keys = _keys(overrides)
     warnings: list[str] = []
     if unique_tokens is None:
@@ -363,6 +365,8 @@ def run(args: argparse.Namespace) -> int:
         overrides=tuple(args.overrides), runs_dir=args.runs_dir,
     )
     out = Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out} is a folder: name the plan file, e.g. {out / 'plan.yaml'}")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: folder {out.parent} does not exist")
     if not args.quiet:
