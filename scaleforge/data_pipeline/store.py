@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -264,6 +263,7 @@ class TokenStore:
             data = np.asarray(array[index * size : min((index + 1) * size, array.shape[0])])
         except Exception as exc:  # a checksum-valid chunk that zarr cannot decode: wrong codec
             raise DataError(f"{where} cannot be decoded ({type(exc).__name__}): rebuild the store") from None
+        data.setflags(write=False)  # callers get views of cached chunks: keep them intact
         if cache:
             self._cache[key] = data
             self._cache_bytes += data.nbytes
@@ -331,15 +331,6 @@ def remove_partial_files(path: Path) -> int:
         f.unlink(missing_ok=True)
         removed += 1
     return removed
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries durable (after atomic renames inside it)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 @dataclass(kw_only=True, frozen=True)
