@@ -71,6 +71,15 @@ def test_plan_file_round_trip_and_run_dirs(plan, tmp_path):
     assert run_dir(back, path, r) == tmp_path / "runs" / f"{r.name}-{r.run_id}"
 
 
+def test_plan_yaml_is_what_pyyaml_writes(plan):
+    import yaml
+
+    from scaleforge.orchestrator.plan import plan_to_dict
+
+    expected = yaml.safe_dump(plan_to_dict(plan), sort_keys=False, default_flow_style=False, width=100)
+    assert plan_to_yaml(plan) == expected  # libyaml's dumper is only a speed-up
+
+
 def test_with_target_keeps_history(plan):
     law = dataclasses.replace(prior_law(), params={**prior.EPOCH_PARAMS, "E": 2.0}, source="fit")
     target, _ = plan_target(law, C, unique_tokens=15e12)
