@@ -8,7 +8,6 @@ in order. The losses therefore do not depend on the layout (tests/test_parallel_
 
 from __future__ import annotations
 
-import importlib
 import math
 import sys
 from functools import partial
@@ -143,7 +142,7 @@ def train(spec: Any, run_dir: Path) -> int:
         train_sampler, val_sampler = open_samplers(spec)
         built = model_build.build(spec)
         hooks = _Hooks.load()
-        step = hooks.resume(run_dir, built, log)
+        step = hooks.resume(run_dir, built, log, spec)
         if rank0:
             metrics_mod.write_atomic(run_dir / "run.yaml", spec_to_yaml(spec))
         log.status("running", step)
@@ -199,29 +198,22 @@ class _Hooks:
     def __init__(self, checkpoint, signals):
         self.checkpoint = checkpoint
         self.signals = signals
-        self.requeue_exit_code = getattr(signals, "REQUEUE_EXIT_CODE", 0)
+        self.requeue_exit_code = signals.REQUEUE_EXIT_CODE
 
     @classmethod
     def load(cls) -> "_Hooks":
-        try:
-            checkpoint = importlib.import_module("scaleforge.pretrain.checkpoint")
-            signals = importlib.import_module("scaleforge.pretrain.signals")
-        except ModuleNotFoundError as exc:  # TODO(remove): until checkpoint/signals land
-            if exc.name not in ("scaleforge.pretrain.checkpoint", "scaleforge.pretrain.signals"):
-                raise
-            return cls(None, None)
+        from scaleforge.pretrain import checkpoint, signals
+
         signals.install()
         return cls(checkpoint, signals)
 
     def stop_requested(self) -> bool:
-        return bool(self.signals.stop_requested()) if self.signals else False
+        return bool(self.signals.stop_requested())
 
-    def resume(self, run_dir: Path, built, log) -> int:
-        state = None
-        if self.checkpoint is not None:
-            state = self.checkpoint.load_latest(
-                run_dir, model=built.model, optimizer=built.optimizer
-            )
+    def resume(self, run_dir: Path, built, log, spec) -> int:
+        state = self.checkpoint.load_latest(
+            run_dir, model=built.model, optimizer=built.optimizer, spec=spec
+        )
         if state is None:
             if log.enabled:
                 metrics_mod.truncate_after(run_dir / "metrics.jsonl", 0)
@@ -232,8 +224,6 @@ class _Hooks:
         return step
 
     def save(self, run_dir: Path, step: int, built, spec) -> None:
-        if self.checkpoint is None:
-            return
         self.checkpoint.save(
             run_dir, step, model=built.model, optimizer=built.optimizer,
             scheduler_state={"step": step},

@@ -46,8 +46,12 @@ def transformer_config(cfg: DenseConfig, runtime: dict[str, Any]) -> Transformer
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=cfg.init_std,
-        # weights are drawn by arch.common.init (layout-independent), not by megatron
-        perform_initialization=False,
+        # Weights are drawn by arch.common.init (layout-independent), so megatron's own draw is a
+        # no-op; perform_initialization must stay on because megatron tags the tensor-parallel
+        # attributes (partition_dim, stride) only on that path, and the grad norm needs them.
+        perform_initialization=True,
+        init_method=_keep,
+        output_layer_init_method=_keep,
         **runtime,
     )
 
@@ -97,6 +101,10 @@ def build_model(
         model, seed=seed, std=cfg.init_std, layers=cfg.layers, tied=cfg.tied_embeddings
     )
     return model
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
 
 
 def _have_te() -> bool:
