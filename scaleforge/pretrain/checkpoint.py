@@ -104,7 +104,10 @@ def save(
     optim_flat = _sharded_leaves(optim_sd)
     names = sorted({_state_name(leaf.key) for leaf in optim_flat.values()})
     # save() rewrites the dict in place (factories become their parts): read it before
-    dist_checkpointing.save({"model": model_sd, "optimizer": optim_flat}, str(tmp))
+    from scaleforge.pretrain.signals import deferred
+
+    with deferred():  # the writer's helper processes must not die of a Slurm signal
+        dist_checkpointing.save({"model": model_sd, "optimizer": optim_flat}, str(tmp))
     torch.save(capture_rng(), tmp / _rng_file(rank))
 
     state = {
@@ -262,8 +265,6 @@ def _check_same_run(path: Path, spec: Any) -> None:
 
 
 def _load_tensors(path: Path, model: Any, optimizer: Any, state: dict) -> None:
-    from megatron.core import dist_checkpointing
-
     _init_optimizer_state(optimizer)
     model_sd = model.sharded_state_dict()
     optim_sd = optimizer.sharded_state_dict(
@@ -271,25 +272,39 @@ def _load_tensors(path: Path, model: Any, optimizer: Any, state: dict) -> None:
     )
     request = _sharded_leaves(optim_sd)
     saved_states = set(state["optimizer_states"])
-    for path_key, leaf in request.items():
+    # entries read from the model's own weights go in a second load: one load may read each
+    # shard once only (megatron's access-integrity check)
+    from_model = {}
+    for path_key, leaf in list(request.items()):
         name = _state_name(leaf.key)
         if name not in saved_states:
-            request[path_key] = _substitute(leaf, name, saved_states, path)
-    try:
-        loaded = dist_checkpointing.load({"model": model_sd, "optimizer": request}, str(path))
-    except CheckpointError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - megatron raises many kinds; name the checkpoint
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"{path} cannot be loaded into this model: {first}") from exc
+            substitute = _substitute(leaf, name, saved_states, path)
+            if substitute.key.startswith("optimizer."):
+                request[path_key] = substitute
+            else:
+                from_model[path_key] = substitute
+                del request[path_key]
+    loaded = _dist_load(path, {"model": model_sd, "optimizer": request})
     model.load_state_dict(loaded["model"])
     tensors = loaded["optimizer"]
+    if from_model:
+        tensors.update(_dist_load(path, from_model))
     _apply_optimizer_tensors(optimizer, optim_sd, tensors, state["optimizer_step"])
     _set_optimizer_step(optimizer, state["optimizer_step"])
 
 
 # ----------------------------------------------------------------------------------------------
 # optimizer helpers
+
+
+def _dist_load(path: Path, request: dict) -> dict:
+    from megatron.core import dist_checkpointing
+
+    try:
+        return dist_checkpointing.load(request, str(path))
+    except Exception as exc:  # noqa: BLE001 - megatron raises many kinds; name the checkpoint
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be loaded into this model: {first}") from exc
 
 
 def _substitute(leaf: Any, name: str, saved: set[str], path: Path) -> Any:
