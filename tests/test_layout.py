@@ -90,3 +90,14 @@ def test_search_cpu_cluster_has_no_memory_check():
     lay = L.search_layout(GPT3, seq_len=128, batch_target=8, cluster=cpu_cluster(2))
     assert (lay.tp, lay.pp) == (1, 1) and math.isinf(lay.memory_limit)
     assert lay.gpus <= 2
+
+
+def test_search_respects_megatron_divisibility():
+    odd_vocab = dataclasses.replace(GPT3, vocab_size=50257)  # GPT-2's vocabulary: odd, tp must be 1
+    with pytest.raises(LayoutError, match="tp stops at 1 because model.vocab_size=50257"):
+        L.search_layout(odd_vocab, seq_len=2048, batch_target=1536,
+                        cluster=dataclasses.replace(DEFAULT_CLUSTER, nodes=8))
+    padded = dataclasses.replace(GPT3, vocab_size=50304)  # padded to a multiple of 128
+    lay = L.search_layout(padded, seq_len=2048, batch_target=1536,
+                          cluster=dataclasses.replace(DEFAULT_CLUSTER, nodes=8))
+    assert lay.tp == 8

@@ -33,6 +33,7 @@ from scaleforge.orchestrator.planfile import (  # noqa: F401  (re-exported: the 
     run_dir, run_to_dict, save_plan, with_target,
 )
 from scaleforge.orchestrator.shapes import dense_shape
+from scaleforge.parallel.checks import check_layout
 from scaleforge.parallel.layout import search_layout
 
 DEFAULT_UNIQUE_TOKENS = 15e12
@@ -142,6 +143,7 @@ def plan_run(
         base, name=name, model=model, data=dataclasses.replace(base.data, seq_len=seq_len),
         train=train, parallel=parallel, checkpoint=checkpoint, eval=evaluation,
     )
+    check_layout(spec)  # the trainer's own checks: a planned spec must pass them
     d = hp.steps * hp.global_batch * seq_len
     epochs = d / unique_tokens
     warnings = []
@@ -234,7 +236,8 @@ def make_plan(
         raise ConfigError(f"--budgets must be a positive integer, got {budgets!r}")
     if not (isinstance(sizes, int) and 1 <= sizes <= 15):
         raise ConfigError(f"--sizes must be an integer from 1 to 15 (5-9 is usual), got {sizes!r}")
-    if seq_len is not None and (isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0):
+    bad_seq = isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len <= 0
+    if seq_len is not None and bad_seq:
         raise ConfigError(f"--seq-len must be a positive integer, got {seq_len!r}")
     if size_span <= 1 and sizes > 1:
         raise ConfigError(f"--size-span must be > 1 with several sizes, got {size_span:g}")

@@ -23,9 +23,9 @@ smaller K and V are not credited (an over-estimate of at most 4 s b h).
 about layers x per-layer regardless of pp. The last stage also holds fp32 logits, 4 s b V / t.
 Bubble fraction (pp - 1) / m for m micro-batches per step (Narayanan et al. 2021).
 
-Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs per node and both the
-query and key/value head counts), then the smallest pp (dividing layers; m >= 4 pp) whose fullest
-stage fits, first without recomputation (selective where the attention kernel needs it), only then
+Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs per node, the query and
+key/value head counts, ffn_hidden, the vocabulary and the sequence), then the smallest pp (dividing
+layers; m >= 4 pp) whose fullest stage fits, first without recomputation (selective where the attention kernel needs it), only then
 with full recomputation; SP whenever tp > 1. The rest of the GPUs, as many as the global batch
 allows (a divisor of a node or whole nodes), go to DP with the distributed optimizer. Step time
 assumes the cluster's MFU (default 40%, OLMo-core's H100 number).
@@ -80,7 +80,7 @@ def zero_bytes_per_param(stage: int, dp: int) -> float:
 
 
 def megatron_state_bytes(dp: int, distributed_optimizer: bool = True) -> float:
-    """Megatron's bytes per parameter: bf16 weights 2, fp32 grads 4, fp32 master + Adam 12 (/dp sharded)."""
+    """Megatron's bytes per parameter: bf16 weights 2, fp32 grads 4, master + Adam 12 (/dp sharded)."""
     return 6 + 12 / dp if distributed_optimizer and dp > 1 else 18.0
 
 
@@ -191,7 +191,8 @@ class Layout:
         """Plain dict for plan.yaml."""
         return {
             "memory_gb": round(self.memory.total / 1e9, 3),
-            "memory_limit_gb": None if math.isinf(self.memory_limit) else round(self.memory_limit / 1e9, 3),
+            "memory_limit_gb": (None if math.isinf(self.memory_limit)
+                                else round(self.memory_limit / 1e9, 3)),
             "bubble": round(self.bubble, 4),
             "step_time_s": float(f"{self.step_time_s:.4g}"),
             "recompute": self.recompute,
@@ -218,6 +219,28 @@ def _heads(model: Any) -> int:
     return getattr(model, "heads", 1)
 
 
+def _tp_limit(model: Any, tps: list[int], seq_len: int, cluster: Any) -> str:
+    """Why tensor parallelism stopped below the node size, as a clause for the error message."""
+    excluded = [t for t in _divisors(cluster.gpus_per_node, cluster.gpus_per_node) if t not in tps]
+    if not excluded:
+        return ""
+    t = excluded[0]
+    heads = _heads(model)
+    named = (("model.heads", heads), ("model.kv_heads", getattr(model, "kv_heads", heads)),
+             ("model.ffn_hidden", getattr(model, "ffn_hidden", t)),
+             ("model.vocab_size", model.vocab_size), ("data.seq_len", seq_len))
+    name, size = next((n, v) for n, v in named if v % t)
+    return f"; tp stops at {max(tps)} because {name}={size} is not divisible by {t}"
+
+
+def _tp_divides(model: Any, tp: int, seq_len: int) -> bool:
+    """Megatron splits heads, kv heads, ffn, vocabulary and (with SP) the sequence over tp ranks."""
+    heads = _heads(model)
+    sizes = (heads, getattr(model, "kv_heads", heads), getattr(model, "ffn_hidden", tp),
+             model.vocab_size, seq_len if tp > 1 else tp)
+    return all(size % tp == 0 for size in sizes)
+
+
 def _whole_nodes(group: int, dp: int, per_node: int) -> int:
     """The largest dp' <= dp whose group x dp' GPUs divide one node or fill whole nodes."""
     while dp > 0:
@@ -241,9 +264,8 @@ def search_layout(
     top_mb = max(1, min(MAX_MICRO_BATCH, MICRO_BATCH_TOKENS // seq_len))
     micro_batches = [m for m in (64, 32, 16, 8, 4, 2, 1) if m <= top_mb]
     # tp divides the node (so a TP group never straddles two) and both head counts (megatron's rule)
-    heads = _heads(model)
     tps = [t for t in _divisors(cluster.gpus_per_node, cluster.gpus_per_node)
-           if heads % t == 0 and getattr(model, "kv_heads", heads) % t == 0]
+           if _tp_divides(model, t, seq_len)]
     pps = _divisors(model.layers, max_gpus)
     closest = None  # the smallest memory seen, for the error message
     for recomputes in (("none", "selective"), ("full",)):
@@ -277,6 +299,7 @@ def search_layout(
         f"(tp={closest.tp}, pp={closest.pp}, micro_batch={closest.micro_batch}, "
         f"recompute={closest.recompute}) against {limit / 1e9:.1f} GB usable; "
         "add nodes (--cluster), use larger GPUs, or lower the budget"
+        + _tp_limit(model, tps, seq_len, cluster)
     )
 
 
