@@ -47,6 +47,23 @@ def install() -> None:
         signal.signal(sig, _handler)
 
 
+@contextlib.contextmanager
+def deferred(signals: tuple[int, ...] = HANDLED) -> Iterator[None]:
+    """Hold `signals` back while inside; one that arrives meanwhile is handled on exit.
+
+    Processes started inside inherit the blocked mask through fork and exec. Slurm signals every
+    process of a job step (`--signal=USR2@N`, `scancel --signal`, SIGTERM on preemption), and a helper
+    such as the multiprocessing Manager that megatron's checkpoint writer spawns at the first save
+    would otherwise die of the signal's default action: the next save then fails with
+    ConnectionRefusedError, seen on the local Slurm cluster with `scancel --signal=USR2`.
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def stop_requested() -> bool:
     """True once any HANDLED signal has arrived in this process."""
     return bool(_received)
