@@ -238,7 +238,7 @@ def test_slurm_states_batched_and_tolerant(tmp_path, monkeypatch):
         ("completed", "skip", ""),
         ("queued", "skip", "PENDING"),
         ("running", "skip", "RUNNING"),
-        ("interrupted", "resume", "CANCELLED"),
+        ("interrupted", "resume", "TIMEOUT"),  # its cancelled continuation says nothing new
         ("failed", "start", "GONE"),
         ("queued", "skip", "SUBMITTED"),  # accounting lag: not yet visible, still counts as queued
     ]

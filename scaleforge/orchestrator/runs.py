@@ -526,7 +526,9 @@ def _job_activity(record: JobRecord | None, sched: dict[str, str], now: float
             # a continuation pending on its predecessor's failure is not what the user waits for
             # while the predecessor runs: show the first active job of the chain
             return True, state
-        last = state
+        if not last or state != "CANCELLED":
+            # continuations cancelled because the job before them ended well say nothing new
+            last = state
     return False, last or "GONE"
 
 

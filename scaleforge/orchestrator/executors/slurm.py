@@ -288,7 +288,7 @@ def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions) ->
     head = group[0]
     tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python) for e in group]
     if len(group) > 1 and options.array:
-        ex = _executor(folder, options, _parameters(head, options, f"sf-{head.name}-array"))
+        ex = _executor(folder, options, _parameters(head, options, f"sf-{head.name}-x{len(group)}"))
         jobs = ex.submit_array(tasks)
         return [j.job_id for j in jobs]
     out = []
