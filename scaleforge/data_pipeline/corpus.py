@@ -269,11 +269,18 @@ def path_sources(paths: list[str | Path]) -> list[Source]:
             if not files:
                 raise DataError(f"{path}: no *.txt, *.md or *.jsonl files under this directory")
             sources.append(
-                Source(name=str(path), origin=str(path), documents=_files_documents(path, files), files=tuple(files))
+                Source(
+                    name=str(path),
+                    origin=str(path),
+                    documents=_files_documents(path, files),
+                    files=tuple(files),
+                )
             )
         elif path.is_file():
             sources.append(
-                Source(name=str(path), origin=str(path), documents=_files_documents(None, [path]), files=(path,))
+                Source(
+                    name=str(path), origin=str(path), documents=_files_documents(None, [path]), files=(path,)
+                )
             )
         else:
             raise DataError(f"input {path} not found: pass existing files or directories")

@@ -90,8 +90,12 @@ def ingest(
         path.mkdir(parents=True, exist_ok=True)
         remove_partial_files(path)
         tok_mod.atomic_write_text(path / TOKENIZER_FILE, tok_json)
-        meta = {**wanted, "chunks": {}, "splits": {s: {"documents": 0, "tokens": 0} for s in SPLITS},
-                "ingest": {"documents_total": manifest.documents, "documents_committed": 0, "complete": False}}
+        meta = {
+            **wanted,
+            "chunks": {},
+            "splits": {s: {"documents": 0, "tokens": 0} for s in SPLITS},
+            "ingest": {"documents_total": manifest.documents, "documents_committed": 0, "complete": False},
+        }
         zarr.open_group(zarr.storage.LocalStore(path), mode="a", attributes=meta)
     else:
         _check_same(path, meta, wanted)
@@ -111,7 +115,9 @@ def ingest(
 
     root = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
     arrays = _restore_arrays(path, root, meta)
-    mask = validation_mask(manifest.documents, split.seed, split.validation_fraction, split.min_validation_docs)
+    mask = validation_mask(
+        manifest.documents, split.seed, split.validation_fraction, split.min_validation_docs
+    )
     eot = tok_mod.eot_id(tokenizer)
     dtype = np.dtype(meta["dtype"])
     before = committed = int(meta["ingest"]["documents_committed"])
@@ -181,7 +187,11 @@ def _check_fresh(path: Path) -> None:
         return
     if not path.is_dir():
         raise DataError(f"{path} exists and is not a directory: choose another --out")
-    leftovers = [p.name for p in path.iterdir() if p.name != TOKENIZER_FILE and not p.name.endswith((".tmp", ".partial"))]
+    leftovers = [
+        p.name
+        for p in path.iterdir()
+        if p.name != TOKENIZER_FILE and not p.name.endswith((".tmp", ".partial"))
+    ]
     if leftovers:
         raise DataError(
             f"{path} exists and is not a token store (it holds {leftovers[0]}): choose another --out"
@@ -224,7 +234,8 @@ def _restore_arrays(path: Path, root, meta: dict) -> dict:
                 array = group[name]
             else:
                 array = group.create_array(
-                    name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0, compressors=ZstdCodec(level=3)
+                    name, shape=(0,), chunks=(chunk,), dtype=dtype, fill_value=0,
+                    compressors=ZstdCodec(level=3),
                 )
             # A chunk of zeros is data here (id 0 is the separator; offsets start at 0): always write
             # it. This setting is not stored with the array, so it is applied on every open.
@@ -266,7 +277,9 @@ def _commit(path, root, arrays, meta, batch, mask, tokenizer, eot, dtype) -> dic
         sep = np.array([eot], dtype=np.int64)
         flat = np.concatenate([part for x in ids for part in (x, sep)])
         if flat.size and (flat.max() > limit or flat.min() < 0):
-            raise DataError(f"token id {int(flat.max())} does not fit {dtype}: the tokenizer's ids exceed its vocabulary")
+            raise DataError(
+                f"token id {int(flat.max())} does not fit {dtype}: the tokenizer's ids exceed its vocabulary"
+            )
         counts = meta["splits"][split]
         t0, d0 = counts["tokens"], counts["documents"]
         _append(path, arrays, meta, f"{split}/tokens", t0, flat.astype(dtype))

@@ -24,7 +24,9 @@ from scaleforge.errors import ScaleforgeError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Command-line options."""
-    parser.add_argument("--out", help="store directory (default: the bundled store in $SCALEFORGE_HOME/stores)")
+    parser.add_argument(
+        "--out", help="store directory (default: the bundled store in $SCALEFORGE_HOME/stores)"
+    )
     parser.add_argument("--input", nargs="+", metavar="PATH",
                         help="text to ingest: files (.txt/.md, or .jsonl with a `text` field) or directories "
                              "(recursively); default: the bundled corpus")
@@ -50,14 +52,18 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     if args.input:
         if not args.out:
-            raise DataError("--input needs --out DIR: the bundled store is built from the bundled corpus only")
+            raise DataError(
+                "--input needs --out DIR: the bundled store is built from the bundled corpus only"
+            )
         sources = corpus.path_sources(args.input)
     else:
         sources = corpus.bundled_sources()
     out = store.store_path(args.out or store.BUNDLED)
     split = store.SplitConfig(seed=args.seed, validation_fraction=args.validation_fraction)
     if args.vocab_size is not None and args.tokenizer:
-        raise DataError("--vocab-size and --tokenizer exclude each other: a given tokenizer has its own vocabulary")
+        raise DataError(
+            "--vocab-size and --tokenizer exclude each other: a given tokenizer has its own vocabulary"
+        )
 
     with _lock(out):
         existing = store.read_metadata(out)
@@ -94,14 +100,17 @@ def run(args: argparse.Namespace) -> int:
             kwargs["chunk_tokens"] = args.chunk_tokens
         if args.batch_bytes:
             kwargs["batch_bytes"] = args.batch_bytes
-        result = ingest.ingest(out, sources, tok, manifest=manifest, split=split, log=ingest.print_log, **kwargs)
+        result = ingest.ingest(
+            out, sources, tok, manifest=manifest, split=split, log=ingest.print_log, **kwargs
+        )
         st = result.store
         if args.verify:
             st.verify()
     elapsed = time.perf_counter() - t0
     what = "up to date" if result.documents_added == 0 else (
         "resumed and finished" if result.documents_before else "built")
-    print(f"{out}: {what} in {elapsed:.1f} s ({manifest.bytes / 1e6:.1f} MB of text, {tok_note}); {_summary(st)}")
+    text_mb = manifest.bytes / 1e6
+    print(f"{out}: {what} in {elapsed:.1f} s ({text_mb:.1f} MB of text, {tok_note}); {_summary(st)}")
     return 0
 
 
@@ -126,8 +135,8 @@ def _unchanged(meta: dict | None, args: argparse.Namespace, split, fingerprint: 
         return False
     if args.vocab_size is not None and args.vocab_size != meta["tokenizer"]["vocab_size"]:
         return False
-    if args.tokenizer and tok_mod.tokenizer_hash(tok_mod.load_tokenizer(args.tokenizer)) != meta["tokenizer"]["sha256"]:
-        return False
+    if args.tokenizer:
+        return tok_mod.tokenizer_hash(tok_mod.load_tokenizer(args.tokenizer)) == meta["tokenizer"]["sha256"]
     return True
 
 

@@ -156,10 +156,11 @@ class TokenSampler:
     def load_state_dict(self, state: dict) -> None:
         """Raise DataError unless `state` describes this very stream (same stores, weights, seed...)."""
         mine = self.state_dict()
-        if list(state.get("stores", [])) != mine["stores"]:
+        theirs_ids = list(state.get("stores", []))
+        if theirs_ids != mine["stores"]:
             raise DataError(
-                "the checkpoint's data stores differ from the configured ones "
-                f"(identities {[s[:12] for s in state.get('stores', [])]} vs {[s[:12] for s in mine['stores']]}): "
+                "the checkpoint's data stores differ from the configured ones (identities "
+                f"{[s[:12] for s in theirs_ids]} vs {[s[:12] for s in mine['stores']]}): "
                 "resume with the same data.stores, or start a new run"
             )
         for key in ("seed", "seq_len", "split", "mix_block"):
@@ -169,7 +170,8 @@ class TokenSampler:
                     "resume with the same settings, or start a new run"
                 )
         theirs = [float(w) for w in state.get("weights", [])]
-        if len(theirs) != len(mine["weights"]) or not np.allclose(theirs, mine["weights"], rtol=0, atol=1e-12):
+        ours = mine["weights"]
+        if len(theirs) != len(ours) or not np.allclose(theirs, ours, rtol=0, atol=1e-12):
             raise DataError(
                 f"the checkpoint's mixture weights {theirs} differ from the run's {mine['weights']}: "
                 "resume with the same data.weights, or start a new run"
@@ -229,7 +231,8 @@ def _quotas(weights: list[float], block: int) -> np.ndarray:
     for w, q in zip(weights, quota):
         if w > 0 and q == 0:
             raise DataError(
-                f"mixture weight {w:.2e} is below 1/{block}, the schedule's resolution: raise it or drop the store"
+                f"mixture weight {w:.2e} is below 1/{block}, the schedule's resolution: "
+                "raise it or drop the store"
             )
     return quota
 

@@ -66,7 +66,9 @@ def read_metadata(path: Path) -> dict | None:
         raise DataError(f"data store {path}: unreadable zarr.json ({exc})") from None
     attrs = node.get("attributes", {}) if isinstance(node, dict) else {}
     if attrs.get("format") != FORMAT:
-        raise DataError(f"{path} is a zarr node but not a scaleforge token store: point data.stores at a store")
+        raise DataError(
+            f"{path} is a zarr node but not a scaleforge token store: point data.stores at a store"
+        )
     if attrs.get("version") != FORMAT_VERSION:
         raise DataError(
             f"data store {path} has format version {attrs.get('version')}, this scaleforge reads "
@@ -223,14 +225,17 @@ class TokenStore:
         for split in SPLITS:
             offsets = self.doc_offsets(split)
             if offsets[0] != 0 or offsets[-1] != self.num_tokens(split) or np.any(np.diff(offsets) < 1):
-                raise DataError(f"data store {self.path}: {split}/doc_offsets are inconsistent: rebuild the store")
+                raise DataError(
+                    f"data store {self.path}: {split}/doc_offsets are inconsistent: rebuild the store"
+                )
             ends = offsets[1:] - 1
-            for lo in range(0, len(ends), 4096):
-                sel = ends[lo : lo + 4096]
-                if sel.size and not all(self.read(split, int(e), int(e) + 1)[0] == self.eot_id for e in sel):
+            c = self.chunk_tokens
+            for i, chunk in enumerate(self.iter_chunks(split)):
+                local = ends[(ends >= i * c) & (ends < (i + 1) * c)] - i * c
+                if np.any(chunk[local] != self.eot_id):
                     raise DataError(
-                        f"data store {self.path}: a {split} document does not end with the separator: "
-                        "rebuild the store"
+                        f"data store {self.path}: a {split} document in chunk {i} does not end with the "
+                        "separator: rebuild the store"
                     )
 
     def _array(self, name: str):

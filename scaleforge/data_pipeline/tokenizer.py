@@ -80,7 +80,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int = DEFAULT_VOCAB_SIZE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     if vocab_size < 257 + 1:
-        raise DataError(f"vocab size {vocab_size} is too small: byte-level BPE needs at least 258 (256 bytes + separator + 1)")
+        raise DataError(
+            f"vocab size {vocab_size} is too small: byte-level BPE needs at least 258 "
+            "(256 bytes, the separator and one merge)"
+        )
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
