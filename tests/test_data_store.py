@@ -202,6 +202,25 @@ def test_unigram_entropy_matches_counts_from_the_text(small):
     assert 3.0 < expected < math.log(store.vocab_size)
 
 
+def test_corpus_hash_depends_on_content_not_location(small, tmp_path):
+    sources, _tok, _path = small
+    root = Path(sources[0].origin)
+    here = corpus.manifest(sources).sha256
+    moved = tmp_path / "elsewhere" / root.name
+    moved.parent.mkdir()
+    root.rename(moved)
+    try:
+        assert corpus.manifest(corpus.path_sources([moved])).sha256 == here
+    finally:
+        moved.rename(root)
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "a.txt").write_text("one")
+    (tmp_path / "x" / "b.txt").write_text("two")
+    first = corpus.manifest(corpus.path_sources([tmp_path / "x"])).sha256
+    (tmp_path / "x" / "b.txt").write_text("two!")
+    assert corpus.manifest(corpus.path_sources([tmp_path / "x"])).sha256 != first
+
+
 def test_bad_user_input_is_one_line_error(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "fine"}\n{"body": "no text field"}\n')

@@ -35,7 +35,7 @@ class Source:
     """One named stream of documents."""
 
     name: str
-    """Short name shown in the manifest (`sotu`, `kjv`, or a path)."""
+    """Short name shown in the manifest (`sotu`, `kjv`, or a file or directory's base name)."""
     origin: str
     """Where the text comes from: a package and version, or a file/directory path."""
     documents: Callable[[], Iterator[tuple[str, str]]]
@@ -270,7 +270,7 @@ def path_sources(paths: list[str | Path]) -> list[Source]:
                 raise DataError(f"{path}: no *.txt, *.md or *.jsonl files under this directory")
             sources.append(
                 Source(
-                    name=str(path),
+                    name=_source_name(path),
                     origin=str(path),
                     documents=_files_documents(path, files),
                     files=tuple(files),
@@ -279,12 +279,21 @@ def path_sources(paths: list[str | Path]) -> list[Source]:
         elif path.is_file():
             sources.append(
                 Source(
-                    name=str(path), origin=str(path), documents=_files_documents(None, [path]), files=(path,)
+                    name=_source_name(path),
+                    origin=str(path),
+                    documents=_files_documents(None, [path]),
+                    files=(path,),
                 )
             )
         else:
             raise DataError(f"input {path} not found: pass existing files or directories")
     return sources
+
+
+def _source_name(path: Path) -> str:
+    # The base name, not the full path: the corpus hash (and so the tokenizer cache and the store's
+    # corpus check) must not change when the same text is read from another place.
+    return path.resolve().name or str(path)
 
 
 def _files_documents(root: Path | None, files: list[Path]) -> Callable[[], Iterator[tuple[str, str]]]:
