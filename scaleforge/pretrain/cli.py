@@ -123,14 +123,17 @@ def launch_torchrun(spec_path: str, out: Path, overrides: list[str], nproc: int)
     # Ranks sharing cores must not each start a full OpenMP pool: 37 ms vs 663 ms a step measured
     # with 2 ranks on 2 cores.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    from scaleforge.pretrain import signals
+
     proc = subprocess.Popen(torchrun_command(spec_path, out, overrides, nproc), env=env)
-    forwarded = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-    previous = {sig: signal.signal(sig, lambda s, _f: proc.send_signal(s)) for sig in forwarded}
+    previous = signal.signal(signal.SIGINT, lambda s, _f: proc.send_signal(s))
     try:
-        code = proc.wait()
+        # SIGTERM/USR1/USR2 go straight to the ranks: torchrun dies of SIGUSR1/2 (default action)
+        # and SIGKILLs its ranks 30 s after forwarding a SIGTERM, which can cut a save short.
+        with signals.forward_to_ranks(proc):
+            code = proc.wait()
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signal.signal(signal.SIGINT, previous)
     return _run_exit_code(out, code)
 
 
