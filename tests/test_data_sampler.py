@@ -22,13 +22,14 @@ def stores(tmp_path_factory):
     """Two real stores sharing one tokenizer (King James chapters; speeches), and one with another."""
     root = tmp_path_factory.mktemp("corpus")
     sotu, _shakespeare, kjv = corpus.bundled_sources()
-    for name, source, n in (("kjv", kjv, 30), ("sotu", sotu, 4)):
+    for name, source, lo, hi in (("kjv", kjv, 0, 30), ("sotu", sotu, 0, 4), ("psalms", kjv, 478, 500)):
         (root / name).mkdir()
         for i, (_key, text) in enumerate(source.documents()):
-            if i == n:
+            if i == hi:
                 break
-            (root / name / f"{i:03d}.txt").write_text(text, encoding="utf-8")
-    sources = {name: corpus.path_sources([root / name]) for name in ("kjv", "sotu")}
+            if i >= lo:
+                (root / name / f"{i:03d}.txt").write_text(text, encoding="utf-8")
+    sources = {name: corpus.path_sources([root / name]) for name in ("kjv", "sotu", "psalms")}
     texts = [t for s in sources.values() for _, _, t in corpus.iter_documents(s)]
     tok = train_bpe(texts, vocab_size=500)
     out = {}
@@ -128,6 +129,20 @@ def test_mixture_proportions_hold_in_every_window(stores):
     n_total = 3 * MIX_BLOCK
     epochs = sampler.epochs(n_total)
     assert epochs[0] == pytest.approx(n_total * 0.3 / sampler.windows(0), rel=1e-3)
+
+
+def test_three_store_mixture_in_every_window(stores):
+    names = ("kjv", "sotu", "psalms")
+    weights = [0.2, 0.5, 0.3]
+    sampler = TokenSampler([stores[n] for n in names], weights, SEQ, seed=21)
+    windows = [set(_rows(_all_windows(stores[n]))) for n in names]
+    assert not (windows[0] & windows[1]) and not (windows[0] & windows[2]) and not (windows[1] & windows[2])
+    rows = _rows(sampler.samples(MIX_BLOCK - 700, 1500))  # spans a block edge
+    owner = np.array([[r in w for w in windows] for r in rows])
+    assert np.all(owner.sum(axis=1) == 1)
+    for s, w in enumerate(weights):
+        runs = np.convolve(owner[:, s].astype(int), np.ones(100, dtype=int), mode="valid")
+        assert runs.min() >= 100 * w - 2 and runs.max() <= 100 * w + 2
 
 
 def test_state_mismatch_is_refused(stores):
