@@ -175,6 +175,11 @@ def _objective(law: Law, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, del
     """
 
     def evaluate(theta: np.ndarray, rows: np.ndarray):
+        # Non-finite values (a trial step outside a law's domain) are rejected by the minimiser.
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            return _huber_terms(theta, rows)
+
+    def _huber_terms(theta: np.ndarray, rows: np.ndarray):
         ev = law.evaluate(theta, x)
         r = ev.value - y
         psi = np.clip(r, -delta, delta)
