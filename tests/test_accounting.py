@@ -74,6 +74,18 @@ def test_prior_interval_contains_point_and_uses_samples():
     assert (lo2, hi2) == (pytest.approx(1.802), pytest.approx(1.898))  # 2.5% / 97.5% ranks
 
 
+def test_prior_samples_match_epochs_intervals():
+    samples = prior.prior_samples()
+    assert len(samples) == 400
+    for name, (lo, hi) in prior.EPOCH_CI.items():
+        got_lo, got_hi = prior.interval(lambda p: p[name], prior.EPOCH_PARAMS, {}, samples)
+        # the bootstrap of the Huber refit reproduces Epoch's published 95% intervals roughly
+        assert got_lo == pytest.approx(lo, rel=0.15) and got_hi == pytest.approx(hi, rel=0.15), name
+    n_opt, _ = prior.compute_optimal(prior.EPOCH_PARAMS, 1e21)
+    lo, hi = prior.interval(lambda p: prior.compute_optimal(p, 1e21)[0], prior.EPOCH_PARAMS, {}, samples)
+    assert lo < n_opt < hi and hi / lo < 1.5  # correlations kept: far narrower than the box
+
+
 @pytest.mark.parametrize("vocab", [8192, 32000])
 def test_shapes_round_trip(vocab):
     base = DenseConfig(vocab_size=vocab)

@@ -168,6 +168,8 @@ def plan_target(
     """The target run at `budget` from a law (a LawInfo, a params dict, or None for the prior)."""
     law = _as_law(law_params)
     _check_budget(budget)
+    if samples is None and law.source == "prior":
+        samples = prior.prior_samples()
     base = base_spec(arch, overrides)
     seq_len = seq_len or _default_seq_len(cluster, base)
     params = law.params

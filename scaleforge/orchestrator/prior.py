@@ -6,6 +6,8 @@ Prior: Epoch AI's refit of Chinchilla's Approach 3 (Besiroglu et al. 2024, arXiv
 L(N, D) = E + A / N^alpha + B / D^beta with A=482.01, B=2085.43, E=1.8169, alpha=0.3478, beta=0.3658
 and the 95% intervals below. N counts all parameters (Chinchilla includes the embeddings), D tokens.
 
+Its uncertainty: `prior_samples()` (400 bootstrap refits on Epoch's data, correlations kept).
+
 Compute-optimal allocation under C = 6 N D (Hoffmann et al. 2022, appendix D.2):
 G = (alpha A / (beta B))^(1/(alpha+beta)), N_opt = G (C/6)^a, D_opt = (C/6)^b / G,
 a = beta / (alpha+beta), b = alpha / (alpha+beta).
@@ -35,6 +37,56 @@ EPOCH_CI = {
 """Their 95% bootstrap intervals."""
 
 
+SAMPLES_FILE = Path(__file__).with_name("prior_samples.yaml")
+"""400 bootstrap refits of Approach 3 on Epoch's 240 points (written by `write_samples`)."""
+
+
+def prior_samples() -> list[dict]:
+    """The prior's bootstrap samples as parameter dicts: its joint (correlated) uncertainty.
+
+    Each is a Huber (delta 1e-3) Approach-3 refit of the 240 points Epoch digitised from Chinchilla's
+    figure 4 (5 highest losses dropped), resampled with replacement. Their per-parameter 95% ranges
+    (A 276-721, B 1151-6573, E 1.772-1.876, alpha 0.315-0.371, beta 0.336-0.421) are close to Epoch's
+    published intervals; unlike the box of those intervals they keep the parameters' correlation, so
+    at 1e21 FLOPs N_opt spans 2.4e9-3.3e9 instead of 5.3e7-1.3e11 over the box's corners.
+    """
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    data = yaml.load(SAMPLES_FILE.read_text(), Loader=loader)
+    return [dict(zip(PARAM_NAMES, (float(v) for v in row))) for row in data["samples"]]
+
+
+def write_samples(csv_path: str | Path, count: int = 400, seed: int = 0) -> Path:
+    """Regenerate `prior_samples.yaml` from Epoch's CSV (needs numpy and the fitter; ~15 s)."""
+    import csv
+
+    import numpy as np
+
+    from scaleforge.orchestrator.fit import FitOptions, fit
+    from scaleforge.orchestrator.laws.chinchilla import LAW, published
+
+    with open(csv_path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    n = np.array([float(r["Model Size"]) for r in rows])
+    flops = np.array([float(r["Training FLOP"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    keep = np.sort(np.argsort(loss)[:-5])  # Epoch drops the 5 highest-loss points
+    data = {"N": n[keep], "D": flops[keep] / (6 * n[keep]), "L": loss[keep]}
+    result = fit(LAW, data, FitOptions(bootstrap=count, seed=seed))
+    lines = [
+        "# Bootstrap refits of L = E + A/N^alpha + B/D^beta on Epoch's 240 Chinchilla points",
+        f"# (scaleforge.orchestrator.prior.write_samples, {count} resamples, seed {seed}).",
+        f"columns: [{', '.join(PARAM_NAMES)}]",
+        "samples:",
+    ]
+    for theta in result.samples:
+        p = published(theta)
+        lines.append("- [" + ", ".join(f"{p[k]:.6g}" for k in PARAM_NAMES) + "]")
+    SAMPLES_FILE.write_text("\n".join(lines) + "\n")
+    return SAMPLES_FILE
+
+
 def chinchilla_loss(params: dict, n: float, d: float) -> float:
     """L(N, D) = E + A / N^alpha + B / D^beta."""
     return params["E"] + params["A"] / n ** params["alpha"] + params["B"] / d ** params["beta"]
@@ -52,8 +104,8 @@ def interval(fn, params: dict, ci: dict, samples: list[dict] | None = None) -> t
     """[lo, hi] of fn(params) under the law's uncertainty.
 
     With bootstrap samples: their 2.5% and 97.5% percentiles. Without: the range over the 32 corners of
-    the box of per-parameter intervals, which ignores the (strong, negative) correlation between the
-    parameters and so is wider than the joint interval; it is the honest interval the prior allows.
+    the box of per-parameter intervals, which ignores the (strong) correlation between the parameters
+    and so is much wider than the joint interval.
     """
     if samples:
         values = sorted(fn({**params, **s}) for s in samples)
@@ -112,3 +164,9 @@ def load_fit(path: str | Path) -> dict:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+if __name__ == "__main__":
+    import sys
+
+    print(write_samples(sys.argv[1] if len(sys.argv) > 1 else "tests/data/chinchilla_fig4_epoch.csv"))
