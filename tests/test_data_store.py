@@ -228,3 +228,9 @@ def test_bad_user_input_is_one_line_error(tmp_path):
         corpus.manifest(corpus.path_sources([bad]))
     with pytest.raises(DataError, match="not found"):
         corpus.path_sources([tmp_path / "absent.txt"])
+    # One document cannot be split by document: refused before anything is written.
+    single = tmp_path / "single.txt"
+    single.write_text("In the beginning God created the heaven and the earth.")
+    with pytest.raises(DataError, match="at least 2"):
+        ingest(tmp_path / "store", corpus.path_sources([single]), train_bpe(["abc"] * 3, vocab_size=260))
+    assert not (tmp_path / "store").exists()

@@ -84,40 +84,16 @@ def ingest(
     tok_json = tokenizer.to_str()
     wanted = _settings(manifest, tokenizer, split, chunk_tokens)
 
-    meta = read_metadata(path)
-    if meta is None:
-        _check_fresh(path)
-        path.mkdir(parents=True, exist_ok=True)
-        remove_partial_files(path)
-        tok_mod.atomic_write_text(path / TOKENIZER_FILE, tok_json)
-        meta = {
-            **wanted,
-            "chunks": {},
-            "splits": {s: {"documents": 0, "tokens": 0} for s in SPLITS},
-            "ingest": {"documents_total": manifest.documents, "documents_committed": 0, "complete": False},
-        }
-        zarr.open_group(zarr.storage.LocalStore(path), mode="a", attributes=meta)
-    else:
-        _check_same(path, meta, wanted)
-        if meta["ingest"]["complete"]:
-            # Same content (checked above): remember the files' fingerprint so the next check is cheap.
-            fingerprint = corpus_mod.fingerprint(sources)
-            if meta["ingest"].get("fingerprint") != fingerprint:
-                meta["ingest"]["fingerprint"] = fingerprint
-                zarr.open_group(zarr.storage.LocalStore(path), mode="a").attrs.put(meta)
-            return IngestResult(store=open_store(path), documents_before=manifest.documents,
-                                documents_added=0, complete=True)
-        remove_partial_files(path)
-        if tok_mod.tokenizer_hash(tok_mod.from_json((path / TOKENIZER_FILE).read_text("utf-8"))) != wanted[
-            "tokenizer"
-        ]["sha256"]:
-            raise DataError(f"data store {path}: {TOKENIZER_FILE} was changed: delete the store and rerun")
-
-    root = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
-    arrays = _restore_arrays(path, root, meta)
+    # The split first: a corpus that cannot be split is refused before anything is written.
     mask = validation_mask(
         manifest.documents, split.seed, split.validation_fraction, split.min_validation_docs
     )
+    meta = _start(path, sources, manifest, tok_json, wanted)
+    if meta["ingest"]["complete"]:
+        return IngestResult(store=open_store(path), documents_before=manifest.documents,
+                            documents_added=0, complete=True)
+    root = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
+    arrays = _restore_arrays(path, root, meta)
     eot = tok_mod.eot_id(tokenizer)
     dtype = np.dtype(meta["dtype"])
     before = committed = int(meta["ingest"]["documents_committed"])
@@ -157,6 +133,43 @@ def ingest(
     root.attrs.put(meta)
     return IngestResult(store=open_store(path), documents_before=before,
                         documents_added=committed - before, complete=True)
+
+
+def _start(path: Path, sources, manifest, tok_json: str, wanted: dict) -> dict:
+    """The store's metadata: a new store is created; an existing one must match `wanted`."""
+    import zarr
+
+    meta = read_metadata(path)
+    if meta is None:
+        _check_fresh(path)
+        path.mkdir(parents=True, exist_ok=True)
+        remove_partial_files(path)
+        tok_mod.atomic_write_text(path / TOKENIZER_FILE, tok_json)
+        meta = {
+            **wanted,
+            "chunks": {},
+            "splits": {s: {"documents": 0, "tokens": 0} for s in SPLITS},
+            "ingest": {"documents_total": manifest.documents, "documents_committed": 0, "complete": False},
+        }
+        zarr.open_group(zarr.storage.LocalStore(path), mode="a", attributes=meta)
+        return meta
+    _check_same(path, meta, wanted)
+    if meta["ingest"]["complete"]:
+        # Same content (checked above): remember the files' fingerprint so the next check is cheap.
+        fingerprint = corpus_mod.fingerprint(sources)
+        if meta["ingest"].get("fingerprint") != fingerprint:
+            meta["ingest"]["fingerprint"] = fingerprint
+            zarr.open_group(zarr.storage.LocalStore(path), mode="a").attrs.put(meta)
+        return meta
+    remove_partial_files(path)
+    tok_file = path / TOKENIZER_FILE
+    if not tok_file.is_file():
+        tok_mod.atomic_write_text(tok_file, tok_json)  # same tokenizer (checked above): restore it
+    else:
+        stored = tok_mod.tokenizer_hash(tok_mod.from_json(tok_file.read_text("utf-8")))
+        if stored != wanted["tokenizer"]["sha256"]:
+            raise DataError(f"data store {path}: {TOKENIZER_FILE} was changed: delete the store and rerun")
+    return meta
 
 
 def _settings(manifest, tokenizer, split: SplitConfig, chunk_tokens: int) -> dict:
