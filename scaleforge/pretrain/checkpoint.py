@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from scaleforge.errors import CheckpointError
+from scaleforge.pretrain import signals
 
 FORMAT_VERSION = 1
 LATEST = "latest"
@@ -102,11 +103,11 @@ def save(
     model_sd = model.sharded_state_dict()
     optim_sd = optimizer.sharded_state_dict(model_sd, metadata=_optim_metadata(optimizer))
     optim_flat = _sharded_leaves(optim_sd)
+    # save() rewrites the dict in place (factories become their parts): read the names before
     names = sorted({_state_name(leaf.key) for leaf in optim_flat.values()})
-    # save() rewrites the dict in place (factories become their parts): read it before
-    from scaleforge.pretrain.signals import deferred
-
-    with deferred():  # the writer's helper processes must not die of a Slurm signal
+    # the writer's helper processes (spawned at the first save) inherit the blocked mask, so a
+    # Slurm step-wide signal cannot kill them
+    with signals.deferred():
         dist_checkpointing.save({"model": model_sd, "optimizer": optim_flat}, str(tmp))
     torch.save(capture_rng(), tmp / _rng_file(rank))
 

@@ -64,8 +64,20 @@ def deferred(signals: tuple[int, ...] = HANDLED) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+TEST_STOP_ENV = "SCALEFORGE_TEST_SIGSTOP_AT_CALL"
+"""Test-only: `SCALEFORGE_TEST_SIGSTOP_AT_CALL=<n>` makes the n-th call of stop_requested() (the
+loop calls it once per step, after the step's update and before its metrics line) SIGSTOP this
+process, so a test can deliver SIGKILL, SIGTERM or SIGUSR1 at an exact step and then SIGCONT."""
+
+_calls = 0
+
+
 def stop_requested() -> bool:
     """True once any HANDLED signal has arrived in this process."""
+    global _calls
+    _calls += 1
+    if os.environ.get(TEST_STOP_ENV) == str(_calls):
+        os.kill(os.getpid(), signal.SIGSTOP)
     return bool(_received)
 
 
