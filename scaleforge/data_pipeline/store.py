@@ -181,8 +181,10 @@ class TokenStore:
         n = self.num_tokens(split)
         if not 0 <= start <= stop <= n:
             raise IndexError(f"token range [{start}, {stop}) outside {split} split of {n} tokens")
+        if stop == start:
+            return np.empty(0, dtype=self.dtype)
         c = self.chunk_tokens
-        first, last = start // c, (stop - 1) // c if stop > start else start // c
+        first, last = start // c, (stop - 1) // c
         if first == last:
             base = first * c
             return self._chunk(f"{split}/tokens", first)[start - base : stop - base]
