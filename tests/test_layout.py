@@ -101,3 +101,13 @@ def test_search_respects_megatron_divisibility():
     lay = L.search_layout(padded, seq_len=2048, batch_target=1536,
                           cluster=dataclasses.replace(DEFAULT_CLUSTER, nodes=8))
     assert lay.tp == 8
+
+
+def test_offload_terms():
+    base = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
+    half = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, optimizer_offload=0.5)
+    assert base.states - half.states == 3_725_568 * 12 / 4 * 0.5
+    swapped = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, activation_offload=True)
+    assert swapped.activations == 65_536 * 44 * 2  # two of four layers stay resident
+    with pytest.raises(LayoutError, match="pp=1"):
+        L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, activation_offload=True)

@@ -22,6 +22,8 @@ smaller K and V are not credited (an over-estimate of at most 4 s b h).
 1F1B pipeline: the first stage holds min(pp, m) micro-batches of layers/pp layers, so the total stays
 about layers x per-layer regardless of pp. The last stage also holds fp32 logits, 4 s b V / t.
 Bubble fraction (pp - 1) / m for m micro-batches per step (Narayanan et al. 2021).
+CPU offload of optimizer states or activations (megatron-core, MEMO) is modelled by `memory_per_gpu`
+for analysis; the search does not choose it yet (the RunSpec has no offload field).
 
 Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs per node, the query and
 key/value head counts, ffn_hidden, the vocabulary and the sequence), then the smallest pp (dividing
@@ -103,15 +105,28 @@ class Memory:
 def memory_per_gpu(
     model: Any, *, seq_len: int, micro_batch: int, tp: int = 1, pp: int = 1, dp: int = 1,
     sp: bool = False, recompute: str = "none", flash: bool = False, microbatches: int = 1,
-    distributed_optimizer: bool = True,
+    distributed_optimizer: bool = True, optimizer_offload: float = 0.0,
+    activation_offload: bool = False,
 ) -> Memory:
     """Memory of the fullest stage for `model`: any family config with `layers`, `hidden`,
     `vocab_size`, `num_params()` and `num_params_non_embedding()` (and `heads`, `kv_heads` if it has
-    attention)."""
+    attention).
+
+    Offload (methods 7; analysis only, the layout search and the RunSpec do not use it yet):
+    `optimizer_offload` is megatron's optimizer_offload_fraction, the share of the fp32 master weights
+    and Adam moments (12 bytes) kept in CPU memory. `activation_offload` is megatron's cpu_offloading of
+    all layers' activations, which needs pp = 1 and no recomputation; two layers stay on the GPU (the
+    one computing and the one being copied), as in MEMO's double buffering.
+    """
+    if not 0 <= optimizer_offload <= 1:
+        raise ValueError(f"optimizer_offload must be in [0, 1], got {optimizer_offload}")
+    if activation_offload and (pp > 1 or recompute != "none"):
+        raise LayoutError("activation offload needs pp=1 and recompute=none (megatron's restriction)")
     vh = model.vocab_size * model.hidden
     body = model.num_params_non_embedding()
     embedding = model.num_params() - body  # input table (+ untied output layer)
-    state_bytes = megatron_state_bytes(dp, distributed_optimizer)
+    sharded = 12 / dp if distributed_optimizer and dp > 1 else 12.0
+    state_bytes = megatron_state_bytes(dp, distributed_optimizer) - optimizer_offload * sharded
     layer_act = activation_bytes_per_layer(
         seq_len=seq_len, micro_batch=micro_batch, hidden=model.hidden, heads=_heads(model),
         tp=tp, sp=sp, recompute=recompute, flash=flash,
@@ -120,9 +135,10 @@ def memory_per_gpu(
     logits = 4.0 * seq_len * micro_batch * model.vocab_size / tp
     if pp == 1:
         params = body + embedding
+        resident = min(2, model.layers) if activation_offload else model.layers
         return Memory(
             states=params / tp * state_bytes,
-            activations=layer_act * model.layers,
+            activations=layer_act * resident,
             logits=logits,
         )
     # first stage: embedding + the most micro-batches in flight; last: output layer + logits
