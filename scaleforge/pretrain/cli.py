@@ -40,9 +40,10 @@ def resolve(spec_path: str, overrides: list[str], nproc: int | None) -> tuple[An
     from scaleforge.parallel.setup import env_from_launcher
 
     spec = load_runspec(spec_path, overrides)
-    world = nproc if nproc is not None else env_from_launcher().world_size
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
+    check_layout(spec)  # the model-shape checks first: they name the field to change
+    world = nproc if nproc is not None else env_from_launcher().world_size
     dp = dp_for_world(spec, world)
     overrides = list(overrides)
     if dp != spec.parallel.dp:
