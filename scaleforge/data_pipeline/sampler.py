@@ -44,10 +44,7 @@ class TokenSampler:
             raise DataError("the sampler needs at least one token store")
         if split not in SPLITS:
             raise DataError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
-        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
-            raise DataError(f"seq_len must be a positive integer, got {seq_len!r}")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise DataError(f"seed must be a non-negative integer, got {seed!r}")
+        seq_len, seed = _integer("seq_len", seq_len, 1), _integer("seed", seed, 0)
         tokenizers = {s.tokenizer_sha256 for s in stores}
         if len(tokenizers) > 1:
             raise DataError(
@@ -207,6 +204,12 @@ def rank_rows(global_batch: int, dp_rank: int, dp_size: int) -> range:
         raise DataError(f"global batch {global_batch} is not divisible by the data-parallel size {dp_size}")
     per = global_batch // dp_size
     return range(dp_rank * per, (dp_rank + 1) * per)
+
+
+def _integer(name: str, value, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise DataError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
 
 
 def _normalise_weights(stores: list[TokenStore], weights, split: str) -> list[float]:
