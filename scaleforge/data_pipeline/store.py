@@ -18,8 +18,9 @@ whose write (one atomic file replace) is the commit. A restart truncates the arr
 committed counts and continues with the next document, so a killed ingestion loses and
 duplicates nothing; the result equals an uninterrupted one byte for byte.
 
-Reading verifies each chunk file against its sha256 the first time it is read (about 2 ms for a
-1 Mi-token chunk) and `verify()` checks them all; a mismatch raises a DataError naming the chunk.
+Reading verifies each chunk file against its sha256 the first time it is read (2.5 ms for a
+1 Mi-token chunk of 1.3 MB, less than decoding it) and `verify()` checks them all; a mismatch
+raises a DataError naming the chunk.
 """
 
 from __future__ import annotations
