@@ -100,6 +100,19 @@ def test_replan_target_keeps_overrides(tmp_path):
     assert new.target.N != p.target.N and len(new.history) == 1
 
 
+def test_pool_tokens_agrees_with_the_store(tiny_store, tmp_path, monkeypatch):
+    from scaleforge.data_pipeline.store import open_store
+    from scaleforge.orchestrator.plan import pool_tokens
+
+    expected = open_store(tiny_store).num_tokens("train")
+    assert pool_tokens((str(tiny_store),)) == expected
+    (tmp_path / "stores").mkdir()
+    (tmp_path / "stores" / "bundled").symlink_to(tiny_store)
+    monkeypatch.setenv("SCALEFORGE_HOME", str(tmp_path))
+    assert pool_tokens(("bundled", str(tiny_store))) == 2 * expected
+    assert pool_tokens((str(tmp_path / "nowhere"),)) is None
+
+
 def test_tiny_cpu_plan():
     p = make_plan(1e14, cluster=cpu_cluster(2), ladder_min=1e-2, ladder_max=0.3,
                   overrides=("model.vocab_size=512",), seq_len=128, unique_tokens=5e6)
