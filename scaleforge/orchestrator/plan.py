@@ -1,6 +1,6 @@
 """`orchestrate plan`: a compute budget -> an IsoFLOP ladder of small runs and one target run.
 
-Torch-free; the whole command answers in well under a second (no numpy, scipy or torch on this path).
+Torch-free; the whole command answers in under a second (no numpy, scipy or torch on this path).
 
 Ladder: `--budgets` compute budgets log-spaced from `--ladder-min` x C to `--ladder-max` x C (default
 C/1000 to C/30), and at each one `--sizes` model sizes log-spaced over a factor `--size-span` either side
@@ -8,8 +8,9 @@ of the law's compute-optimal N there. Each size becomes a dense shape (`shapes.p
 D = budget / flops_per_token tokens (the architecture's exact FLOPs, not 6N), with the Step Law's lr and
 batch and a WSD schedule (`hparams.py`) on the layout `parallel/layout.py` finds on the cluster.
 Target: the law's compute-optimal N at C, shaped and planned the same way, with the predicted loss and
-the intervals the law's parameter intervals give. The law is the Epoch refit of Chinchilla (`prior.py`)
-until `--law fit.json` (from `orchestrate refit`) replaces it.
+95% intervals over the law's bootstrap samples. The law is the Epoch refit of Chinchilla (`prior.py`,
+with 400 bootstrap refits on Epoch's points) until `--law fit.json` (from `orchestrate refit`)
+replaces it.
 """
 
 from __future__ import annotations
@@ -23,9 +24,7 @@ import sys
 from pathlib import Path
 
 from scaleforge.arch.registry import config_class, known_archs
-from scaleforge.config import (
-    CheckpointSpec, EvalSpec, ParallelSpec, RunSpec, apply_overrides, run_id,
-)
+from scaleforge.config import ParallelSpec, RunSpec, apply_overrides, run_id
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import prior
 from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, Cluster, load_cluster
