@@ -1,0 +1,277 @@
+"""Against a real Slurm: the dev cluster (slurm/dev-cluster), submitit jobs, preemption and requeue.
+
+The module starts its own cluster under a temporary root on free ports and stops it at the end.
+Needs root and the Debian packages (`make slurm-packages`); about 3-4 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from scaleforge.errors import ConfigError
+from scaleforge.orchestrator import runs
+from scaleforge.orchestrator.executors import slurm as slurm_ex
+from test_runs import tiny_spec, write_plan
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[1]
+DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
+CLIENTS = ("sbatch", "squeue", "sacct", "sinfo", "scancel", "srun")  # no scontrol: see below
+
+
+def _free_port_base() -> int:
+    for _ in range(50):
+        base = random.randrange(20000, 40000, 4)
+        try:
+            for port in range(base, base + 4):
+                with socket.socket() as s:
+                    s.bind(("0.0.0.0", port))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError("no four free consecutive ports found")
+
+
+def _daemon_pids(root: Path) -> list[int]:
+    out = []
+    for pidfile in (root / "run").glob("*.pid"):
+        try:
+            pid = int(pidfile.read_text().strip())
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, ValueError, IndexError):
+            continue
+        if state not in ("Z", "X"):
+            out.append(pid)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """A running dev cluster; yields its root. SLURM_CONF is set for this process meanwhile."""
+    if os.geteuid() != 0:
+        pytest.skip("the dev cluster's daemons run as root")
+    root = tmp_path_factory.mktemp("slurm")
+    base = _free_port_base()
+    t0 = time.perf_counter()
+    up = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(root), "--port", str(base)],
+                        capture_output=True, text=True, timeout=300)
+    assert up.returncode == 0, up.stderr
+    print(f"dev cluster up in {time.perf_counter() - t0:.1f} s")
+    export = up.stdout.strip().splitlines()[-1]
+    assert export == f"export SLURM_CONF={root}/etc/slurm.conf"
+    old = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = f"{root}/etc/slurm.conf"
+    try:
+        yield root
+    finally:
+        down = subprocess.run([str(DEV_CLUSTER), "down", "--root", str(root)],
+                              capture_output=True, text=True, timeout=120)
+        if old is None:
+            os.environ.pop("SLURM_CONF", None)
+        else:
+            os.environ["SLURM_CONF"] = old
+        assert down.returncode == 0, down.stderr
+        assert _daemon_pids(root) == []  # `down` leaves no daemon running
+
+
+@pytest.fixture
+def client_path(tmp_path):
+    """A PATH with Slurm's client commands but without scontrol: the requeue path must not need it
+    (on many clusters scontrol exists on login nodes only, submitit#1601)."""
+    shim = tmp_path / "slurm-clients"
+    shim.mkdir()
+    for name in CLIENTS:
+        (shim / name).symlink_to(shutil.which(name))
+    assert shutil.which("scontrol", path=str(shim)) is None
+    return f"{shim}:{Path(sys.executable).parent}"
+
+
+def _env(path: str | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    if path:
+        env["PATH"] = path
+    return env
+
+
+def _orchestrate(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "scaleforge.cli", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=120)
+
+
+def _wait(cond, timeout: float, what: str, poll: float = 0.5):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def _sacct(job_ids) -> dict[str, str]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
+                          ",".join(sorted({j.split("_")[0] for j in job_ids}))],
+                         capture_output=True, text=True, check=True)
+    return runs.parse_slurm_table(out.stdout)
+
+
+def _losses(path: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _all_jobs() -> set[str]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "-a", "-o", "JobID", "-S", "now-1days"],
+                         capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+# ----------------------------------------------------------------------------------------------
+
+
+def test_cluster_status_and_accounting(cluster):
+    st = subprocess.run([str(DEV_CLUSTER), "status", "--root", str(cluster)], capture_output=True,
+                        text=True, check=True)
+    for daemon in ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd"):
+        assert f"{daemon}: running" in st.stdout
+    assert "idle" in st.stdout
+    # accounting answers (without it submitit cannot tell a killed job from a running one)
+    assert subprocess.run(["sacct", "-n", "-X"], capture_output=True).returncode == 0
+    # a job asking for more CPUs than the node has fails at once instead of pending forever
+    big = subprocess.run(["sbatch", "-c", "1000", "--wrap", "true"], capture_output=True, text=True)
+    assert big.returncode != 0 and "processors" in big.stderr.lower()
+
+
+def test_unsafe_inputs_rejected_before_sbatch(cluster, tmp_path):
+    with pytest.raises(ConfigError, match="partition"):
+        slurm_ex.SlurmOptions(partition="debug; touch PWNED")
+    with pytest.raises(ConfigError, match="account"):
+        slurm_ex.SlurmOptions(account="a b")
+    e = runs.entries_from_specs([("ok", tiny_spec("ok"))], tmp_path / "100%done")[0]
+    with pytest.raises(ConfigError, match="'%'"):
+        slurm_ex.check_submittable([e], has_gpus=False)
+    # a GPU run on a cluster without gpu gres is refused with what to change
+    gpu = runs.RunEntry(name="g", spec=tiny_spec("g"), run_dir=tmp_path / "g", gpus_per_node=1)
+    with pytest.raises(ConfigError, match="no gpu gres"):
+        slurm_ex.submit_slurm([gpu])
+    assert not (tmp_path / "g").exists()  # nothing written for a refused submission
+
+
+def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_path):
+    """A two-run ladder through submitit in a directory whose path holds spaces, quotes and `;`:
+    one run is sent USR2 mid-run, saves, its continuation job resumes it without scontrol, and it
+    ends with exactly the losses of an uninterrupted local run; `status` shows the states and a
+    second submit queues nothing."""
+    hostile = tmp_path / "ladder it's \"q\"; touch PWNED $(touch PWNED2)"
+    hostile.mkdir()
+    steps = 16
+    specs = [tiny_spec("a", seed=1, steps=steps, store=tiny_store),
+             tiny_spec("b", seed=2, steps=steps, store=tiny_store)]
+    for s in specs:
+        assert s.checkpoint.every == 5
+    plan = write_plan(hostile / "plan.yaml", specs)
+    env = _env(client_path)
+    a, b = runs.entries_from_plan(plan)
+
+    sub = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "2",
+                       env=env, cwd=tmp_path)
+    assert sub.returncode == 0, sub.stderr + sub.stdout
+    rec_a, rec_b = runs.read_job(a.run_dir), runs.read_job(b.run_dir)
+    assert len(rec_a.job_ids) == 3 and rec_a.job_ids[0].split("_")[0] == rec_b.job_ids[0].split("_")[0]
+
+    # the uninterrupted reference, on this machine, while the ladder runs
+    ref = subprocess.Popen([sys.executable, "-m", "scaleforge.pretrain", str(a.spec_path), "--out",
+                            str(tmp_path / "reference")], env=_env(), cwd=tmp_path,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    metrics_a = a.run_dir / "metrics.jsonl"
+    _wait(lambda: metrics_a.exists() and len(_losses(metrics_a)) >= 3, 240, "run a's third step")
+    st = json.loads(_orchestrate("status", str(plan), "--json", env=env, cwd=tmp_path).stdout
+                    .splitlines()[0])
+    assert (st["run"], st["state"], st["job"]) == ("a", "running", rec_a.job_ids[0])
+    subprocess.run(["scancel", "--signal=USR2", rec_a.job_ids[0]], check=True, env=env)
+
+    def done() -> bool:
+        return all(runs.read_run_dir(e.run_dir).status.get("state") == "completed" for e in (a, b))
+
+    _wait(done, 300, "both runs to complete", poll=1.0)
+    _, ref_err = ref.communicate(timeout=300)
+    assert ref.returncode == 0, ref_err[-2000:]
+
+    # a saved mid-run, its first job ended failed, the first continuation resumed and finished
+    states = _wait(lambda: (s := _sacct(rec_a.job_ids)) and s.get(rec_a.job_ids[2]) == "CANCELLED"
+                   and s, 60, "the unused continuation to be cancelled")
+    assert [states[j] for j in rec_a.job_ids] == ["FAILED", "COMPLETED", "CANCELLED"]
+    submitit_log = (a.run_dir.parent / ".slurm" / f"{rec_a.job_ids[0]}_0_log.out").read_text()
+    stopped = [line for line in submitit_log.splitlines() if "RunStopped:" in line]
+    assert stopped and "(signals: SIGUSR2)" in stopped[-1], submitit_log[-3000:]
+    saved_step = int(stopped[-1].split("saved at step ")[1].split()[0])
+    assert 3 <= saved_step < steps
+    logs = sorted(p.name for p in (a.run_dir / "logs").iterdir())
+    assert logs == sorted([f"slurm-{rec_a.job_ids[0]}.rank0.log", f"slurm-{rec_a.job_ids[1]}.rank0.log"])
+    resumed_log = (a.run_dir / "logs" / logs[1]).read_text()
+    assert f"step {saved_step + 1}/{steps}" in resumed_log and f"step {saved_step}/{steps}" not in resumed_log
+    # b was never interrupted: its first job completed, its continuations were cancelled
+    assert [_sacct(rec_b.job_ids)[j] for j in rec_b.job_ids] == ["COMPLETED", "CANCELLED", "CANCELLED"]
+
+    # bit-identical continuation
+    assert _losses(metrics_a) == _losses(tmp_path / "reference" / "metrics.jsonl")
+    assert len(_losses(metrics_a)) == steps
+
+    rows = {r["run"]: r for r in map(json.loads, _orchestrate(
+        "status", str(plan), "--json", env=env, cwd=tmp_path).stdout.splitlines())}
+    assert {n: (r["state"], r["step"], r["total_steps"]) for n, r in rows.items()} == {
+        "a": ("completed", steps, steps), "b": ("completed", steps, steps), "target": ("new", 0, steps)}
+    table = _orchestrate("status", str(plan), env=env, cwd=tmp_path)
+    assert table.returncode == 0 and "completed" in table.stdout and "target" in table.stdout
+
+    before = _all_jobs()
+    again = _orchestrate("submit", str(plan), "--executor", "slurm", env=env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "a: skip (completed)" in again.stdout and "nothing to launch" in again.stdout
+    assert _all_jobs() == before  # nothing queued
+
+    # the hostile directory name reached sbatch, srun and the jobs as data, never as shell code
+    for stray in ("PWNED", "PWNED2"):
+        assert not (tmp_path / stray).exists() and not (REPO / stray).exists()
+        assert not list(hostile.glob(stray))
+
+
+def test_second_submit_while_queued_queues_nothing(cluster, tmp_path, tiny_store, client_path):
+    """Runs whose jobs are still pending are not queued again (the recorded job is asked for)."""
+    hold = subprocess.run(["sbatch", "--parsable", "-c", "16", "--wrap", "sleep 60"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        plan = write_plan(tmp_path / "plan.yaml", [tiny_spec("q", steps=2, store=tiny_store)])
+        env = _env(client_path)
+        first = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "0",
+                             env=env, cwd=tmp_path)
+        assert first.returncode == 0, first.stderr
+        (e,) = runs.entries_from_plan(plan)
+        jid = runs.read_job(e.run_dir).job_ids[0]
+        before = _all_jobs()
+        second = _orchestrate("submit", str(plan), "--executor", "slurm", env=env, cwd=tmp_path)
+        assert second.returncode == 0, second.stderr
+        assert f"q: skip (queued, job {jid} PENDING)" in second.stdout
+        assert _all_jobs() == before
+        row = json.loads(_orchestrate("status", str(plan), "--json", env=env, cwd=tmp_path).stdout
+                         .splitlines()[0])
+        assert (row["state"], row["job_state"]) == ("queued", "PENDING")
+        subprocess.run(["scancel", jid], check=True)
+        # cancelled before it ran: `submit` starts it again
+        _wait(lambda: _sacct([jid]).get(jid) == "CANCELLED", 30, "the cancellation")
+        dry = _orchestrate("submit", str(plan), "--executor", "slurm", "--dry-run", env=env,
+                           cwd=tmp_path)
+        assert "q: start (failed, job " in dry.stdout and "would submit job of 1: q" in dry.stdout
+    finally:
+        subprocess.run(["scancel", hold], check=False)
