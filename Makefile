@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast clean slurm-packages
 
 setup: $(STAMP)
 
@@ -22,8 +22,12 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 demo: setup
 	$(BIN)/orchestrate demo
 
-test: setup
+test: setup slurm-packages
 	$(BIN)/python -m pytest -q tests
+
+# Slurm, slurmdbd, MariaDB and munge for the Slurm tests (apt-get as root; a no-op when present)
+slurm-packages:
+	slurm/dev-cluster install
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow and not slurm and not distributed"
