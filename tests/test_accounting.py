@@ -109,9 +109,9 @@ def test_shapes_tiny_cpu_models():
     for target in (1e5, 3e5, 1e6, 3e6, 1e7):
         cfg = shapes.dense_shape(target, base)
         assert abs(math.log(cfg.num_params() / target)) < math.log(1.25), (target, cfg)
-        assert cfg.hidden % 32 == 0
+        assert cfg.hidden % 16 == 0 and cfg.hidden % cfg.head_dim == 0
         if cfg.hidden < 256:
-            assert cfg.head_dim == 32
+            assert cfg.head_dim == (16 if cfg.hidden < 128 else 32)
 
 
 def test_shapes_known_widths():

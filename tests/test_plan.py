@@ -119,7 +119,7 @@ def test_tiny_cpu_plan():
     assert p.cluster.kind == "cpu" and len(p.ladder) >= 15
     for r in p.runs():
         assert (r.spec.parallel.tp, r.spec.parallel.pp) == (1, 1) and r.gpus <= 2
-        assert 3e4 < r.N < 3e6 and r.spec.data.seq_len == 128
+        assert 2e4 < r.N < 3e6 and r.spec.data.seq_len == 128
     assert any("epochs" in w for w in p.warnings)  # 1e14 FLOPs at 7e5 parameters is > 4 epochs of 5e6
 
 

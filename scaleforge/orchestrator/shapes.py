@@ -2,7 +2,8 @@
 
 Torch-free and deterministic. Rules (the exact N is then recomputed by `DenseConfig.num_params`):
 - Width grid and head size (the head count must be divisible by the tensor-parallel size):
-    hidden  <  256: steps of 32,   head_dim 32  (tiny CPU models, 1e5-1e7 parameters)
+    16   ..  127:   steps of 16,   head_dim 16  (tiny CPU models, 3e4-1e5 parameters, the demo's)
+    128  ..  255:   steps of 32,   head_dim 32  (tiny CPU models, 1e5-1e7 parameters)
     256  .. 1023:   steps of 64,   head_dim 64
     1024 .. 2047:   steps of 128,  head_dim 64  (even head counts)
     2048 .. 8191:   steps of 512,  head_dim 128 (head counts divisible by 4; LLaMA-2 7B's 4096)
@@ -31,10 +32,14 @@ TOLERANCE = 0.05
 DEPTH_SLACK = 4 / 3
 """Depths tried: within this factor of the aspect rule's depth."""
 MAX_HIDDEN = 65536
+MIN_HIDDEN = 16
+"""Narrowest width: one head of 16 (with a 512-id vocabulary, a 1-layer model of 2e4 parameters)."""
 
 
 def width_step(hidden: int) -> int:
     """Grid step at this width."""
+    if hidden < 128:  # the demo's ladder needs distinct sizes between 5e4 and 3e5 parameters
+        return 16
     if hidden < 256:
         return 32
     if hidden < 1024:
@@ -48,6 +53,8 @@ def width_step(hidden: int) -> int:
 
 def head_dim_for(hidden: int) -> int:
     """Head size at this width."""
+    if hidden < 128:
+        return 16
     if hidden < 256:
         return 32
     if hidden < 2048:
@@ -92,7 +99,7 @@ def shape_for(hidden: int, layers: int, base: DenseConfig) -> DenseConfig:
 
 def widths() -> list[int]:
     """The width grid (see the module docstring)."""
-    out, h = [], 32
+    out, h = [], MIN_HIDDEN
     while h <= MAX_HIDDEN:
         out.append(h)
         h += width_step(h)
@@ -104,7 +111,7 @@ def dense_shape(n_target: float, base: DenseConfig | None = None) -> DenseConfig
     base = base or DenseConfig()
     if not (isinstance(n_target, (int, float)) and math.isfinite(n_target) and n_target > 0):
         raise ConfigError(f"target parameter count must be a positive number, got {n_target!r}")
-    smallest = shape_for(32, 1, base)
+    smallest = shape_for(MIN_HIDDEN, 1, base)
     if n_target < smallest.num_params() / (1 + TOLERANCE) ** 4:
         raise ConfigError(
             f"N={n_target:.3g} is below the smallest dense model for vocab_size={base.vocab_size} "
