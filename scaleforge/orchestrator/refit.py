@@ -1,0 +1,316 @@
+"""`orchestrate refit PLAN`: fit the laws to a plan's finished ladder runs and re-plan the target.
+
+Reads each ladder run's directory (run.yaml, metrics.jsonl, status.json), keeps the runs whose final
+loss can be trusted, fits Chinchilla Approach 3 (with bootstrap intervals) and, where the ladder has
+IsoFLOP groups, Approach 2 beside it, and the LR-annealing law to each kept run's whole curve. Writes
+fit.json next to the plan and PNG plots under `plots/`, then re-plans the target from the new fit
+(the previous target moves to the plan's history). Bad input writes nothing.
+
+A run is left out, with a warning naming it and why, when it
+- has not completed (status.json `state` other than `completed`, or no metrics),
+- diverged (state `diverged`, or a NaN / inf loss anywhere in its metrics),
+- is undercooled: its loss still falls steeply at the end (mean of the last 5% of training lines
+  more than `UNDERCOOLED_DROP` below the mean of the 5% before), so its final loss is not final,
+- or is dominated: another kept run has no more parameters AND no more tokens yet a lower loss
+  (L falls in both N and D, so the larger run's loss is not believable: a bad rung).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from scaleforge.errors import ConfigError, FitError
+
+UNDERCOOLED_DROP = 0.01
+"""Relative drop between the last two 5% windows of training above which a run is still cooling."""
+MIN_LINES_FOR_COOLING = 40
+"""Training lines needed to judge cooling (two windows of >= 2 lines)."""
+FINAL_EVAL_FRACTION = 0.95
+"""An evaluation at or after this fraction of the last step counts as the run's final loss."""
+DEFAULT_BOOTSTRAP = 1000
+"""Bootstrap resamples for refit's intervals (Epoch used 4,000; 1,000 takes about a second)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class RunRecord:
+    """What refit reads from one run directory."""
+
+    name: str
+    """Run name."""
+    path: str
+    """Run directory."""
+    budget: float
+    """The budget the planner sized the run for (groups IsoFLOP profiles)."""
+    N: float
+    """Parameters (run.yaml's model, else the plan's N)."""
+    state: str = "missing"
+    """status.json `state` (`missing` without one)."""
+    D: float = float("nan")
+    """Tokens trained (last metrics line)."""
+    C: float = float("nan")
+    """FLOPs spent (last metrics line)."""
+    L: float = float("nan")
+    """Final loss: a final evaluation if there is one, else the mean of the last training losses."""
+    curve: dict = field(default_factory=dict)
+    """Training lines as arrays: step, tokens, flops, loss, lr."""
+    excluded: str = ""
+    """Why the run is left out of the fits (empty: used)."""
+
+
+# ----------------------------------------------------------------------------------------------
+# reading run directories
+
+
+def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    """(training lines, evaluation lines) of a metrics.jsonl; torn lines are skipped."""
+    train, evals = [], []
+    if not path.is_file():
+        return train, evals
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+            continue
+        if "loss" in rec:
+            train.append(rec)
+        elif "eval_loss" in rec:
+            evals.append(rec)
+    return train, evals
+
+
+def _number(value) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: float) -> RunRecord:
+    """One run directory -> RunRecord, with `excluded` set when it cannot be used as it is."""
+    run_dir = Path(run_dir)
+    rec = RunRecord(name=name, path=str(run_dir), budget=float(budget), N=float(n_params))
+    if not run_dir.is_dir():
+        return replace(rec, excluded="no run directory (not submitted)")
+    spec_file = run_dir / "run.yaml"
+    if spec_file.is_file():
+        from scaleforge.config import load_runspec
+
+        try:
+            rec = replace(rec, N=float(load_runspec(spec_file).model.num_params()))
+        except Exception as exc:  # an unreadable run.yaml is reported, not fatal to the refit
+            return replace(rec, excluded=f"run.yaml unreadable ({str(exc).splitlines()[0]})")
+    try:
+        status = json.loads((run_dir / "status.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        status = {}
+    state = str(status.get("state", "missing")) if isinstance(status, dict) else "missing"
+    rec = replace(rec, state=state)
+    train, evals = read_metrics(run_dir / "metrics.jsonl")
+    if train:
+        curve = {k: np.array([_number(r.get(k)) for r in train]) for k in ("step", "tokens", "flops", "loss", "lr")}
+        rec = replace(rec, curve=curve, D=float(curve["tokens"][-1]), C=float(curve["flops"][-1]))
+    losses = [_number(r.get("loss")) for r in train] + [_number(r.get("eval_loss")) for r in evals]
+    if state == "diverged" or not all(math.isfinite(v) for v in losses):
+        bad = next((v for v in losses if not math.isfinite(v)), None)
+        why = f"a {bad} loss" if bad is not None else "status diverged"
+        return replace(rec, excluded=f"diverged ({why})")
+    if state != "completed":
+        return replace(rec, excluded=f"not completed (state {state})")
+    if not train:
+        return replace(rec, excluded="no training lines in metrics.jsonl")
+    last_step = train[-1]["step"]
+    finals = [r for r in evals if r["step"] >= FINAL_EVAL_FRACTION * last_step]
+    if finals:
+        loss = _number(finals[-1]["eval_loss"])
+    else:
+        loss = float(np.mean(rec.curve["loss"][-max(1, len(train) // 100) :]))
+    rec = replace(rec, L=loss)
+    if not (math.isfinite(rec.D) and rec.D > 0 and math.isfinite(rec.C) and rec.C > 0):
+        return replace(rec, excluded="metrics lines lack positive tokens / flops")
+    drop = cooling_drop(rec.curve["loss"])
+    if drop > UNDERCOOLED_DROP:
+        return replace(rec, excluded=f"undercooled (loss still fell {100 * drop:.1f}% over the last 5% of training)")
+    return rec
+
+
+def cooling_drop(loss: np.ndarray) -> float:
+    """Relative drop of the mean loss from the second-to-last to the last 5% window (0 if too short)."""
+    n = loss.size
+    if n < MIN_LINES_FOR_COOLING:
+        return 0.0
+    w = max(2, n // 20)
+    before, last = float(loss[-2 * w : -w].mean()), float(loss[-w:].mean())
+    return (before - last) / last
+
+
+def exclude_dominated(records: list[RunRecord]) -> list[RunRecord]:
+    """Mark runs whose loss is above that of a run with no more parameters and no more tokens."""
+    out = list(records)
+    kept = [i for i, r in enumerate(out) if not r.excluded]
+    for i in kept:
+        ri = out[i]
+        for j in kept:
+            rj = out[j]
+            if i != j and rj.N <= ri.N * 1.0001 and rj.D <= ri.D * 1.0001 and rj.L < ri.L and (rj.N, rj.D) != (ri.N, ri.D):
+                out[i] = replace(
+                    ri, excluded=f"loss {ri.L:.4g} above {rj.name}'s {rj.L:.4g}, which has fewer parameters and tokens"
+                )
+                break
+    return out
+
+
+def collect_plan(plan, plan_path: str | Path) -> list[RunRecord]:
+    """RunRecords of a plan's ladder runs, with exclusions applied."""
+    from scaleforge.orchestrator.plan import run_dir
+
+    records = [collect_run(run_dir(plan, plan_path, r), name=r.name, budget=r.budget, n_params=r.N) for r in plan.ladder]
+    return exclude_dominated(records)
+
+
+# ----------------------------------------------------------------------------------------------
+# fitting
+
+
+@dataclass(kw_only=True, frozen=True)
+class Refit:
+    """Everything refit computed, before anything is written."""
+
+    records: tuple
+    """RunRecord per ladder run."""
+    chinchilla: object
+    """fit.FitResult of Approach 3 on the kept runs."""
+    isoflop: object | None
+    """isoflop.IsoflopResult, or None when the ladder has too few IsoFLOP groups."""
+    annealing: dict
+    """Run name -> fitted annealing-law parameters (runs with a curve long enough)."""
+    warnings: tuple
+    """One line each."""
+
+
+def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Refit:
+    from scaleforge.orchestrator import fit as fitter
+    from scaleforge.orchestrator.laws import annealing, chinchilla, isoflop
+
+    warnings = [f"excluded {r.name}: {r.excluded}" for r in records if r.excluded]
+    kept = [r for r in records if not r.excluded]
+    if not kept:
+        causes = sorted({r.excluded.split(" (")[0] for r in records}) or ["no ladder runs"]
+        raise FitError(f"no usable runs to fit ({len(records)} ladder runs: {'; '.join(causes)}); finish or rerun them first")
+    need = chinchilla.LAW.min_points
+    if len(kept) < need:
+        raise FitError(f"law chinchilla needs at least {need} usable runs, got {len(kept)} of {len(records)}: finish more ladder runs")
+    data = {"N": np.array([r.N for r in kept]), "D": np.array([r.D for r in kept]), "L": np.array([r.L for r in kept])}
+    a3 = fitter.fit(chinchilla.LAW, data, fitter.FitOptions(bootstrap=bootstrap, seed=seed))
+    a2 = None
+    try:
+        a2 = isoflop.fit({"N": data["N"], "C": np.array([r.budget for r in kept]), "L": data["L"]})
+        warnings += [f"isoflop: {w}" for w in a2.warnings]
+    except FitError as exc:
+        warnings.append(f"isoflop (Approach 2) not fitted: {exc}")
+    curves = {}
+    for r in kept:
+        s1, s2, loss = annealing_points(r)
+        if loss.size >= annealing.LAW.min_points:
+            try:
+                # A summary per run, not a planning input: a bounded effort (60 iterations).
+                curves[r.name] = fitter.fit(annealing.LAW, {"S1": s1, "S2": s2, "L": loss}, fitter.FitOptions(max_iter=60)).params
+            except FitError as exc:
+                warnings.append(f"annealing law on {r.name} not fitted: {exc}")
+    return Refit(records=tuple(records), chinchilla=a3, isoflop=a2, annealing=curves, warnings=tuple(warnings))
+
+
+def annealing_points(r: RunRecord, max_points: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(S1, S2, loss) along a run's curve from its logged learning rates (warmup: lr still rising)."""
+    from scaleforge.orchestrator.laws.annealing import areas
+
+    if not r.curve or not np.all(np.isfinite(r.curve["lr"])) or r.curve["lr"].max() <= 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    lr, step, loss = r.curve["lr"], r.curve["step"], r.curve["loss"]
+    # Metrics may be logged every k steps: expand to one learning rate per step.
+    per_step = np.interp(np.arange(1, int(step[-1]) + 1), step, lr)
+    warmup = int(np.argmax(per_step >= per_step.max() * (1 - 1e-9)))
+    s1, s2 = areas(per_step, warmup=warmup)
+    idx = step.astype(int) - 1 - warmup
+    ok = idx >= 0
+    idx, loss = idx[ok], loss[ok]
+    take = np.unique(np.linspace(0, idx.size - 1, min(max_points, idx.size)).astype(int)) if idx.size else idx
+    return s1[idx[take]], s2[idx[take]], loss[take]
+
+
+# ----------------------------------------------------------------------------------------------
+# writing
+
+
+def fit_json(refit: Refit) -> dict:
+    from scaleforge.orchestrator.laws import chinchilla
+
+    a3 = refit.chinchilla
+    out = a3.to_json()
+    out["samples"] = [chinchilla.published(t) for t in a3.samples]
+    out["runs"] = [
+        {"name": r.name, "N": r.N, "D": _json_num(r.D), "C": _json_num(r.C), "budget": r.budget, "L": _json_num(r.L), "state": r.state, "used": not r.excluded, "excluded": r.excluded}
+        for r in refit.records
+    ]
+    out["isoflop"] = refit.isoflop.to_json() if refit.isoflop is not None else None
+    out["annealing"] = refit.annealing
+    out["warnings"] = list(refit.warnings)
+    return out
+
+
+def _json_num(v: float) -> float | None:
+    return float(v) if math.isfinite(v) else None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("plan", metavar="PLAN", help="plan.yaml written by `orchestrate plan`")
+    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="N", help="bootstrap resamples for the intervals")
+    parser.add_argument("--no-replan", action="store_true", help="write fit.json and plots but leave plan.yaml as it is")
+    parser.add_argument("--json", action="store_true", help="print fit.json's summary as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaleforge.orchestrator.plan import LawInfo, load_plan, replan_target, save_plan
+    from scaleforge.orchestrator.laws import chinchilla
+
+    if args.bootstrap < 0:
+        raise ConfigError("--bootstrap must be >= 0")
+    plan_path = Path(args.plan)
+    if not plan_path.is_file():
+        raise ConfigError(f"{plan_path}: no such plan file")
+    plan = load_plan(plan_path)
+    records = collect_plan(plan, plan_path)
+    refit = fit_records(records, bootstrap=args.bootstrap)
+    out_dir = plan_path.resolve().parent
+    fit_path = out_dir / "fit.json"
+    body = fit_json(refit)
+    new_plan = None
+    if not args.no_replan:
+        law = LawInfo(
+            name="chinchilla", params=dict(refit.chinchilla.params),
+            ci={k: [float(lo), float(hi)] for k, (lo, hi) in refit.chinchilla.ci.items()},
+            source="fit", path=str(fit_path),
+        )
+        samples = [chinchilla.published(t) for t in refit.chinchilla.samples] or None
+        new_plan = replan_target(plan, law, samples)
+    # Everything is computed: only now write.
+    from scaleforge.orchestrator import report
+
+    tmp = fit_path.with_name(".fit.json.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(fit_path)
+    plots = report.write_plots(refit, out_dir / "plots", target_budget=plan.budget)
+    if new_plan is not None:
+        save_plan(new_plan, plan_path)
+    if args.json:
+        print(json.dumps({k: body[k] for k in ("law", "params", "objective", "ci", "r2", "n_points", "warnings")}))
+    else:
+        report.print_summary(refit, fit_path, plots, new_plan)
+    return 0
