@@ -163,6 +163,11 @@ def test_submit_local_real_trainer_resumes_after_sigusr1(tmp_path, tiny_store):
     plan = write_plan(tmp_path / "plan.yaml", [spec])
     (e,) = runs.entries_from_plan(plan)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    runs.prepare_run_dir(e)
+    ref = tmp_path / "reference"  # the uninterrupted run, beside the executor's
+    straight_proc = subprocess.Popen(
+        [sys.executable, "-m", "scaleforge.pretrain", str(e.spec_path), "--out", str(ref)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     proc = subprocess.Popen([sys.executable, "-m", "scaleforge.cli", "submit", str(plan)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     metrics = e.run_dir / "metrics.jsonl"
@@ -183,9 +188,8 @@ def test_submit_local_real_trainer_resumes_after_sigusr1(tmp_path, tiny_store):
     interrupted = [r["loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "loss" in r]
     assert len(interrupted) == 16
 
-    ref = tmp_path / "reference"
-    subprocess.run([sys.executable, "-m", "scaleforge.pretrain", str(e.spec_path), "--out", str(ref)],
-                   check=True, env=env, capture_output=True)
+    _, err = straight_proc.communicate(timeout=180)
+    assert straight_proc.returncode == 0, err[-2000:]
     straight = [r["loss"] for r in map(json.loads, (ref / "metrics.jsonl").read_text().splitlines())
                 if "loss" in r]
     assert interrupted == straight  # bit-identical continuation
