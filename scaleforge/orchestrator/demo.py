@@ -12,6 +12,8 @@ Re-running the command resumes: finished runs are skipped, interrupted ones cont
 from __future__ import annotations
 
 import argparse
+import contextlib
+import threading
 import time
 from pathlib import Path
 
@@ -71,9 +73,10 @@ def run(args: argparse.Namespace) -> int:
     submit = ["submit", str(plan_path), "--executor", args.executor]
     if args.cores:
         submit += ["--cores", str(args.cores)]
-    _check(cli.main(submit), "submit")
-    if args.executor == "slurm":
-        wait_for_runs(plan_path)
+    with ladder_progress(plan_path):
+        _check(cli.main(submit), "submit")
+        if args.executor == "slurm":
+            wait_for_runs(plan_path)
 
     _stage(4, "refit", "fit the law to the ladder's own losses, re-plan the target")
     _check(cli.main(["refit", str(plan_path)]), "refit")
@@ -100,6 +103,36 @@ def demo_store() -> Path:
     code = prepare.main(["--out", str(path), "--vocab-size", str(DEMO_VOCAB)])
     _check(code, "building the demo token store")
     return path
+
+
+@contextlib.contextmanager
+def ladder_progress(plan_path: Path, poll_s: float = 1.0):
+    """A progress bar over all ladder steps, read from the run directories while the block runs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from scaleforge.orchestrator import runs
+
+    entries = runs.entries_from_plan(plan_path)
+    total = sum(e.spec.train.steps for e in entries)
+    stop = threading.Event()
+    columns = (TextColumn("ladder steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("ladder", total=total)
+
+        def poll() -> None:
+            while not stop.wait(poll_s):
+                done = sum(min(runs.read_run_dir(e.run_dir).step, e.spec.train.steps) for e in entries)
+                progress.update(task, completed=done)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            done = sum(min(runs.read_run_dir(e.run_dir).step, e.spec.train.steps) for e in entries)
+            progress.update(task, completed=done)
 
 
 def wait_for_runs(plan_path: Path, poll_s: float = 5.0) -> None:
