@@ -128,13 +128,14 @@ def save(
     _barrier()
     _maybe_pause(step, tmp)
     if rank == 0:
-        _publish(root, tmp, final)
+        publish(root, tmp, final)
         prune(root, spec.checkpoint.keep)
     _barrier()
     return final
 
 
-def _publish(root: Path, tmp: Path, final: Path) -> None:
+def publish(root: Path, tmp: Path, final: Path) -> None:
+    """Seal the finished save in `tmp` (manifest), rename it to `final`, then point `latest` at it."""
     manifest = {name: _file_digest(tmp / name) for name in sorted(os.listdir(tmp))}
     _write_synced(tmp / MARKER, json.dumps(manifest, indent=1) + "\n")
     _fsync_dir(tmp)

@@ -49,9 +49,9 @@ def install() -> None:
 
 @contextlib.contextmanager
 def deferred(signals: tuple[int, ...] = HANDLED) -> Iterator[None]:
-    """Hold `signals` back while inside; one that arrives meanwhile is handled on exit.
-
-    Processes started inside inherit the blocked mask through fork and exec. Slurm signals every
+    """Block `signals` in the calling thread while inside; processes started inside inherit the
+    blocked mask through fork and exec (that is the point: the flag itself is set by whichever thread
+    the kernel picks, so the loop still sees a signal that arrives during a save). Slurm signals every
     process of a job step (`--signal=USR2@N`, `scancel --signal`, SIGTERM on preemption), and a helper
     such as the multiprocessing Manager that megatron's checkpoint writer spawns at the first save
     would otherwise die of the signal's default action: the next save then fails with
