@@ -169,64 +169,67 @@ def test_unsafe_inputs_rejected_before_sbatch(cluster, tmp_path):
 
 def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_path):
     """A two-run ladder through submitit in a directory whose path holds spaces, quotes and `;`:
-    one run is sent USR2 mid-run, saves, its continuation job resumes it without scontrol, and it
-    ends with exactly the losses of an uninterrupted local run; `status` shows the states and a
-    second submit queues nothing."""
+    the two-rank run (one srun task per rank) is sent USR2 mid-run, both ranks save, its
+    continuation job resumes it without scontrol, and it ends with exactly the losses of an
+    uninterrupted local two-rank run; `status` shows the states and a second submit queues nothing."""
     hostile = tmp_path / "ladder it's \"q\"; touch PWNED $(touch PWNED2)"
     hostile.mkdir()
     steps = 16
     specs = [tiny_spec("a", seed=1, steps=steps, store=tiny_store),
-             tiny_spec("b", seed=2, steps=steps, store=tiny_store)]
-    for s in specs:
-        assert s.checkpoint.every == 5
+             tiny_spec("b", seed=2, steps=steps, store=tiny_store, dp=2)]
+    assert specs[1].checkpoint.every == 5
     plan = write_plan(hostile / "plan.yaml", specs)
     env = _env(client_path)
     a, b = runs.entries_from_plan(plan)
+    assert (a.ranks, b.ranks) == (1, 2)
 
     sub = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "2",
                        env=env, cwd=tmp_path)
     assert sub.returncode == 0, sub.stderr + sub.stdout
     rec_a, rec_b = runs.read_job(a.run_dir), runs.read_job(b.run_dir)
-    assert len(rec_a.job_ids) == 3 and rec_a.job_ids[0].split("_")[0] == rec_b.job_ids[0].split("_")[0]
+    assert len(rec_b.job_ids) == 3
 
-    # the uninterrupted reference, on this machine, while the ladder runs
-    ref = subprocess.Popen([sys.executable, "-m", "scaleforge.pretrain", str(a.spec_path), "--out",
-                            str(tmp_path / "reference")], env=_env(), cwd=tmp_path,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the uninterrupted reference: the same two ranks under torchrun on this machine
+    ref = subprocess.Popen([sys.executable, "-m", "scaleforge.cli", "train", str(b.spec_path),
+                            "--out", str(tmp_path / "reference"), "--nproc", "2"], env=_env(),
+                           cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
-    metrics_a = a.run_dir / "metrics.jsonl"
-    _wait(lambda: metrics_a.exists() and len(_losses(metrics_a)) >= 3, 240, "run a's third step")
-    st = json.loads(_orchestrate("status", str(plan), "--json", env=env, cwd=tmp_path).stdout
-                    .splitlines()[0])
-    assert (st["run"], st["state"], st["job"]) == ("a", "running", rec_a.job_ids[0])
-    subprocess.run(["scancel", "--signal=USR2", rec_a.job_ids[0]], check=True, env=env)
+    metrics_b = b.run_dir / "metrics.jsonl"
+    _wait(lambda: metrics_b.exists() and len(_losses(metrics_b)) >= 3, 300, "run b's third step")
+    rows = {r["run"]: r for r in map(json.loads, _orchestrate(
+        "status", str(plan), "--json", env=env, cwd=tmp_path).stdout.splitlines())}
+    assert (rows["b"]["state"], rows["b"]["job"]) == ("running", rec_b.job_ids[0])
+    subprocess.run(["scancel", "--signal=USR2", rec_b.job_ids[0]], check=True, env=env)
 
     def done() -> bool:
         return all(runs.read_run_dir(e.run_dir).status.get("state") == "completed" for e in (a, b))
 
-    _wait(done, 300, "both runs to complete", poll=1.0)
+    _wait(done, 400, "both runs to complete", poll=1.0)
     _, ref_err = ref.communicate(timeout=300)
     assert ref.returncode == 0, ref_err[-2000:]
 
-    # a saved mid-run, its first job ended failed, the first continuation resumed and finished
-    states = _wait(lambda: (s := _sacct(rec_a.job_ids)) and s.get(rec_a.job_ids[2]) == "CANCELLED"
+    # b saved mid-run, its first job ended failed, the first continuation resumed and finished
+    states = _wait(lambda: (s := _sacct(rec_b.job_ids)) and s.get(rec_b.job_ids[2]) == "CANCELLED"
                    and s, 60, "the unused continuation to be cancelled")
-    assert [states[j] for j in rec_a.job_ids] == ["FAILED", "COMPLETED", "CANCELLED"]
-    submitit_log = (a.run_dir.parent / ".slurm" / f"{rec_a.job_ids[0]}_0_log.out").read_text()
+    assert [states[j] for j in rec_b.job_ids] == ["FAILED", "COMPLETED", "CANCELLED"]
+    submitit_log = (b.run_dir.parent / ".slurm" / f"{rec_b.job_ids[0]}_0_log.out").read_text()
     stopped = [line for line in submitit_log.splitlines() if "RunStopped:" in line]
     assert stopped and "(signals: SIGUSR2)" in stopped[-1], submitit_log[-3000:]
     saved_step = int(stopped[-1].split("saved at step ")[1].split()[0])
     assert 3 <= saved_step < steps
-    logs = sorted(p.name for p in (a.run_dir / "logs").iterdir())
-    assert logs == sorted([f"slurm-{rec_a.job_ids[0]}.rank0.log", f"slurm-{rec_a.job_ids[1]}.rank0.log"])
-    resumed_log = (a.run_dir / "logs" / logs[1]).read_text()
-    assert f"step {saved_step + 1}/{steps}" in resumed_log and f"step {saved_step}/{steps}" not in resumed_log
-    # b was never interrupted: its first job completed, its continuations were cancelled
-    assert [_sacct(rec_b.job_ids)[j] for j in rec_b.job_ids] == ["COMPLETED", "CANCELLED", "CANCELLED"]
+    # one log per rank and job: both ranks ran as srun tasks in both jobs
+    logs = sorted(p.name for p in (b.run_dir / "logs").iterdir())
+    assert logs == sorted(f"slurm-{j}.rank{r}.log" for j in rec_b.job_ids[:2] for r in (0, 1))
+    resumed_log = (b.run_dir / "logs" / f"slurm-{rec_b.job_ids[1]}.rank0.log").read_text()
+    assert f"step {saved_step + 1}/{steps}" in resumed_log
+    assert f"step {saved_step}/{steps}" not in resumed_log
+    # a was never interrupted: its first job completed, its continuations were cancelled
+    assert [_sacct(rec_a.job_ids).get(j) for j in rec_a.job_ids] == \
+        ["COMPLETED", "CANCELLED", "CANCELLED"]
 
     # bit-identical continuation
-    assert _losses(metrics_a) == _losses(tmp_path / "reference" / "metrics.jsonl")
-    assert len(_losses(metrics_a)) == steps
+    assert len(_losses(metrics_b)) == steps
+    assert _losses(metrics_b) == _losses(tmp_path / "reference" / "metrics.jsonl")
 
     rows = {r["run"]: r for r in map(json.loads, _orchestrate(
         "status", str(plan), "--json", env=env, cwd=tmp_path).stdout.splitlines())}
@@ -238,7 +241,7 @@ def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_pat
     before = _all_jobs()
     again = _orchestrate("submit", str(plan), "--executor", "slurm", env=env, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    assert "a: skip (completed)" in again.stdout and "nothing to launch" in again.stdout
+    assert "b: skip (completed)" in again.stdout and "nothing to launch" in again.stdout
     assert _all_jobs() == before  # nothing queued
 
     # the hostile directory name reached sbatch, srun and the jobs as data, never as shell code
@@ -252,13 +255,17 @@ def test_second_submit_while_queued_queues_nothing(cluster, tmp_path, tiny_store
     hold = subprocess.run(["sbatch", "--parsable", "-c", "16", "--wrap", "sleep 60"],
                           capture_output=True, text=True, check=True).stdout.strip()
     try:
-        plan = write_plan(tmp_path / "plan.yaml", [tiny_spec("q", steps=2, store=tiny_store)])
+        plan = write_plan(tmp_path / "plan.yaml", [tiny_spec("q", steps=2, store=tiny_store),
+                                                   tiny_spec("r", steps=2, store=tiny_store)])
         env = _env(client_path)
         first = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "0",
                              env=env, cwd=tmp_path)
         assert first.returncode == 0, first.stderr
-        (e,) = runs.entries_from_plan(plan)
-        jid = runs.read_job(e.run_dir).job_ids[0]
+        e, e2 = runs.entries_from_plan(plan)
+        jid, jid2 = runs.read_job(e.run_dir).job_ids[0], runs.read_job(e2.run_dir).job_ids[0]
+        # same-shaped runs form one array: one job id, one task each
+        base = jid.split("_")[0]
+        assert (jid, jid2) == (f"{base}_0", f"{base}_1")
         before = _all_jobs()
         second = _orchestrate("submit", str(plan), "--executor", "slurm", env=env, cwd=tmp_path)
         assert second.returncode == 0, second.stderr
@@ -267,11 +274,11 @@ def test_second_submit_while_queued_queues_nothing(cluster, tmp_path, tiny_store
         row = json.loads(_orchestrate("status", str(plan), "--json", env=env, cwd=tmp_path).stdout
                          .splitlines()[0])
         assert (row["state"], row["job_state"]) == ("queued", "PENDING")
-        subprocess.run(["scancel", jid], check=True)
+        subprocess.run(["scancel", base], check=True)
         # cancelled before it ran: `submit` starts it again
         _wait(lambda: _sacct([jid]).get(jid) == "CANCELLED", 30, "the cancellation")
         dry = _orchestrate("submit", str(plan), "--executor", "slurm", "--dry-run", env=env,
                            cwd=tmp_path)
-        assert "q: start (failed, job " in dry.stdout and "would submit job of 1: q" in dry.stdout
+        assert "q: start (failed, job " in dry.stdout and "would submit array of 2: q, r" in dry.stdout
     finally:
         subprocess.run(["scancel", hold], check=False)
