@@ -158,8 +158,13 @@ def _finish(entry: RunEntry, record: runs.JobRecord, code: int | None) -> runs.J
 
 
 def _send(proc: subprocess.Popen, sig: int) -> None:
+    # SIGTERM goes to the run's launcher, which passes it to its ranks (they save); SIGKILL goes to
+    # the launcher's whole process group (its own session), so no orphaned rank survives it
     try:
-        proc.send_signal(sig)
+        if sig == signal.SIGKILL:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
     except ProcessLookupError:
         pass
 
