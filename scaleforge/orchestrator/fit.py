@@ -193,8 +193,8 @@ def _objective(law: Law, x: np.ndarray, y: np.ndarray, w: np.ndarray | None, del
         f = rho.sum(axis=1, dtype=float)
         g = np.matmul(ev.jac, psi[:, :, None])[:, :, 0].astype(float)
         curvature = ev.curvature or _fd_curvature(law, theta, x, ev)
-        scale = np.sqrt(np.einsum("spn,spn->sp", ev.jac, ev.jac, dtype=float) / r.shape[1])
-        return f, g, curvature(inside, psi).astype(float), scale
+        scale = np.sqrt(np.einsum("spn,spn->sp", ev.jac, ev.jac) / r.shape[1])
+        return f, g, curvature(inside, psi).astype(float), scale.astype(float)
 
     return evaluate
 
@@ -253,7 +253,8 @@ def minimize_batched(
         rho = np.where(pred > 0, gain / np.where(pred > 0, pred, 1.0), 0.0)
         zlen = np.minimum(zn, ra)
         ra = np.where(~ok | (rho < 0.25), 0.25 * zlen, np.where((rho > 0.75) & capped, 2.0 * ra, ra))
-        small = ok & (gain <= ftol * np.abs(ft))
+        # Converged: an accepted step gained, or the model promises, less than ftol * f.
+        small = (ok & (gain <= ftol * np.abs(ft))) | ((pred >= 0) & (pred <= ftol * np.abs(fa)) & ~capped)
         stuck = ra <= 1e-12
         idx = act[ok]
         theta[idx], f[idx], g[idx], h[idx], sc[idx] = trial[ok], ft[ok], gt2[ok], ht2[ok], sc2[ok]
