@@ -58,14 +58,14 @@ def print_table(rows: list[dict], *, title: str = "") -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=title or None)
+    table = Table(title=title or None, caption="* the target run")
     for name, justify in (("run", "left"), ("arch", "left"), ("N", "right"), ("D", "right"),
                           ("state", "left"), ("step/total", "right"), ("last loss", "right"),
                           ("job", "left")):
         table.add_column(name, justify=justify)
     for row in rows:
         style = STATE_STYLE.get(row["state"], "")
-        name = row["run"] + (" (target)" if row["role"] == "target" else "")
+        name = row["run"] + (" *" if row["role"] == "target" else "")
         loss = "" if row["last_loss"] is None else f"{row['last_loss']:.4f}"
         job = row["job"] + (f" {row['job_state']}" if row["job"] and row["job_state"] else "")
         table.add_row(name, row["arch"], _si(row["N"]), _si(row["D"]),

@@ -67,7 +67,7 @@ class SlurmOptions:
     cpus_per_task: int = 1
     """CPU cores per rank (OMP_NUM_THREADS is set to it)."""
     array: bool = True
-    """Submit runs of the same shape (nodes, ranks, GPUs, time limit) as one job array."""
+    """Submit runs of the same shape (nodes, ranks per node, GPUs) as one job array."""
     python: str = field(default_factory=lambda: sys.executable)
     """Python interpreter on the compute nodes (the same environment as here by default)."""
 
@@ -200,7 +200,8 @@ def check_submittable(entries: list[RunEntry], *, has_gpus: bool) -> None:
 
 
 def _shape(e: RunEntry) -> tuple:
-    return (e.nodes, e.ranks_per_node, e.gpus_per_node, e.time_min)
+    # runs of one shape share an array; its time limit is the longest of theirs
+    return (e.nodes, e.ranks_per_node, e.gpus_per_node)
 
 
 def _parameters(e: RunEntry, options: SlurmOptions, job_name: str) -> dict:
@@ -288,7 +289,8 @@ def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions) ->
     head = group[0]
     tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python) for e in group]
     if len(group) > 1 and options.array:
-        ex = _executor(folder, options, _parameters(head, options, f"sf-{head.name}-x{len(group)}"))
+        longest = max(group, key=lambda e: e.time_min)
+        ex = _executor(folder, options, _parameters(longest, options, f"sf-{head.name}-x{len(group)}"))
         jobs = ex.submit_array(tasks)
         return [j.job_id for j in jobs]
     out = []
@@ -304,7 +306,8 @@ def describe_plan(entries: list[RunEntry], options: SlurmOptions) -> list[str]:
     for e in entries:
         groups.setdefault(_shape(e), []).append(e)
     lines = []
-    for (nodes, per_node, gpus, time_min), group in groups.items():
+    for (nodes, per_node, gpus), group in groups.items():
+        time_min = max(e.time_min for e in group)
         kind = "array" if len(group) > 1 and options.array else "job" + ("s" if len(group) > 1 else "")
         gres = f", {gpus} GPUs/node" if gpus else ""
         lines.append(
