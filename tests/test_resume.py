@@ -254,12 +254,18 @@ def test_dp2_sigusr1_then_sigkill_resume_bit_exact(spec, tmp_path):
 
 
 @pytest.mark.distributed
-def test_resharded_resume_tp1_to_tp2(spec, reference, tmp_path):
+def test_resharded_resume_tp1_to_tp2_then_tp2_to_dp2(spec, reference, tmp_path):
+    """TP1 -> TP2 (weights and Adam state split), then TP2 -> DP2 (merged again and handed to the
+    distributed optimizer, whose master weights come from the plain optimizer's model weights)."""
     ref_dir, ref = reference
-    out = _rewind(ref_dir, tmp_path / "run", EVERY)
-    resumed = _finish(spec, out, nproc=2, sets=["parallel.tp=2"])
+    tp2 = _rewind(ref_dir, tmp_path / "tp2", EVERY)
+    resumed = _finish(spec, tp2, nproc=2, sets=["parallel.tp=2"])
     assert sorted(resumed) == list(range(1, STEPS + 1))
     for step in range(EVERY + 1, STEPS + 1):
+        assert abs(resumed[step] - ref[step]) < RESHARD_TOL, (step, resumed[step], ref[step])
+    dp2 = _rewind(tp2, tmp_path / "dp2", 2 * EVERY)
+    resumed = _finish(spec, dp2, nproc=2)
+    for step in range(2 * EVERY + 1, STEPS + 1):
         assert abs(resumed[step] - ref[step]) < RESHARD_TOL, (step, resumed[step], ref[step])
 
 
