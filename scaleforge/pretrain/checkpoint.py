@@ -109,7 +109,10 @@ def save(
     # Slurm step-wide signal cannot kill them
     with signals.deferred():
         dist_checkpointing.save({"model": model_sd, "optimizer": optim_flat}, str(tmp))
-    torch.save(capture_rng(), tmp / _rng_file(rank))
+    with open(tmp / _rng_file(rank), "wb") as f:
+        torch.save(capture_rng(), f)
+        f.flush()
+        os.fsync(f.fileno())
 
     state = {
         "format": FORMAT_VERSION,
@@ -127,16 +130,31 @@ def save(
         _write_synced(tmp / SPEC_FILE, spec_to_yaml(spec))
     _barrier()
     _maybe_pause(step, tmp)
+    manifest = _manifest(tmp)
     if rank == 0:
-        publish(root, tmp, final)
+        publish(root, tmp, final, manifest)
         prune(root, spec.checkpoint.keep)
     _barrier()
     return final
 
 
-def publish(root: Path, tmp: Path, final: Path) -> None:
+def _manifest(tmp: Path) -> dict:
+    """{file: (size, CRC-32)} of a finished save; the files are digested by all ranks in turn."""
+    names = sorted(os.listdir(tmp))
+    rank, world = _rank(), _world()
+    mine = {name: _file_digest(tmp / name) for i, name in enumerate(names) if i % world == rank}
+    merged: dict = {}
+    for part in _gather(mine):
+        merged.update(part)
+    return merged
+
+
+def publish(root: Path, tmp: Path, final: Path, manifest: dict | None = None) -> None:
     """Seal the finished save in `tmp` (manifest), rename it to `final`, then point `latest` at it."""
-    manifest = {name: _file_digest(tmp / name) for name in sorted(os.listdir(tmp))}
+    if manifest is None:
+        manifest = {name: _file_digest(tmp / name) for name in sorted(os.listdir(tmp))}
+    for name in manifest:  # megatron's common.pt and metadata are written without fsync
+        _fsync_file(tmp / name)
     _write_synced(tmp / MARKER, json.dumps(manifest, indent=1) + "\n")
     _fsync_dir(tmp)
     if final.exists():  # a complete but unpublished save of this step from a killed run
@@ -533,6 +551,11 @@ def _write_synced(path: Path, text: str) -> None:
     with open(path, "w") as f:
         f.write(text)
         f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
         os.fsync(f.fileno())
 
 
