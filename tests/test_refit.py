@@ -70,7 +70,8 @@ def test_refit_fits_excludes_and_replans(plan_path: Path, capsys):
             write_run(d, r, state="failed")
         elif kind == "undercooled":
             final = float(chinchilla.loss(TRUTH, r.spec.model.num_params(), r.D))
-            write_run(d, r, losses=final + 2.0 * (1 - t))  # still falling linearly at the end
+            # still falling linearly at the end, at a constant (never annealed) learning rate
+            write_run(d, r, losses=final + 2.0 * (1 - t), lrs=np.full(STEPS, 3e-3))
         else:
             write_run(d, r)
     # The dominated run: more parameters and more tokens than ladder[12]... but a worse loss.

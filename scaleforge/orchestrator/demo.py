@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
         f"[{t.N_ci[0]:.3g}, {t.N_ci[1]:.3g}], D={t.D:.3g} tokens [{t.D_ci[0]:.3g}, {t.D_ci[1]:.3g}], "
         f"loss {t.loss:.3f} [{t.loss_ci[0]:.3f}, {t.loss_ci[1]:.3f}] (law: {replanned.law.source})"
     )
-    plots = sorted(p.name for p in out.glob("*.png"))
+    plots = sorted(str(p.relative_to(out)) for p in (out / "plots").glob("*.png"))
     print(f"wrote {out / 'fit.json'} and {', '.join(plots) or 'no plots'} in {time.monotonic() - started:.0f} s")
     return 0
 

@@ -95,6 +95,12 @@ def chinchilla_loss(params: dict, n: float, d: float) -> float:
 def compute_optimal(params: dict, flops: float) -> tuple[float, float]:
     """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = flops."""
     alpha, beta = params["alpha"], params["beta"]
+    # A bootstrap refit on few points can land on a bound: with beta = 0 (or B = 0) tokens do not
+    # lower the loss, so all compute goes to parameters; with alpha = 0 (or A = 0) the reverse.
+    if beta <= 0 or params["B"] <= 0:
+        return math.inf, 0.0
+    if alpha <= 0 or params["A"] <= 0:
+        return 0.0, math.inf
     g = (alpha * params["A"] / (beta * params["B"])) ** (1.0 / (alpha + beta))
     a, b = beta / (alpha + beta), alpha / (alpha + beta)
     return g * (flops / 6.0) ** a, (flops / 6.0) ** b / g

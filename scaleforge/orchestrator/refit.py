@@ -9,8 +9,10 @@ fit.json next to the plan and PNG plots under `plots/`, then re-plans the target
 A run is left out, with a warning naming it and why, when it
 - has not completed (status.json `state` other than `completed`, or no metrics),
 - diverged (state `diverged`, or a NaN / inf loss anywhere in its metrics),
-- is undercooled: its loss still falls steeply at the end (mean of the last 5% of training lines
-  more than `UNDERCOOLED_DROP` below the mean of the 5% before), so its final loss is not final,
+- is undercooled: its loss still falls at the end (mean of the last 5% of training lines more than
+  `UNDERCOOLED_DROP` below the mean of the 5% before) while its learning rate was never annealed
+  (final lr above `ANNEALED_LR_RATIO` of the peak), or falls more than `STEEP_DROP` even though it
+  was annealed, so its final loss is not final,
 - or is dominated: another kept run has no more parameters AND no more tokens yet a lower loss
   (L falls in both N and D, so the larger run's loss is not believable: a bad rung).
 """
@@ -28,7 +30,12 @@ import numpy as np
 from scaleforge.errors import ConfigError, FitError
 
 UNDERCOOLED_DROP = 0.01
-"""Relative drop between the last two 5% windows of training above which a run is still cooling."""
+"""Relative drop between the last two 5% windows above which a run with a high final lr is still cooling."""
+STEEP_DROP = 0.05
+"""The same drop above which even an annealed run is still learning fast: its loss is not final.
+(Completed WSD runs of the CPU demo ladder measured 0.3-2.2%: the decay itself lowers the loss.)"""
+ANNEALED_LR_RATIO = 0.1
+"""A run whose final lr is at most this fraction of its peak has been annealed (cooled)."""
 MIN_LINES_FOR_COOLING = 40
 """Training lines needed to judge cooling (two windows of >= 2 lines)."""
 FINAL_EVAL_FRACTION = 0.95
@@ -136,8 +143,11 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
     if not (math.isfinite(rec.D) and rec.D > 0 and math.isfinite(rec.C) and rec.C > 0):
         return replace(rec, excluded="metrics lines lack positive tokens / flops")
     drop = cooling_drop(rec.curve["loss"])
-    if drop > UNDERCOOLED_DROP:
-        return replace(rec, excluded=f"undercooled (loss still fell {100 * drop:.1f}% over the last 5% of training)")
+    lr = rec.curve["lr"]
+    annealed = bool(lr.size) and np.nanmax(lr) > 0 and lr[-1] <= ANNEALED_LR_RATIO * np.nanmax(lr)
+    if drop > (STEEP_DROP if annealed else UNDERCOOLED_DROP):
+        how = "" if annealed else f", final lr {lr[-1]:.3g} not annealed"
+        return replace(rec, excluded=f"undercooled (loss still fell {100 * drop:.1f}% over the last 5% of training{how})")
     return rec
 
 

@@ -27,11 +27,16 @@ def evaluate(theta: np.ndarray, x: np.ndarray) -> Evaluation:
     th = theta.astype(x.dtype, copy=False)
     a, b, e, al, be = (th[:, k : k + 1] for k in range(5))
     ln_n, ln_d = x[:, 0], x[:, 1]
+    # float32: exponents below -80 would give subnormal numbers, on which x86 arithmetic (and the
+    # matrix products below) runs ~100x slower; such a term is < 1e-30 of E >= e^-10 anyway.
+    floor = -80.0 if x.dtype == np.float32 else -700.0
     t1 = al * ln_n
     np.subtract(a, t1, out=t1)
+    np.maximum(t1, floor, out=t1)
     np.exp(t1, out=t1)
     t2 = be * ln_d
     np.subtract(b, t2, out=t2)
+    np.maximum(t2, floor, out=t2)
     np.exp(t2, out=t2)
     t3 = np.exp(e)
     tot = t1 + t2
@@ -44,6 +49,11 @@ def evaluate(theta: np.ndarray, x: np.ndarray) -> Evaluation:
     p3 = np.multiply(inv, t3, out=jac[:, 2])
     np.multiply(p1, -ln_n, out=jac[:, 3])
     np.multiply(p2, -ln_d, out=jac[:, 4])
+    if x.dtype == np.float32:
+        # Shares below 1e-15 would make subnormal products in the curvature: drop them.
+        np.maximum(jac[:, :3] - 1e-15, 0.0, out=jac[:, :3])
+        np.multiply(p1, -ln_n, out=jac[:, 3])
+        np.multiply(p2, -ln_d, out=jac[:, 4])
     # Features per point against which the diagonal-in-u term of Hess(LSE) is summed.
     fn = np.stack([np.ones_like(ln_n), ln_n, ln_n * ln_n], axis=1)
     fd = np.stack([np.ones_like(ln_d), ln_d, ln_d * ln_d], axis=1)
@@ -109,8 +119,14 @@ def compute_optimal(params: Mapping[str, float], budget: np.ndarray | float) -> 
     """(N_opt, D_opt) for C = 6 N D: G = (alpha A / (beta B))^(1/(alpha+beta)),
     N_opt = G (C/6)^(beta/(alpha+beta)), D_opt = (C/6)^(alpha/(alpha+beta)) / G."""
     al, be = params["alpha"], params["beta"]
-    g = (al * params["A"] / (be * params["B"])) ** (1.0 / (al + be))
     c6 = np.asarray(budget, dtype=float) / 6.0
+    # A bootstrap refit on few points can land on a bound (beta = 0: tokens do not lower the loss, so
+    # all compute goes to parameters; alpha = 0: the reverse). Same convention as prior.compute_optimal.
+    if be <= 0 or params["B"] <= 0:
+        return np.full_like(c6, np.inf), np.zeros_like(c6)
+    if al <= 0 or params["A"] <= 0:
+        return np.zeros_like(c6), np.full_like(c6, np.inf)
+    g = (al * params["A"] / (be * params["B"])) ** (1.0 / (al + be))
     return g * c6 ** (be / (al + be)), c6 ** (al / (al + be)) / g
 
 
