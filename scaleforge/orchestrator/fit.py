@@ -240,6 +240,8 @@ def minimize_batched(
         ev, vec = np.linalg.eigh(ht)
         lam = 1e-9 * np.abs(ev).max(axis=1, keepdims=True) + 1e-300
         z = -np.einsum("sij,sj->si", vec, np.einsum("sji,sj->si", vec, gt) / (np.abs(ev) + lam))
+        z = np.where(np.isfinite(z), z, 0.0)  # a parameter with no effect (scale ~ 0) takes no step
+        z = np.clip(z, -1e150, 1e150)
         zn = np.sqrt((z * z).sum(axis=1))
         capped = zn > ra
         z *= np.where(capped, ra / np.maximum(zn, 1e-300), 1.0)[:, None]
