@@ -107,3 +107,32 @@ def test_model_trains_loss_goes_down(megatron_single):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_fused_swiglu_mlp_equals_megatron_mlp(megatron_single):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.spec_utils import build_module
+
+    from scaleforge.arch.common.mlp import SwiGLUMLP
+    from scaleforge.arch.dense.model import transformer_config
+
+    cfg = DenseConfig(layers=1, hidden=32, heads=4, kv_heads=2, ffn_hidden=48, vocab_size=64)
+    config = transformer_config(cfg, _runtime())
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.mlp
+    theirs = build_module(spec, config=config)
+    spec.module = SwiGLUMLP
+    ours = build_module(spec, config=config)
+    assert type(ours) is SwiGLUMLP and type(theirs) is not SwiGLUMLP
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.normal_(0, 0.2, generator=torch.Generator().manual_seed(p.numel()))
+        ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(7, 3, 32, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    out_ours, _ = ours(x)
+    out_theirs, _ = theirs(x)
+    grads_ours = torch.autograd.grad(out_ours.pow(3).sum(), [x, *ours.parameters()])
+    grads_theirs = torch.autograd.grad(out_theirs.pow(3).sum(), [x, *theirs.parameters()])
+    torch.testing.assert_close(out_ours, out_theirs, rtol=1e-6, atol=1e-6)
+    for g1, g2 in zip(grads_ours, grads_theirs):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-6)

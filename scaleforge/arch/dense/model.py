@@ -24,6 +24,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from scaleforge.arch.common.attention import SDPAttention
 from scaleforge.arch.common.init import init_params
+from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
 from scaleforge.arch.dense.config import DenseConfig
 
@@ -73,6 +74,7 @@ def layer_spec(config: TransformerConfig) -> ModuleSpec:
         attn.submodules.core_attention = SDPAttention
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
+        layer.submodules.mlp.module = SwiGLUMLP
         final_norm = RMSNorm
     layers = get_num_layers_to_build(config)
     return ModuleSpec(
