@@ -33,7 +33,8 @@ def test_plan_submit_status_refit(tmp_path, tiny_store, capsys):
         "plan", "--budget", "1e12", "--law", str(law), "--cluster", str(cluster),
         "--ladder-min", "1e-2", "--ladder-max", "6e-2", "--budgets", "3", "--sizes", "3",
         "--size-span", "2", "--seq-len", "64", "--set", f"data.stores=[{tiny_store}]",
-        "--set", "model.vocab_size=512", "--set", "eval.batches=2", "--out", str(plan), "--quiet",
+        "--set", "model.vocab_size=512", "--set", "eval.batches=2", "--set", "eval.every=100",
+        "--set", "checkpoint.every=0", "--out", str(plan), "--quiet",
     ]) == 0
     planned = load_plan(plan)
     assert len(planned.ladder) >= 6

@@ -58,7 +58,10 @@ def run(args: argparse.Namespace) -> int:
     plan = make_plan(
         budget, cluster=cpu_cluster(1), ladder_min=args.ladder_min, ladder_max=args.ladder_max,
         budgets=args.budgets, sizes=args.sizes, size_span=3.0, seq_len=DEMO_SEQ_LEN,
-        overrides=(f"data.stores=[{store}]", f"model.vocab_size={DEMO_VOCAB}"),
+        # Runs of a few hundred steps: a checkpoint every 250 steps and an evaluation every 100 keep
+        # the trainer's time on training (the planner's default is 10 checkpoints and 20 evaluations).
+        overrides=(f"data.stores=[{store}]", f"model.vocab_size={DEMO_VOCAB}",
+                   "checkpoint.every=250", "eval.every=100"),
     )
     plan_path = out / "plan.yaml"
     if plan_path.exists() and load_plan(plan_path).ladder == plan.ladder:
