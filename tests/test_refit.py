@@ -74,7 +74,8 @@ def test_refit_fits_excludes_and_replans(plan_path: Path, capsys):
             write_run(d, r, losses=final + 2.0 * (1 - t), lrs=np.full(STEPS, 3e-3))
         else:
             write_run(d, r)
-    # The dominated run: more parameters and more tokens than ladder[12]... but a worse loss.
+    # The dominated run: a loss far above the law, so some run with fewer parameters and fewer
+    # tokens does better.
     dom = ladder[13]
     worse = float(chinchilla.loss(TRUTH, dom.spec.model.num_params(), dom.D)) + 0.5
     d = run_dir(plan, plan_path, dom)
@@ -107,6 +108,9 @@ def test_refit_fits_excludes_and_replans(plan_path: Path, capsys):
     assert fit["isoflop"] is not None and len(fit["isoflop"]["budgets"]) == 3
     assert fit["isoflop"]["params"]["a"] == pytest.approx(TRUTH["beta"] / (TRUTH["alpha"] + TRUTH["beta"]), abs=0.03)
     assert fit["annealing"]  # fitted on kept curves
+    # Held-out rollout: fitted without the largest budget, exact data predicts it almost exactly.
+    assert fit["holdout"]["budget"] == max(r.budget for r in ladder)
+    assert len(fit["holdout"]["runs"]) >= 3 and fit["holdout"]["mean_abs_rel_error"] < 0.01
     for png in ("isoflop.png", "optimal.png", "residuals.png"):
         data = (plan_path.parent / "plots" / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000

@@ -201,6 +201,8 @@ class Refit:
     """isoflop.IsoflopResult, or None when the ladder has too few IsoFLOP groups."""
     annealing: dict
     """Run name -> fitted annealing-law parameters (runs with a curve long enough)."""
+    holdout: dict | None = None
+    """Approach 3 refit without the largest budget, scored on that budget's runs (None: too few)."""
     warnings: tuple
     """One line each."""
 
@@ -225,6 +227,7 @@ def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP,
         warnings += [f"isoflop: {w}" for w in a2.warnings]
     except FitError as exc:
         warnings.append(f"isoflop (Approach 2) not fitted: {exc}")
+    holdout = rollout(kept, data)
     curves = {}
     for r in kept:
         s1, s2, loss = annealing_points(r)
@@ -234,7 +237,33 @@ def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP,
                 curves[r.name] = fitter.fit(annealing.LAW, {"S1": s1, "S2": s2, "L": loss}, fitter.FitOptions(max_iter=60)).params
             except FitError as exc:
                 warnings.append(f"annealing law on {r.name} not fitted: {exc}")
-    return Refit(records=tuple(records), chinchilla=a3, isoflop=a2, annealing=curves, warnings=tuple(warnings))
+    return Refit(records=tuple(records), chinchilla=a3, isoflop=a2, annealing=curves, holdout=holdout, warnings=tuple(warnings))
+
+
+def rollout(kept: list[RunRecord], data: dict[str, np.ndarray]) -> dict | None:
+    """Held-out check: fit Approach 3 without the largest budget's runs, predict their losses.
+
+    The error on the held-out budget is what to expect, at best, from the extrapolation to the
+    target (Choshen et al. put the floor from seed noise at about 4%).
+    """
+    from scaleforge.orchestrator import fit as fitter
+    from scaleforge.orchestrator.laws import chinchilla
+
+    budgets = np.array([r.budget for r in kept])
+    top = budgets.max()
+    train = budgets < top
+    if train.sum() < chinchilla.LAW.min_points or (~train).sum() == 0:
+        return None
+    res = fitter.fit(chinchilla.LAW, {k: v[train] for k, v in data.items()})
+    pred = chinchilla.loss(res.params, data["N"][~train], data["D"][~train])
+    err = pred / data["L"][~train] - 1.0
+    return {
+        "budget": float(top),
+        "runs": [r.name for r, t in zip(kept, train) if not t],
+        "params": res.params,
+        "rel_error": [float(v) for v in err],
+        "mean_abs_rel_error": float(np.abs(err).mean()),
+    }
 
 
 def annealing_points(r: RunRecord, max_points: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -271,6 +300,7 @@ def fit_json(refit: Refit) -> dict:
     ]
     out["isoflop"] = refit.isoflop.to_json() if refit.isoflop is not None else None
     out["annealing"] = refit.annealing
+    out["holdout"] = refit.holdout
     out["warnings"] = list(refit.warnings)
     return out
 

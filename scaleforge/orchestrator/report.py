@@ -149,6 +149,12 @@ def print_summary(refit, fit_path: Path, plots: list[Path], new_plan) -> None:
     if refit.isoflop is not None:
         iso = refit.isoflop
         console.print(f"Approach 2: N_opt = {iso.k:.4g} C^{iso.a:.4f} (95% a in [{iso.ci['a'][0]:.3f}, {iso.ci['a'][1]:.3f}]) over {len(iso.profiles)} budgets")
+    if refit.holdout is not None:
+        h = refit.holdout
+        console.print(
+            f"held out budget {h['budget']:.3g} ({len(h['runs'])} runs): fit on the smaller budgets predicts "
+            f"their loss to {100 * h['mean_abs_rel_error']:.2f}% (mean absolute relative error)", markup=False,
+        )
     for w in refit.warnings:
         console.print(f"warning: {w}", markup=False)
     console.print(f"wrote {fit_path}", markup=False)
