@@ -235,14 +235,17 @@ def verify(path: Path) -> None:
             problem = f"{file} is missing from checkpoint {path.name}"
         elif file.stat().st_size != size:
             problem = (f"{file} is truncated or altered ({file.stat().st_size} bytes, "
-                       f"the manifest says {size}); the checkpoint is unusable")
+                       f"the manifest says {size})")
         elif _file_digest(file)[1] != crc:
-            problem = f"{file} is corrupt (CRC-32 differs from the manifest); the checkpoint is unusable"
+            problem = f"{file} is corrupt (its CRC-32 differs from the manifest)"
         if problem:
             break
     problems = [p for p in _gather(problem) if p]
     if problems:
-        raise CheckpointError(problems[0])
+        raise CheckpointError(
+            f"{problems[0]}; write the name of an earlier step_* directory into "
+            f"{path.parent / LATEST} to resume from it"
+        )
 
 
 def load_latest(

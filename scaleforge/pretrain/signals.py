@@ -22,6 +22,7 @@ import contextlib
 import os
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -78,7 +79,15 @@ def stop_requested() -> bool:
     _calls += 1
     if os.environ.get(TEST_STOP_ENV) == str(_calls):
         os.kill(os.getpid(), signal.SIGSTOP)
+        # A signal sent while stopped is delivered on SIGCONT, possibly to another thread; CPython
+        # runs the Python handler in the main thread at its next function entry, so wait, then call.
+        time.sleep(0.2)
+        _run_pending_handlers()
     return bool(_received)
+
+
+def _run_pending_handlers() -> None:
+    pass
 
 
 def received() -> str | None:
