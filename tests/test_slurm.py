@@ -145,6 +145,12 @@ def test_cluster_status_and_accounting(cluster):
     for daemon in ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd"):
         assert f"{daemon}: running" in st.stdout
     assert "idle" in st.stdout
+    # `up` on a running cluster changes nothing and prints the same export line
+    t0 = time.perf_counter()
+    again = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(cluster)], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0 and again.stdout.strip() == f"export SLURM_CONF={cluster}/etc/slurm.conf"
+    assert time.perf_counter() - t0 < 30
     # accounting answers (without it submitit cannot tell a killed job from a running one)
     assert subprocess.run(["sacct", "-n", "-X"], capture_output=True).returncode == 0
     # a job asking for more CPUs than the node has fails at once instead of pending forever
