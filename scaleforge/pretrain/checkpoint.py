@@ -407,6 +407,12 @@ def _inner_optimizers(optimizer: Any) -> list[torch.optim.Optimizer]:
     return [opt.optimizer for opt in _chained(optimizer) if getattr(opt, "optimizer", None)]
 
 
+def _per_param_step(inner: torch.optim.Optimizer) -> bool:
+    # torch Adam/AdamW keep a step tensor per parameter; apex/TE FusedAdam (GPU) keep one in each
+    # param group instead
+    return isinstance(inner, (torch.optim.Adam, torch.optim.AdamW))
+
+
 def _init_optimizer_state(optimizer: Any) -> None:
     """Give every parameter zero Adam state and its own step tensor (megatron's load needs it)."""
     for inner in _inner_optimizers(optimizer):
@@ -416,17 +422,17 @@ def _init_optimizer_state(optimizer: Any) -> None:
                 if not state:
                     state["exp_avg"] = torch.zeros_like(param.data)
                     state["exp_avg_sq"] = torch.zeros_like(param.data)
-                if "step" not in state:
+                if _per_param_step(inner) and "step" not in state:
                     state["step"] = torch.tensor(0.0, dtype=torch.float32)
 
 
 def _optimizer_step(optimizer: Any) -> float:
-    steps = {
-        float(state["step"])
-        for inner in _inner_optimizers(optimizer)
-        for state in inner.state.values()
-        if "step" in state
-    }
+    steps = set()
+    for inner in _inner_optimizers(optimizer):
+        if _per_param_step(inner):
+            steps |= {float(state["step"]) for state in inner.state.values() if "step" in state}
+        else:
+            steps |= {float(g["step"]) for g in inner.param_groups if g["params"] and "step" in g}
     if len(steps) > 1:
         raise CheckpointError(f"optimizer parameters disagree on the Adam step: {sorted(steps)}")
     return steps.pop() if steps else 0.0
@@ -434,9 +440,13 @@ def _optimizer_step(optimizer: Any) -> float:
 
 def _set_optimizer_step(optimizer: Any, step: float) -> None:
     for inner in _inner_optimizers(optimizer):
-        for state in inner.state.values():
-            # one tensor per parameter: foreach AdamW increments each step tensor it is given
-            state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        if _per_param_step(inner):
+            for state in inner.state.values():
+                # one tensor per parameter: foreach AdamW increments each step tensor it is given
+                state["step"] = torch.tensor(float(step), dtype=torch.float32)
+        else:
+            for group in inner.param_groups:
+                group["step"] = int(step)
 
 
 def _apply_optimizer_tensors(optimizer: Any, optim_sd: Any, tensors: dict, step: float) -> None:
