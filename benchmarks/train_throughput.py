@@ -122,7 +122,7 @@ def _timed(fn) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=7, help="timed steps of each (after 2 warm-up)")
+    parser.add_argument("--steps", type=int, default=7, help="timed steps of each (after 3 warm-up)")
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--hidden", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6)
@@ -156,10 +156,10 @@ def main() -> None:
 
     peak = matmul_peak_flops()
     ours, theirs = [], []
-    for i in range(args.steps + 2):
+    for i in range(args.steps + 3):
         a = _timed(lambda: train_step(built, spec, rows, i))
         b = _timed(lambda: reference_step(ref, ref_opt, tokens, labels, t.grad_clip))
-        if i >= 2:  # warm-up: allocator, thread pools, optimizer state
+        if i >= 3:  # warm-up: allocator, thread pools, optimizer state
             ours.append(a)
             theirs.append(b)
     peak = max(peak, matmul_peak_flops())  # the best of two: other processes may share the cores

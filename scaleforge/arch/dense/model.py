@@ -7,6 +7,7 @@ this builder only as TransformerConfig fields (`runtime`). With Transformer Engi
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import torch
@@ -27,6 +28,16 @@ from scaleforge.arch.common.init import init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
 from scaleforge.arch.dense.config import DenseConfig
+
+
+class _QuietSubclassedMLP(logging.Filter):
+    # TransformerLayer warns once per layer for any MLP class other than megatron's own MLP (an
+    # exact type check), although a subclass such as SwiGLUMLP gets the same tp group by default.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietSubclassedMLP())
 
 
 def transformer_config(cfg: DenseConfig, runtime: dict[str, Any]) -> TransformerConfig:
