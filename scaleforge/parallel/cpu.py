@@ -71,9 +71,6 @@ def install() -> bool:
     # checkpoint format of scaleforge.pretrain.checkpoint) moves its all-gather buffer with
     # `Tensor.cuda()`: "Torch not compiled with CUDA enabled" without this.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
-    # DistributedOptimizer.get_parameter_state_dp_zero (checkpointing the distributed optimizer in
-    # the fully_reshardable format) moves its gather buffers with `.cuda()`.
-    torch.Tensor.cuda = lambda self, device=None, non_blocking=False, **kwargs: self
 
     _redirect_megatron_rng()
     _define_missing_te_gemm()
