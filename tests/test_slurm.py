@@ -171,6 +171,11 @@ def test_unsafe_inputs_rejected_before_sbatch(cluster, tmp_path):
     with pytest.raises(ConfigError, match="no gpu gres"):
         slurm_ex.submit_slurm([gpu])
     assert not (tmp_path / "g").exists()  # nothing written for a refused submission
+    # more ranks than the node has CPUs: sbatch refuses at once, in one line, nothing is recorded
+    (big,) = runs.entries_from_specs([("big", tiny_spec("big", dp=64))], tmp_path / "runs")
+    with pytest.raises(runs.SchedulerError, match="sbatch refused run big: .*processors"):
+        slurm_ex.submit_slurm([big], slurm_ex.SlurmOptions(array=False), echo=lambda _m: None)
+    assert runs.read_job(big.run_dir) is None
 
 
 def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_path):

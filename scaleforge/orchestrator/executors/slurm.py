@@ -274,8 +274,9 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
             for _ in range(options.max_requeues):
                 params = _parameters(e, options, f"sf-{e.name}")
                 params["dependency"] = "afternotok:" + ":".join(record.job_ids)
-                job = _executor(folder, options, params).submit(
-                    TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python))
+                ex = _executor(folder, options, params)
+                task = TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python)
+                job = _sbatch(f"a continuation of {e.name}", lambda: ex.submit(task))
                 record = replace(record, job_ids=(*record.job_ids, job.job_id))
                 runs.write_job(e.run_dir, record)
             records[e.name] = record
@@ -285,18 +286,29 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
     return records
 
 
+def _sbatch(what: str, submit: Callable[[], Any]) -> Any:
+    """Run a submitit submission; sbatch refusing it is a one-line SchedulerError."""
+    try:
+        return submit()
+    except Exception as exc:  # noqa: BLE001 - submitit wraps sbatch's refusal in several types
+        lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()]
+        reason = (lines[-1] if lines else str(exc).strip().splitlines()[-1])[:300]
+        raise SchedulerError(f"sbatch refused {what}: {reason}") from exc
+
+
 def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions) -> list[str]:
     head = group[0]
     tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python) for e in group]
     if len(group) > 1 and options.array:
         longest = max(group, key=lambda e: e.time_min)
         ex = _executor(folder, options, _parameters(longest, options, f"sf-{head.name}-x{len(group)}"))
-        jobs = ex.submit_array(tasks)
+        jobs = _sbatch(f"the array of {', '.join(e.name for e in group)}",
+                       lambda: ex.submit_array(tasks))
         return [j.job_id for j in jobs]
     out = []
     for e, task in zip(group, tasks):
         ex = _executor(folder, options, _parameters(e, options, f"sf-{e.name}"))
-        out.append(ex.submit(task).job_id)
+        out.append(_sbatch(f"run {e.name}", lambda: ex.submit(task)).job_id)
     return out
 
 
