@@ -154,7 +154,8 @@ def test_cluster_status_and_accounting(cluster):
     # accounting answers (without it submitit cannot tell a killed job from a running one)
     assert subprocess.run(["sacct", "-n", "-X"], capture_output=True).returncode == 0
     # a job asking for more CPUs than the node has fails at once instead of pending forever
-    big = subprocess.run(["sbatch", "-c", "1000", "--wrap", "true"], capture_output=True, text=True)
+    big = subprocess.run(["sbatch", "-c", "1000", "-o", "/dev/null", "--wrap", "true"],
+                         capture_output=True, text=True)
     assert big.returncode != 0 and "processors" in big.stderr.lower()
 
 
@@ -263,8 +264,8 @@ def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_pat
 
 def test_second_submit_while_queued_queues_nothing(cluster, tmp_path, tiny_store, client_path):
     """Runs whose jobs are still pending are not queued again (the recorded job is asked for)."""
-    hold = subprocess.run(["sbatch", "--parsable", "-c", "16", "--wrap", "sleep 60"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    hold = subprocess.run(["sbatch", "--parsable", "-c", "16", "-o", "/dev/null", "--wrap",
+                           "sleep 60"], capture_output=True, text=True, check=True).stdout.strip()
     try:
         plan = write_plan(tmp_path / "plan.yaml", [tiny_spec("q", steps=2, store=tiny_store),
                                                    tiny_spec("r", steps=2, store=tiny_store)])
