@@ -42,11 +42,8 @@ def install() -> bool:
     # `torch.cuda.current_device()`, also inside autograd backward (sequence-parallel
     # reduce-scatter), so the answer must be a valid CPU device, not an index.
     cuda.current_device = lambda: "cpu"
-    # initialize_model_parallel / DDP call set_device; p2p_communication (pipeline send/recv)
-    # calls synchronize after every batch of isends; both are meaningless on one CPU device.
-    cuda.set_device = lambda device: None
+    # pipeline_parallel.p2p_communication calls synchronize after every batch of isends (1F1B).
     cuda.synchronize = lambda device=None: None
-    cuda.empty_cache = lambda: None
 
     # tensor_parallel.random.CudaRNGStatesTracker.add and model_parallel_cuda_manual_seed seed and
     # read "the CUDA generator"; on CPU it is the default generator. manual_seed goes to the
