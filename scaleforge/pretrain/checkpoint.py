@@ -262,6 +262,11 @@ def load_latest(
         return None
     verify(path)
     state = json.loads((path / STATE_FILE).read_text())
+    if state.get("format") != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path / STATE_FILE} has checkpoint format {state.get('format')}, this scaleforge "
+            f"reads {FORMAT_VERSION}; resume it with the version that wrote it"
+        )
     if spec is not None:
         _check_same_run(path, spec)
     with torch.no_grad():

@@ -122,7 +122,7 @@ def forward_to_ranks(proc: Any, signals: tuple[int, ...] = HANDLED) -> Iterator[
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signum)
-        if not pids:  # ranks not started yet (or gone): let torchrun handle it
+        if not pids:  # ranks not started yet (or gone): torchrun's own handling ends the run
             with contextlib.suppress(ProcessLookupError):
                 proc.send_signal(signum)
 
