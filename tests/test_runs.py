@@ -262,3 +262,30 @@ def test_scheduler_down(tmp_path, monkeypatch):
         runs.run_states([e], runner=down)  # submit must not guess
     assert runs.run_states([e], runner=down, tolerant=True)[0].state == "unknown"  # status shows it
     assert runs.run_states([e], runner=down, tolerant=True)[0].action == "skip"
+
+
+def test_wait_for_runs(tmp_path):
+    import threading
+
+    e = entry(tmp_path)
+    runs.prepare_run_dir(e)
+    rec = runs.local_record(attempts=1)
+    runs.write_job(e.run_dir, rec)
+    write_status(e.run_dir, "running", 3)
+
+    def finish():
+        write_status(e.run_dir, "completed", 20)
+        runs.write_job(e.run_dir, replace(rec, ended_at=time.time(), exit_code=0))
+
+    timer = threading.Timer(0.3, finish)
+    timer.start()
+    lines = []
+    (st,) = runs.wait_for_runs([e], poll_s=0.05, timeout_s=10, echo=lines.append, runner=no_scheduler)
+    timer.join()
+    assert st.state == "completed"
+    pid = os.getpid()
+    assert lines == [f"r1: running 3/20 (job local:{pid} RUNNING)", f"r1: completed 20/20 (job local:{pid})"]
+    write_status(e.run_dir, "running", 3)
+    runs.write_job(e.run_dir, rec)
+    with pytest.raises(runs.SchedulerError, match="still queued or running after 0 s: r1"):
+        runs.wait_for_runs([e], poll_s=0.01, timeout_s=0, echo=lambda _m: None)

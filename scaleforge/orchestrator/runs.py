@@ -475,6 +475,31 @@ def run_states(entries: list[RunEntry], *, runner: Runner = _run, now: float | N
     return [_state(e, d, r, sched, now) for e, d, r in zip(entries, dirs, records)]
 
 
+def wait_for_runs(entries: list[RunEntry], *, timeout_s: float | None = None, poll_s: float = 10.0,
+                  echo: Callable[[str], None] = print, runner: Runner = _run) -> list[RunState]:
+    """Poll until no run is queued or running (one batched scheduler query per poll).
+
+    Prints each state change; returns the final states. Raises SchedulerError after `timeout_s`.
+    """
+    deadline = None if timeout_s is None else time.time() + timeout_s
+    seen: dict[str, str] = {}
+    while True:
+        states = run_states(entries, runner=runner)
+        for st in states:
+            shown = f"{st.state} {st.step}/{st.total_steps}"
+            if seen.get(st.entry.name, "").split()[:1] != shown.split()[:1]:
+                job = " ".join(x for x in (st.job, st.job_state) if x)
+                echo(f"{st.entry.name}: {shown}" + (f" (job {job})" if st.job else ""))
+            seen[st.entry.name] = shown
+        if not any(st.state in ("queued", "running") for st in states):
+            return states
+        if deadline is not None and time.time() > deadline:
+            raise SchedulerError(f"runs still queued or running after {timeout_s:.0f} s: "
+                                 + ", ".join(s.entry.name for s in states
+                                             if s.state in ("queued", "running")))
+        time.sleep(poll_s)
+
+
 def _state(entry: RunEntry, d: DirState, record: JobRecord | None, sched: dict[str, str] | None,
            now: float) -> RunState:
     base = dict(entry=entry, step=d.step, total_steps=d.total_steps or entry.spec.train.steps,

@@ -42,6 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default 120)")
     slurm.add_argument("--no-array", action="store_true",
                        help="one job per run instead of arrays of same-shaped runs")
+    slurm.add_argument("--wait", action="store_true",
+                       help="after submitting, wait until no run is queued or running (exit 1 if "
+                            "any did not complete)")
     local = parser.add_argument_group("local")
     local.add_argument("--cores", type=int, default=None, metavar="N",
                        help="cores the local executor may fill (default: all)")
@@ -85,7 +88,10 @@ def run(args: argparse.Namespace) -> int:
 
         submit_slurm(launch, options)
         print(f"submitted {len(launch)} run(s); `orchestrate status {args.plan}` shows their states")
-        return 0
+        if not args.wait:
+            return 0
+        final = runs.wait_for_runs(entries)
+        return 0 if all(st.state == "completed" for st in final) else 1
     from scaleforge.orchestrator.executors.local import run_local
 
     codes = run_local(launch, cores=args.cores, max_requeues=args.max_requeues)
