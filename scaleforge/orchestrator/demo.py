@@ -79,7 +79,9 @@ def run(args: argparse.Namespace) -> int:
     with ladder_progress(plan_path):
         _check(cli.main(submit), "submit")
         if args.executor == "slurm":
-            wait_for_runs(plan_path)
+            from scaleforge.orchestrator import runs
+
+            runs.wait_for_runs(runs.entries_from_plan(plan_path), poll_s=5.0)
 
     _stage(4, "refit", "fit the law to the ladder's own losses, re-plan the target")
     _check(cli.main(["refit", str(plan_path)]), "refit")
@@ -136,21 +138,6 @@ def ladder_progress(plan_path: Path, poll_s: float = 1.0):
             thread.join()
             done = sum(min(runs.read_run_dir(e.run_dir).step, e.spec.train.steps) for e in entries)
             progress.update(task, completed=done)
-
-
-def wait_for_runs(plan_path: Path, poll_s: float = 5.0) -> None:
-    """Block until every ladder run of the plan is finished (completed, diverged or failed)."""
-    from scaleforge.orchestrator import runs
-
-    entries = runs.entries_from_plan(plan_path)
-    while True:
-        states = runs.run_states(entries)
-        waiting = [s for s in states if s.state not in ("completed", "diverged", "failed")]
-        done = len(states) - len(waiting)
-        print(f"  {done}/{len(states)} runs finished", flush=True)
-        if not waiting:
-            return
-        time.sleep(poll_s)
 
 
 def _stage(i: int, name: str, detail: str) -> None:
