@@ -107,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         raise FitError(f"unknown law {args.law!r}: choose one of {', '.join(laws.NAMES)}")
     if args.drop_highest < 0 or args.bootstrap < 0:
         raise FitError("--drop-highest and --bootstrap must be >= 0")
+    if args.law == "isoflop" and args.bootstrap:
+        raise FitError("--bootstrap applies to the parametric laws; isoflop's intervals come from its power-law regression")
     mapping = parse_map(args.map)
     needed = ("N", "C") if args.law == "isoflop" else laws.get(args.law).variables
     data = variables(read_table(args.data), mapping, needed, args.data)
