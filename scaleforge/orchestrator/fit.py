@@ -156,8 +156,10 @@ def _fd_curvature(law: Law, theta: np.ndarray, x: np.ndarray, ev: Evaluation) ->
     """Second-order term by forward differences of the law's analytic Jacobian."""
     s, p, n = ev.jac.shape
     hd = np.empty((p, s, p, n))
+    # Step ~ sqrt(machine epsilon) of the law's arithmetic: 1e-6 in float64, 3e-3 in float32.
+    rel = 1e-6 if ev.jac.dtype == np.float64 else 3e-3
     for k in range(p):
-        h = 1e-6 * np.maximum(1.0, np.abs(theta[:, k]))
+        h = rel * np.maximum(1.0, np.abs(theta[:, k]))
         t = theta.copy()
         t[:, k] += h
         hd[k] = (law.evaluate(t, x).jac - ev.jac) / h[:, None, None]
