@@ -46,6 +46,9 @@ def install() -> None:
         raise RuntimeError("signals.install() must be called from the main thread")
     for sig in HANDLED:
         signal.signal(sig, _handler)
+    # A launcher may start this process with HANDLED blocked (the Slurm executor does), so a signal
+    # that arrives during start-up waits here instead of killing the process by its default action.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
 
 @contextlib.contextmanager
