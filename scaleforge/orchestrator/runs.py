@@ -509,7 +509,8 @@ def _state(entry: RunEntry, d: DirState, record: JobRecord | None, sched: dict[s
         return RunState(state=written, **base)
     if sched is None and record is not None and record.executor == "slurm":
         return RunState(state="unknown", job_state="?", **base)
-    active, job_state = _job_activity(record, sched or {}, now)
+    active, job_state, jid = _job_activity(record, sched or {}, now)
+    base["job"] = jid
     if active is None:
         # a local run recorded on another host: its directory is all we know
         return RunState(state=written or "unknown", job_state=job_state, **base)
@@ -529,32 +530,31 @@ def _state(entry: RunEntry, d: DirState, record: JobRecord | None, sched: dict[s
 
 
 def _job_activity(record: JobRecord | None, sched: dict[str, str], now: float
-                  ) -> tuple[bool | None, str]:
-    """(active?, shown job state) of a recorded submission."""
+                  ) -> tuple[bool | None, str, str]:
+    """(active?, shown job state, shown job id) of a recorded submission."""
     if record is None:
-        return False, ""
+        return False, "", ""
     if record.executor == "local":
         alive = local_job_alive(record)
         if alive is None:
-            return None, f"on {record.host}"
+            return None, f"on {record.host}", record.job
         if alive:
-            return True, "RUNNING" if record.attempts else "PENDING"
-        return False, "GONE" if record.exit_code is None else f"EXIT {record.exit_code}"
-    last = ""
+            return True, "RUNNING" if record.attempts else "PENDING", record.job
+        return False, "GONE" if record.exit_code is None else f"EXIT {record.exit_code}", record.job
+    last, last_id = "", record.job
     for jid in record.job_ids:
         state = sched.get(jid)
         if state is None:
             if now - record.submitted_at < ACCOUNTING_LAG_S:
-                return True, "SUBMITTED"  # not visible yet: accounting lags behind sbatch
+                return True, "SUBMITTED", jid  # not visible yet: accounting lags behind sbatch
             continue
         if state in SLURM_ACTIVE:
-            # a continuation pending on its predecessor's failure is not what the user waits for
-            # while the predecessor runs: show the first active job of the chain
-            return True, state
+            # the first active job of the chain: the running one, or the next to run
+            return True, state, jid
         if not last or state != "CANCELLED":
             # continuations cancelled because the job before them ended well say nothing new
-            last = state
-    return False, last or "GONE"
+            last, last_id = state, jid
+    return False, last or "GONE", last_id
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -43,8 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     slurm.add_argument("--no-array", action="store_true",
                        help="one job per run instead of arrays of same-shaped runs")
     slurm.add_argument("--wait", action="store_true",
-                       help="after submitting, wait until no run is queued or running (exit 1 if "
-                            "any did not complete)")
+                       help="then wait until none of the plan's runs is queued or running (exit 1 "
+                            "if any did not complete)")
     local = parser.add_argument_group("local")
     local.add_argument("--cores", type=int, default=None, metavar="N",
                        help="cores the local executor may fill (default: all)")
@@ -74,6 +74,9 @@ def run(args: argparse.Namespace) -> int:
             launch.append(st.entry)
     if not launch:
         print("nothing to launch")
+        if args.wait and args.executor == "slurm" and not args.dry_run:
+            final = runs.wait_for_runs(entries)
+            return 0 if all(st.state == "completed" for st in final) else 1
         return 0
     if args.dry_run:
         if options is not None:

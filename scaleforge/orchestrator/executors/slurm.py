@@ -45,6 +45,8 @@ from scaleforge.orchestrator.runs import JobRecord, RunEntry, SchedulerError
 
 # Slurm names (partition, account, qos) and job names: no shell or sbatch metacharacters.
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+# Signals that ask the trainer to save and stop (scaleforge.pretrain.signals.HANDLED).
+HELD_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # Paths reach `#SBATCH --output=` (where Slurm expands %j and friends) and the srun command line.
 UNSAFE_PATH_CHARS = ("%", "\n", "\r", "\0")
 
@@ -138,7 +140,16 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
         log.write(f"=== job {job} rank {rank} on {socket.gethostname()} "
                   f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')} ===\n")
         log.flush()
-        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        # The trainer starts with the signals blocked and unblocks them once its handler is in
+        # place (signals.install): a USR2 or SIGTERM during its start-up (imports, rendezvous) is
+        # held instead of killing it, and its helpers started before that inherit the block.
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                    stdin=subprocess.DEVNULL)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+        code = proc.wait()
     status = _status(run_dir)
     if code == 0:
         return {"run_dir": str(run_dir), "state": status.get("state"), "step": status.get("step"),
