@@ -45,10 +45,12 @@ def _rows(sampler: Any, spec: Any, batch_index: int) -> torch.Tensor:
     """This data-parallel rank's [per_rank, seq_len + 1] rows of global batch `batch_index`."""
     from megatron.core import parallel_state
 
-    per_rank = spec.train.global_batch // spec.parallel.dp
-    start = batch_index * spec.train.global_batch
-    start += parallel_state.get_data_parallel_rank() * per_rank
-    return torch.as_tensor(sampler.samples(start, per_rank), dtype=torch.long)
+    from scaleforge.data_pipeline import rank_rows
+
+    mine = rank_rows(spec.train.global_batch, parallel_state.get_data_parallel_rank(),
+                     spec.parallel.dp)
+    start = batch_index * spec.train.global_batch + mine.start
+    return torch.as_tensor(sampler.samples(start, len(mine)), dtype=torch.long)
 
 
 def _micro_batches(rows: torch.Tensor, micro_batch: int, device: torch.device):
@@ -154,7 +156,8 @@ def train(spec: Any, run_dir: Path) -> int:
     if state == "preempted":
         return hooks.requeue_exit_code
     if state == "diverged":
-        print(f"error: loss is not finite at step {step}; lower train.lr", file=sys.stderr)
+        if rank0:
+            print(f"error: loss is not finite at step {step}; lower train.lr", file=sys.stderr)
         return DIVERGED_EXIT_CODE
     return 0
 
