@@ -126,6 +126,12 @@ def _sacct(job_ids) -> dict[str, str]:
     return runs.parse_slurm_table(out.stdout)
 
 
+def _squeue_state(job_id: str) -> str:
+    out = subprocess.run(["squeue", "-h", "-r", "-o", "%T", "-j", job_id], capture_output=True,
+                         text=True)
+    return out.stdout.strip()
+
+
 def _losses(path: Path) -> list[float]:
     return [r["loss"] for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
 
@@ -183,7 +189,8 @@ def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_pat
     """A two-run ladder through submitit in a directory whose path holds spaces, quotes and `;`:
     the two-rank run (one srun task per rank) is sent USR2 mid-run, both ranks save, its
     continuation job resumes it without scontrol, and it ends with exactly the losses of an
-    uninterrupted local two-rank run; `status` shows the states and a second submit queues nothing."""
+    uninterrupted local two-rank run; the one-rank run is sent USR2 during start-up and still saves
+    and resumes; `status` shows the states and a second submit queues nothing."""
     hostile = tmp_path / "ladder it's \"q\"; touch PWNED $(touch PWNED2)"
     hostile.mkdir()
     steps = 16
@@ -205,6 +212,13 @@ def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_pat
     ref = subprocess.Popen([sys.executable, "-m", "scaleforge.cli", "train", str(b.spec_path),
                             "--out", str(tmp_path / "reference"), "--nproc", "2"], env=_env(),
                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+    # a is signalled while its trainer is still starting (importing torch and megatron): the
+    # signal is held until the trainer's handler exists, so it saves after its first step
+    _wait(lambda: _squeue_state(rec_a.job_ids[0]) == "RUNNING", 120, "run a's job to start", 0.2)
+    time.sleep(1.0)
+    assert not (a.run_dir / "status.json").exists()
+    subprocess.run(["scancel", "--signal=USR2", rec_a.job_ids[0]], check=True, env=env)
 
     metrics_b = b.run_dir / "metrics.jsonl"
     _wait(lambda: metrics_b.exists() and len(_losses(metrics_b)) >= 3, 300, "run b's third step")
@@ -235,9 +249,12 @@ def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_pat
     resumed_log = (b.run_dir / "logs" / f"slurm-{rec_b.job_ids[1]}.rank0.log").read_text()
     assert f"step {saved_step + 1}/{steps}" in resumed_log
     assert f"step {saved_step}/{steps}" not in resumed_log
-    # a was never interrupted: its first job completed, its continuations were cancelled
+    # a, signalled during start-up, saved after its first step and resumed in its continuation
     assert [_sacct(rec_a.job_ids).get(j) for j in rec_a.job_ids] == \
-        ["COMPLETED", "CANCELLED", "CANCELLED"]
+        ["FAILED", "COMPLETED", "CANCELLED"]
+    log_a = (a.run_dir.parent / ".slurm" / f"{rec_a.job_ids[0]}_0_log.out").read_text()
+    assert "saved at step 1 and stopped (signals: SIGUSR2)" in log_a, log_a[-3000:]
+    assert len(_losses(a.run_dir / "metrics.jsonl")) == steps
 
     # bit-identical continuation
     assert len(_losses(metrics_b)) == steps
