@@ -107,13 +107,27 @@ class Run:
             time.sleep(0.05)
 
     def kill(self) -> None:
-        """SIGKILL the whole session: CLI, torchrun, ranks, writer helpers."""
+        """SIGKILL the whole job: CLI, torchrun, ranks (torchrun gives each its own session) and
+        the checkpoint writer's helpers."""
+        try:
+            everyone = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            everyone = []
+        self.kill_session()
+        for proc in everyone:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        self.log.close()
+
+    def kill_session(self) -> None:
+        """SIGKILL the CLI's session only (the CLI and torchrun, not torchrun's ranks)."""
         try:
             os.killpg(self.proc.pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
         self.proc.wait(timeout=60)
-        self.log.close()
 
     def wait(self, timeout: float = 300) -> int:
         try:
@@ -246,7 +260,10 @@ def test_dp2_sigusr1_then_sigkill_resume_bit_exact(spec, tmp_path):
     # 2) re-run; SIGKILL the whole job at a random step between the checkpoints of steps 3 and 6
     kill_step = random.Random(7).randint(EVERY + 1, 2 * EVERY - 1)
     run = Run(spec, out, nproc=2, env={signals.TEST_STOP_ENV: str(kill_step - 2)})
-    run.wait_stopped()
+    ranks = run.wait_stopped()
+    run.kill_session()  # the CLI and torchrun; the ranks must follow torchrun (die_with_torchrun)
+    psutil.wait_procs(ranks, timeout=30)
+    assert not any(rank.is_running() for rank in ranks), "ranks outlived a SIGKILLed torchrun"
     run.kill()
     assert _latest(out) == checkpoint.step_name(EVERY)
     # 3) re-run to the end

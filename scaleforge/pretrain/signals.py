@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -46,6 +47,28 @@ def install() -> None:
         raise RuntimeError("signals.install() must be called from the main thread")
     for sig in HANDLED:
         signal.signal(sig, _handler)
+    die_with_torchrun()
+
+
+def die_with_torchrun() -> None:
+    """Under torchrun, have the kernel SIGKILL this rank when torchrun dies.
+
+    torchrun starts every rank in a session of its own, so a SIGKILL of the launcher's process group
+    (a user's `kill -9`, an executor's timeout) leaves the ranks running, and they would go on writing
+    the run directory next to the re-run: seen in tests as orphaned ranks. Linux only
+    (prctl PR_SET_PDEATHSIG); elsewhere nothing changes.
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    pr_set_pdeathsig = 1
+    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+        return
+    if os.getppid() != parent:  # torchrun died before the request took effect
+        os.kill(os.getpid(), signal.SIGKILL)
     # A launcher may start this process with HANDLED blocked (the Slurm executor does), so a signal
     # that arrives during start-up waits here instead of killing the process by its default action.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
