@@ -151,6 +151,15 @@ def test_signal_only_sets_the_flag(handlers):
     assert signals.stop_requested() and signals.received() == "SIGUSR1"
 
 
+def test_install_unblocks_signals_a_launcher_held_back(handlers):
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals.HANDLED)
+    try:
+        signals.install()
+        assert not set(signals.HANDLED) & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
 def test_processes_started_in_deferred_survive_preemption_signals(handlers):
     # the purpose: the checkpoint writer's helper processes inherit the blocked mask
     with signals.deferred():

@@ -48,6 +48,9 @@ def install() -> None:
     for sig in HANDLED:
         signal.signal(sig, _handler)
     die_with_torchrun()
+    # A launcher may start this process with HANDLED blocked (the Slurm executor does), so a signal
+    # that arrives during start-up waits here instead of killing the process by its default action.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
 
 def die_with_torchrun() -> None:
@@ -69,9 +72,6 @@ def die_with_torchrun() -> None:
         return
     if os.getppid() != parent:  # torchrun died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
-    # A launcher may start this process with HANDLED blocked (the Slurm executor does), so a signal
-    # that arrives during start-up waits here instead of killing the process by its default action.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
 
 
 @contextlib.contextmanager
