@@ -10,6 +10,10 @@ DDP grad buffers and megatron's optimizer. The reference is written here: the sa
 (RMSNorm, fused QKV, RoPE, SDPA with GQA, fused gate/up SwiGLU), torch AdamW (foreach) and
 clip_grad_norm_. Model FLOP/s use DenseConfig.flops_per_token and are divided by this machine's
 fp32 matmul peak, measured here. Last line: `throughput_ratio=<x> flop_utilisation=<y>`.
+
+Measured (2 cores, defaults, 9 steps): OMP_NUM_THREADS=2 on a quiet machine: 1,222 vs 1,241
+tokens/s, ratio 0.985 (best steps 1.003), utilisation 0.70 of a 144 GFLOP/s peak;
+OMP_NUM_THREADS=1 --clock cpu: 644 vs 639 tokens/s, ratio 1.008, utilisation 0.62 of 86 GFLOP/s.
 """
 
 from __future__ import annotations
