@@ -120,3 +120,17 @@ def test_dense_tiny_example_beats_unigram_entropy(tmp_path):
     final = [r["eval_loss"] for r in records if "eval_loss" in r][-1]
     entropy = unigram_entropy_nats(store, "validation")
     assert final < entropy, f"validation loss {final:.3f} >= unigram entropy {entropy:.3f} nats"
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_as_diverged(tmp_path, tiny_store):
+    # lr 1e30: after one AdamW step every weight is ~1e30 and the activations overflow
+    spec_path = _tiny_spec(tmp_path, tiny_store, lr=1e30)
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaleforge.cli", "train", str(spec_path), "--out",
+         str(tmp_path / "run")], env=rank_env(2), capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    assert "error: loss is not finite at step" in proc.stderr
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "diverged" and status["step"] < 6
