@@ -77,7 +77,8 @@ def layer_spec(config: TransformerConfig) -> ModuleSpec:
 
         from megatron.core.extensions.transformer_engine import TENorm
 
-        layer = get_gpt_layer_with_transformer_engine_spec(normalization="RMSNorm")
+        # TE's fused norm-linears and TENorm read config.normalization (RMSNorm) themselves
+        layer = get_gpt_layer_with_transformer_engine_spec()
         final_norm = TENorm
     else:
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
