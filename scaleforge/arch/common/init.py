@@ -38,11 +38,12 @@ def _generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
 
 
-def _shard(full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int) -> torch.Tensor:
+def _shard(
+    full: torch.Tensor, param: torch.Tensor, tp_rank: int, tp_size: int, stride: int
+) -> torch.Tensor:
     if not getattr(param, "tensor_model_parallel", False) or tp_size == 1:
         return full
     dim = param.partition_dim
-    stride = getattr(param, "partition_stride", 1)
     chunks = torch.split(full, full.shape[dim] // (stride * tp_size), dim=dim)
     # stride 2 (SwiGLU fc1): the full [gate; up] weight gives rank r [gate_r; up_r]
     return torch.cat(chunks[tp_rank::tp_size], dim=dim)
@@ -56,6 +57,7 @@ def init_params(model: torch.nn.Module, *, seed: int, std: float, layers: int, t
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     out_std = std / math.sqrt(2.0 * layers)
+    gated = bool(getattr(getattr(model, "config", None), "gated_linear_unit", False))
     for name, param in model.named_parameters():
         if param.dim() == 1:  # RMSNorm/LayerNorm gains (the model has no biases)
             param.fill_(1.0)
@@ -67,4 +69,7 @@ def init_params(model: torch.nn.Module, *, seed: int, std: float, layers: int, t
         sigma = out_std if name.endswith(_RESIDUAL_OUT) else std
         full = torch.empty(full_shape, dtype=torch.float32)
         full.normal_(0.0, sigma, generator=_generator(seed, key))
-        param.copy_(_shard(full, param, tp_rank, tp_size).to(param.dtype))
+        stride = getattr(param, "partition_stride", 1)
+        if gated and name.endswith("linear_fc1.weight"):
+            stride = 2  # each rank holds [gate_r; up_r] (megatron's local MLP says so; TE does not)
+        param.copy_(_shard(full, param, tp_rank, tp_size, stride).to(param.dtype))
