@@ -19,7 +19,6 @@ OMP_NUM_THREADS=1 --clock cpu: 644 vs 639 tokens/s, ratio 1.008, utilisation 0.6
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import time
 
