@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
-
-PYTHON = sys.executable
 
 
 @pytest.fixture(scope="session")
