@@ -166,7 +166,7 @@ class EvalSpec:
     every: int = 50
     """Evaluate every this many steps and at the last step (0 turns evaluation off)."""
     batches: int = 4
-    """Micro-batches of validation samples per evaluation (a fixed, seeded set)."""
+    """Global batches of validation samples per evaluation (a fixed, seeded set, the same in every layout)."""
 
     def __post_init__(self) -> None:
         if self.every < 0:
