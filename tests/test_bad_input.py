@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -90,3 +91,26 @@ def test_bad_input_through_the_real_command(workdir):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2
     assert len(lines) == 1 and lines[0].startswith("error: parallel.tp=3 does not divide model.heads=4")
+
+
+def test_corrupt_chunk_is_named_and_nothing_is_overwritten(workdir, tiny_store):
+    """A damaged zarr chunk stops the run before any step with an error naming the chunk."""
+    store = workdir / "store"
+    shutil.copytree(tiny_store, store)
+    chunk = store / "train" / "tokens" / "c" / "0"
+    raw = bytearray(chunk.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(raw))
+    data = yaml.safe_load((workdir / "run.yaml").read_text())
+    data["data"]["stores"] = [str(store)]
+    (workdir / "run.yaml").write_text(yaml.safe_dump(data))
+    before = _snapshot(workdir / "out")
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaleforge.cli", "train", str(workdir / "run.yaml"), "--out",
+         str(workdir / "out")], capture_output=True, text=True, timeout=300,
+    )
+    err = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2
+    assert len(err) == 1 and err[0].startswith("error: ") and "train/tokens/c/0" in err[0], err
+    after = _snapshot(workdir / "out")
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing overwritten

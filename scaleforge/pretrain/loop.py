@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import sys
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,11 @@ from scaleforge.pretrain import metrics as metrics_mod
 from scaleforge.pretrain.schedules import lr_at
 
 DIVERGED_EXIT_CODE = 3
+
+# megatron-core announces, on import, every optional kernel it did not find (Transformer Engine,
+# Apex: never present on CPU, optional on GPU); these notices would bury a run's one-line errors.
+warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed", category=UserWarning)
+warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 
 
 def open_samplers(spec: Any) -> tuple[Any, Any]:
@@ -139,13 +145,24 @@ def train(spec: Any, run_dir: Path) -> int:
     log = metrics_mod.RunLog(
         run_dir, run_id=run_id(spec), total_steps=spec.train.steps, enabled=rank0
     )
-    state, step = "failed", 0
     try:
         train_sampler, val_sampler = open_samplers(spec)
         built = model_build.build(spec)
-        hooks = _Hooks.load()
-        step = hooks.resume(run_dir, built, log, spec)
+        hooks = _Hooks.install()
+        step = hooks.load(run_dir, built, spec)
+        # Read the data this run starts from (chunks are checksummed on first read): a damaged store
+        # stops the run here, before the run directory changes.
+        _rows(train_sampler, spec, step)
+        if spec.eval.every:
+            _rows(val_sampler, spec, 0)
+    except BaseException:
+        log.close()
+        shutdown()
+        raise
+    state = "failed"
+    try:
         if rank0:
+            metrics_mod.truncate_after(run_dir / "metrics.jsonl", step)
             metrics_mod.write_atomic(run_dir / "run.yaml", spec_to_yaml(spec))
         log.status("running", step)
         state, step = _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step)
@@ -204,7 +221,7 @@ class _Hooks:
         self.requeue_exit_code = signals.REQUEUE_EXIT_CODE
 
     @classmethod
-    def load(cls) -> "_Hooks":
+    def install(cls) -> "_Hooks":
         from scaleforge.pretrain import checkpoint, signals
 
         signals.install()
@@ -213,18 +230,12 @@ class _Hooks:
     def stop_requested(self) -> bool:
         return bool(self.signals.stop_requested())
 
-    def resume(self, run_dir: Path, built, log, spec) -> int:
+    def load(self, run_dir: Path, built, spec) -> int:
+        """Restore the latest checkpoint, if any (reads only); returns the step to continue from."""
         state = self.checkpoint.load_latest(
             run_dir, model=built.model, optimizer=built.optimizer, spec=spec
         )
-        if state is None:
-            if log.enabled:
-                metrics_mod.truncate_after(run_dir / "metrics.jsonl", 0)
-            return 0
-        step = int(state["step"])
-        if log.enabled:
-            metrics_mod.truncate_after(run_dir / "metrics.jsonl", step)
-        return step
+        return 0 if state is None else int(state["step"])
 
     def save(self, run_dir: Path, step: int, built, spec) -> None:
         self.checkpoint.save(
