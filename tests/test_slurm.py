@@ -137,9 +137,16 @@ def _losses(path: Path) -> list[float]:
 
 
 def _all_jobs() -> set[str]:
-    out = subprocess.run(["sacct", "-X", "-n", "-P", "-a", "-o", "JobID", "-S", "now-1days"],
-                         capture_output=True, text=True, check=True)
-    return set(out.stdout.split())
+    """Every job id the cluster knows (array tasks as their array's id).
+
+    The controller answers at once; accounting (sacct) can lag a submission by seconds, so a snapshot
+    taken from sacct alone could miss a job that was already queued and see it later.
+    """
+    queue = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%F"], capture_output=True, text=True,
+                           check=True)
+    acct = subprocess.run(["sacct", "-X", "-n", "-P", "-a", "-o", "JobID", "-S", "now-1days"],
+                          capture_output=True, text=True, check=True)
+    return set(queue.stdout.split()) | {j.split("_")[0] for j in acct.stdout.split()}
 
 
 # ----------------------------------------------------------------------------------------------
