@@ -148,7 +148,7 @@ def print_summary(refit, fit_path: Path, plots: list[Path], new_plan) -> None:
     console.print(table)
     if refit.isoflop is not None:
         iso = refit.isoflop
-        console.print(f"Approach 2: N_opt = {iso.k:.4g} C^{iso.a:.4f} (95% a in [{iso.ci['a'][0]:.3f}, {iso.ci['a'][1]:.3f}]) over {len(iso.profiles)} budgets")
+        console.print(f"Approach 2: N_opt = {iso.k:.4g} C^{iso.a:.4f} (95% a in [{iso.ci['a'][0]:.3f}, {iso.ci['a'][1]:.3f}]) over {len(iso.profiles)} budgets", markup=False)
     if refit.holdout is not None:
         h = refit.holdout
         console.print(
