@@ -20,35 +20,18 @@ def check_layout(spec: Any, world_size: int | None = None) -> None:
             f"{par.tp} x {par.pp} x {par.dp} = {par.world_size}; launch {par.world_size} ranks "
             "or change the layout"
         )
-    heads = getattr(model, "heads", None)
-    kv_heads = getattr(model, "kv_heads", heads)
-    if heads is not None and heads % par.tp:
-        raise LayoutError(
-            f"parallel.tp={par.tp} does not divide model.heads={heads}; pick a tp that divides it"
-        )
-    if kv_heads is not None and kv_heads % par.tp:
-        raise LayoutError(
-            f"parallel.tp={par.tp} does not divide model.kv_heads={kv_heads}; "
-            "pick a tp that divides it"
-        )
-    ffn = getattr(model, "ffn_hidden", None)
-    if ffn is not None and ffn % par.tp:
-        raise LayoutError(
-            f"parallel.tp={par.tp} does not divide model.ffn_hidden={ffn}; "
-            "pick a tp that divides it"
-        )
-    vocab = getattr(model, "vocab_size", None)
-    if vocab is not None and vocab % par.tp:
-        raise LayoutError(
-            f"parallel.tp={par.tp} does not divide model.vocab_size={vocab}; "
-            "round the vocabulary up to a multiple of tp"
-        )
-    layers = getattr(model, "layers", None)
-    if layers is not None and layers % par.pp:
-        raise LayoutError(
-            f"parallel.pp={par.pp} does not divide model.layers={layers}; "
-            "pick a pp that divides the layer count"
-        )
+    for field, size, axis, advice in (
+        ("heads", par.tp, "tp", "pick a tp that divides it"),
+        ("kv_heads", par.tp, "tp", "pick a tp that divides it"),
+        ("ffn_hidden", par.tp, "tp", "pick a tp that divides it"),
+        ("vocab_size", par.tp, "tp", "round the vocabulary up to a multiple of tp"),
+        ("layers", par.pp, "pp", "pick a pp that divides the layer count"),
+    ):
+        value = getattr(model, field, None)
+        if value is not None and value % size:
+            raise LayoutError(
+                f"parallel.{axis}={size} does not divide model.{field}={value}; {advice}"
+            )
     if par.sp and par.tp == 1:
         raise LayoutError("parallel.sp=true needs parallel.tp > 1; set parallel.sp=false")
     if par.sp and spec.data.seq_len % par.tp:
