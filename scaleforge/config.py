@@ -120,7 +120,8 @@ class ParallelSpec:
     sp: bool = False
     """Sequence parallelism (needs tp > 1)."""
     ep: int = 1
-    """Expert-parallel size for MoE models (must divide dp)."""
+    """Expert-parallel size for MoE models (must divide dp and the experts; checked with the layout,
+    after `--nproc` has set dp)."""
     distributed_optimizer: bool = True
     """Shard optimizer states across data-parallel ranks (ZeRO-1) when dp > 1."""
     recompute: str = "none"
@@ -131,8 +132,6 @@ class ParallelSpec:
             _positive(f"parallel.{name}", getattr(self, name))
         if self.sp and self.tp == 1:
             raise ConfigError("parallel.sp=true needs parallel.tp > 1")
-        if self.dp % self.ep:
-            raise ConfigError(f"parallel.ep={self.ep} must divide parallel.dp={self.dp}")
         if self.recompute not in ("none", "selective", "full"):
             raise ConfigError(
                 f"parallel.recompute must be none, selective or full, got {self.recompute!r}"

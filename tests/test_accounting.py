@@ -5,7 +5,8 @@ import math
 import pytest
 
 from scaleforge.arch.dense.config import DenseConfig, megatron_flops_per_token
-from scaleforge.orchestrator import hparams, prior, shapes
+from scaleforge.arch.dense import shapes
+from scaleforge.orchestrator import hparams, prior
 
 GPT3 = DenseConfig(layers=96, hidden=12288, heads=96, kv_heads=96, ffn_hidden=32768, vocab_size=51200)
 
@@ -13,7 +14,7 @@ GPT3 = DenseConfig(layers=96, hidden=12288, heads=96, kv_heads=96, ffn_hidden=32
 def test_llama2_7b_parameter_count():
     cfg = DenseConfig(layers=32, hidden=4096, heads=32, kv_heads=32, ffn_hidden=11008, vocab_size=32000)
     assert cfg.num_params() == 6_738_415_616  # the published LLaMA-2 7B count
-    assert cfg.num_params_non_embedding() == 6_738_415_616 - 2 * 32000 * 4096
+    assert cfg.non_embedding_params() == 6_738_415_616 - 2 * 32000 * 4096
 
 
 def test_gqa_tied_parameter_count_by_hand():
@@ -23,7 +24,7 @@ def test_gqa_tied_parameter_count_by_hand():
     # fc2 704*256 = 180,224; two norms 512  -> 705,024
     # total: embedding 256,000 (tied: once) + 2 * 705,024 + final norm 256 = 1,666,304
     assert cfg.num_params() == 1_666_304
-    assert cfg.num_params_non_embedding() == 1_410_304
+    assert cfg.non_embedding_params() == 1_410_304
     # matmul params 2 * 704,512 + output 256,000 = 1,665,024; 6x = 9,990,144;
     # attention 12 * 2 layers * 8 heads * 32 * 128 = 786,432
     assert cfg.flops_per_token(128) == 10_776_576
@@ -127,4 +128,4 @@ def test_shapes_reject_impossible_targets():
     with pytest.raises(ConfigError, match="below the smallest dense model"):
         shapes.dense_shape(1e4, DenseConfig(vocab_size=32000))
     with pytest.raises(ConfigError):
-        shapes.dense_shape(float("nan"))
+        shapes.dense_shape(float("nan"), DenseConfig())

@@ -35,7 +35,7 @@ def test_model_state_bytes():
 
 
 def test_memory_by_hand_single_stage():
-    assert SMALL.num_params() == 3_725_568 and SMALL.num_params_non_embedding() == 3_213_568
+    assert SMALL.num_params() == 3_725_568 and SMALL.non_embedding_params() == 3_213_568
     mem = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2)
     assert mem.states == 3_725_568 * 18
     # s b h = 65,536; 34 + 5 a s / h = 34 + 10 = 44 bytes each, 4 layers

@@ -4,7 +4,8 @@ Torch-free; the whole command answers in under a second (no numpy, scipy or torc
 
 Ladder: `--budgets` compute budgets log-spaced from `--ladder-min` x C to `--ladder-max` x C (default
 C/1000 to C/30), and at each one `--sizes` model sizes log-spaced over a factor `--size-span` either side
-of the law's compute-optimal N there. Each size becomes a dense shape (`shapes.py`, exact N), trains
+of the law's compute-optimal N there. Each size becomes a shape by the family's rule (its config's
+`for_params`; the law's N is the family's `law_variables()["N"]`, active parameters for MoE), trains
 D = budget / flops_per_token tokens (the architecture's exact FLOPs, not 6N), with the Step Law's lr and
 batch and a WSD schedule (`hparams.py`) on the layout `parallel/layout.py` finds on the cluster.
 Target: the law's compute-optimal N at C, shaped and planned the same way, with the predicted loss and
@@ -33,7 +34,6 @@ from scaleforge.orchestrator.planfile import (  # noqa: F401  (re-exported: the 
     LawInfo, Plan, PlannedRun, TargetRun, load_plan, plan_from_dict, plan_to_dict, plan_to_yaml,
     run_dir, run_to_dict, save_plan, with_target,
 )
-from scaleforge.orchestrator.shapes import dense_shape
 from scaleforge.parallel.checks import check_layout
 from scaleforge.parallel.layout import search_layout
 
@@ -44,15 +44,13 @@ MAX_EPOCHS = 4.0
 """Past 4 epochs repeated tokens are worth markedly less than fresh ones (Muennighoff et al. 2023)."""
 MIN_STEPS = 50
 """Fewer optimizer steps than this leave too little of a loss curve to fit: warn."""
-SHAPERS = {"dense": dense_shape}
-"""Architecture -> target N to shape. A family without an entry cannot be planned yet."""
 PLANNED_KEYS = (
-    "name", "model.layers", "model.hidden", "model.heads", "model.kv_heads", "model.ffn_hidden",
-    "data.seq_len", "train.steps", "train.global_batch", "train.micro_batch", "train.lr",
+    "name", "data.seq_len", "train.steps", "train.global_batch", "train.micro_batch", "train.lr",
     "train.min_lr_ratio", "train.warmup_steps", "parallel.tp", "parallel.pp", "parallel.dp",
     "parallel.sp", "parallel.recompute",
 )
-"""RunSpec keys the planner decides; `--set` may not change them (use the flags instead)."""
+"""RunSpec keys the planner decides; `--set` may not change them (use the flags instead). The
+family's shape rule adds its own (`planned_fields` of its config: `model.layers`, ...)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,14 +89,15 @@ def _as_law(law: LawInfo | dict | None) -> LawInfo:
 
 def base_spec(arch: str = "dense", overrides: tuple[str, ...] | list[str] = ()) -> RunSpec:
     """The RunSpec every planned run starts from: the family's defaults plus `--set` overrides."""
-    config_class(arch)  # unknown arch: one-line error naming the known ones
+    family = config_class(arch)  # unknown arch: one-line error naming the known ones
+    planned = PLANNED_KEYS + tuple(f"model.{name}" for name in family.planned_fields)
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key in PLANNED_KEYS:
+        if key in planned:
             raise ConfigError(f"--set {key}: the planner decides it; use the plan flags instead")
         if key == "model.arch":
             raise ConfigError("--set model.arch: use --arch")
-    spec = RunSpec(model=config_class(arch)())
+    spec = RunSpec(model=family())
     return apply_overrides(spec, [f"model.arch={arch}", *overrides])
 
 
@@ -108,20 +107,19 @@ def plan_run(
 ) -> tuple[PlannedRun, list[str]]:
     """Size, train and lay out one run of about `n_target` parameters for `budget` FLOPs."""
     arch = base.model.arch
-    if arch not in SHAPERS:
-        raise ConfigError(f"--arch {arch}: no shape rule yet; plannable: {', '.join(sorted(SHAPERS))}")
-    model = SHAPERS[arch](n_target, base.model)
+    model = type(base.model).for_params(n_target, base.model)
+    law_vars = model.law_variables()
     fpt = model.flops_per_token(seq_len)
     tokens = budget / fpt
     layout = search_layout(
         model, seq_len=seq_len, batch_target=step_law_batch_tokens(tokens) / seq_len, cluster=cluster
     )
     hp = plan_hparams(
-        n_non_embedding=model.num_params_non_embedding(), tokens=tokens, seq_len=seq_len,
+        n_non_embedding=law_vars["N_non_embedding"], tokens=tokens, seq_len=seq_len,
         batch_multiple=layout.micro_batch * layout.dp,
     )
     assert hp.global_batch == layout.global_batch, (hp.global_batch, layout.global_batch)
-    n = model.num_params()
+    n = int(law_vars["N"])
     name = f"{arch}-{kind}-c{_short(budget)}-n{_short(n)}"
     train = dataclasses.replace(
         base.train, steps=hp.steps, global_batch=hp.global_batch, micro_batch=layout.micro_batch,
@@ -152,7 +150,7 @@ def plan_run(
         warnings.append(f"{name}: only {hp.steps} optimizer steps (< {MIN_STEPS}); raise the budget")
     run = PlannedRun(
         name=name, run_id=run_id(spec), budget=float(budget), N=n,
-        N_non_embedding=model.num_params_non_embedding(), D=d, flops_per_token=fpt,
+        N_non_embedding=int(law_vars["N_non_embedding"]), D=d, flops_per_token=fpt,
         flops=float(d * fpt), epochs=round_sig(epochs, 4), gpus=layout.gpus, nodes=layout.nodes,
         gpu_hours=round_sig(hp.steps * layout.step_time_s * layout.gpus / 3600, 4),
         layout=layout.summary(), spec=spec,

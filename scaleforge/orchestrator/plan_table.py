@@ -17,7 +17,7 @@ def _row(run: PlannedRun) -> list[str]:
         f"{run.N:.3g}",
         f"{run.D:.3g}",
         f"{run.D / run.N:.1f}",
-        f"{m.layers}x{m.hidden}",
+        m.summary(),
         f"{p.tp}/{p.pp}/{p.dp}",
         str(run.gpus),
         str(t.global_batch),

@@ -73,9 +73,10 @@ class PlannedRun:
     budget: float
     """The compute budget (FLOPs) this run was sized for."""
     N: int
-    """Total parameters (the law's N; Chinchilla counts embeddings)."""
+    """The law's N (`law_variables()["N"]`): total parameters for dense (Chinchilla counts
+    embeddings), active parameters for MoE."""
     N_non_embedding: int
-    """Parameters outside the embedding and output layer (the Step Law's N)."""
+    """The Step Law's N: the law's N outside the embedding and output layer."""
     D: int
     """Training tokens: train.steps x tokens per step."""
     flops_per_token: float

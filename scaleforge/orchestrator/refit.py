@@ -55,7 +55,7 @@ class RunRecord:
     budget: float
     """The budget the planner sized the run for (groups IsoFLOP profiles)."""
     N: float
-    """Parameters (run.yaml's model, else the plan's N)."""
+    """The law's N (run.yaml's model `law_variables()["N"]`, else the plan's N)."""
     state: str = "missing"
     """status.json `state` (`missing` without one)."""
     D: float = float("nan")
@@ -111,7 +111,7 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
         from scaleforge.config import load_runspec
 
         try:
-            rec = replace(rec, N=float(load_runspec(spec_file).model.num_params()))
+            rec = replace(rec, N=float(load_runspec(spec_file).model.law_variables()["N"]))
         except Exception as exc:  # an unreadable run.yaml is reported, not fatal to the refit
             return replace(rec, excluded=f"run.yaml unreadable ({str(exc).splitlines()[0]})")
     try:

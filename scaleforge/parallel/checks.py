@@ -13,24 +13,37 @@ from scaleforge.errors import LayoutError
 
 def check_layout(spec: Any, world_size: int | None = None) -> None:
     """Raise LayoutError if `spec.parallel` cannot run `spec.model` (on `world_size` ranks if given)."""
-    par, model, train = spec.parallel, spec.model, spec.train
+    par, train = spec.parallel, spec.train
     if world_size is not None and world_size != par.world_size:
         raise LayoutError(
             f"world size {world_size} != parallel.tp x parallel.pp x parallel.dp = "
             f"{par.tp} x {par.pp} x {par.dp} = {par.world_size}; launch {par.world_size} ranks "
             "or change the layout"
         )
-    for field, size, axis, advice in (
-        ("heads", par.tp, "tp", "pick a tp that divides it"),
-        ("kv_heads", par.tp, "tp", "pick a tp that divides it"),
-        ("ffn_hidden", par.tp, "tp", "pick a tp that divides it"),
-        ("vocab_size", par.tp, "tp", "round the vocabulary up to a multiple of tp"),
-        ("layers", par.pp, "pp", "pick a pp that divides the layer count"),
-    ):
-        value = getattr(model, field, None)
-        if value is not None and value % size:
+    check_shape(spec)
+    if par.ep > 1 and par.dp % par.ep:
+        raise LayoutError(
+            f"parallel.ep={par.ep} must divide parallel.dp={par.dp} (experts are sharded inside the "
+            "data-parallel ranks); pick an ep that divides dp, or launch more ranks"
+        )
+    per_step = train.micro_batch * par.dp
+    if train.global_batch % per_step:
+        raise LayoutError(
+            f"train.global_batch={train.global_batch} is not divisible by train.micro_batch x "
+            f"parallel.dp = {train.micro_batch} x {par.dp}; change the batch or the layout"
+        )
+
+
+def check_shape(spec: Any) -> None:
+    """The checks that do not depend on dp: each parallel axis divides what it splits."""
+    par, model = spec.parallel, spec.model
+    # the family says which of its fields each parallel axis splits (arch/common/family.py)
+    for row in model.divisibility(spec.data.seq_len):
+        size = getattr(par, row.axis)
+        if row.value % size:
+            advice = row.advice or f"pick a {row.axis} that divides it"
             raise LayoutError(
-                f"parallel.{axis}={size} does not divide model.{field}={value}; {advice}"
+                f"parallel.{row.axis}={size} does not divide {row.field}={row.value}; {advice}"
             )
     if par.sp and par.tp == 1:
         raise LayoutError("parallel.sp=true needs parallel.tp > 1; set parallel.sp=false")
@@ -38,12 +51,6 @@ def check_layout(spec: Any, world_size: int | None = None) -> None:
         raise LayoutError(
             f"sequence parallelism splits data.seq_len={spec.data.seq_len} over "
             f"parallel.tp={par.tp}; pick a seq_len divisible by tp"
-        )
-    per_step = train.micro_batch * par.dp
-    if train.global_batch % per_step:
-        raise LayoutError(
-            f"train.global_batch={train.global_batch} is not divisible by train.micro_batch x "
-            f"parallel.dp = {train.micro_batch} x {par.dp}; change the batch or the layout"
         )
 
 

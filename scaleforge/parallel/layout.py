@@ -106,12 +106,15 @@ def memory_per_gpu(
     model: Any, *, seq_len: int, micro_batch: int, tp: int = 1, pp: int = 1, dp: int = 1,
     sp: bool = False, recompute: str = "none", flash: bool = False, microbatches: int = 1,
     distributed_optimizer: bool = True, optimizer_offload: float = 0.0,
-    activation_offload: bool = False,
+    activation_offload: bool = False, ep: int = 1,
 ) -> Memory:
-    """Memory of the fullest stage for `model`: any family config with `layers`, `hidden`,
-    `vocab_size`, `num_params()` and `num_params_non_embedding()` (and `heads`, `kv_heads` if it has
-    attention).
+    """Memory of the fullest stage for `model`, any family config (the contract of
+    arch/common/family.py: `layer_kinds()`, `activation_bytes()`, `num_params()`,
+    `non_embedding_params()`, `vocab_size`, `hidden`).
 
+    Each layer kind brings its own activation bytes (attention + MLP, MoE, Mamba, ...). Routed
+    expert weights are split over ep and their optimizer states over the dp / ep ranks that hold the
+    same experts (megatron's expert-data-parallel group), the rest over tp and dp as before.
     Offload (methods 7; analysis only, the layout search and the RunSpec do not use it yet):
     `optimizer_offload` is megatron's optimizer_offload_fraction, the share of the fp32 master weights
     and Adam moments (12 bytes) kept in CPU memory. `activation_offload` is megatron's cpu_offloading of
@@ -122,34 +125,44 @@ def memory_per_gpu(
         raise ValueError(f"optimizer_offload must be in [0, 1], got {optimizer_offload}")
     if activation_offload and (pp > 1 or recompute != "none"):
         raise LayoutError("activation offload needs pp=1 and recompute=none (megatron's restriction)")
+    layers = model.layer_kinds()
     vh = model.vocab_size * model.hidden
-    body = model.num_params_non_embedding()
-    embedding = model.num_params() - body  # input table (+ untied output layer)
-    sharded = 12 / dp if distributed_optimizer and dp > 1 else 12.0
-    state_bytes = megatron_state_bytes(dp, distributed_optimizer) - optimizer_offload * sharded
-    layer_act = activation_bytes_per_layer(
-        seq_len=seq_len, micro_batch=micro_batch, hidden=model.hidden, heads=_heads(model),
-        tp=tp, sp=sp, recompute=recompute, flash=flash,
-    )
-    stage_layers = math.ceil(model.layers / pp)
+    experts = sum(layer.expert_params for layer in layers)
+    body = model.non_embedding_params() - experts
+    embedding = model.num_params() - model.non_embedding_params()  # input table (+ untied output)
+
+    def state_bytes(dp_group: int) -> float:
+        sharded = 12 / dp_group if distributed_optimizer and dp_group > 1 else 12.0
+        return megatron_state_bytes(dp_group, distributed_optimizer) - optimizer_offload * sharded
+
+    def states(dense_params: float, expert_params: float) -> float:
+        return (dense_params / tp * state_bytes(dp)
+                + expert_params / (tp * ep) * state_bytes(max(1, dp // ep)))
+
+    def activations(stage: list) -> float:
+        counts: dict = {}
+        for layer in stage:
+            counts[layer] = counts.get(layer, 0) + 1
+        return sum(
+            n * model.activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
+                                       sp=sp, recompute=recompute, flash=flash)
+            for layer, n in counts.items()
+        )
+
     logits = 4.0 * seq_len * micro_batch * model.vocab_size / tp
     if pp == 1:
-        params = body + embedding
-        resident = min(2, model.layers) if activation_offload else model.layers
-        return Memory(
-            states=params / tp * state_bytes,
-            activations=layer_act * resident,
-            logits=logits,
-        )
+        resident = layers[:2] if activation_offload else layers
+        return Memory(states=states(body + embedding, experts), activations=activations(resident),
+                      logits=logits)
     # first stage: embedding + the most micro-batches in flight; last: output layer + logits
-    stage_params = body / pp + vh
+    per_stage = math.ceil(len(layers) / pp)
+    first_layers, last_layers = layers[:per_stage], layers[-per_stage:]
     first = Memory(
-        states=stage_params / tp * state_bytes,
-        activations=layer_act * stage_layers * min(pp, microbatches), logits=0.0,
+        states=states(body / pp + vh, experts / pp),
+        activations=activations(first_layers) * min(pp, microbatches), logits=0.0,
     )
-    last = Memory(
-        states=stage_params / tp * state_bytes, activations=layer_act * stage_layers, logits=logits
-    )
+    last = Memory(states=states(body / pp + vh, experts / pp),
+                  activations=activations(last_layers), logits=logits)
     return first if first.total >= last.total else last
 
 
@@ -230,9 +243,12 @@ def step_time(model: Any, *, seq_len: int, global_batch: int, gpus: int, cluster
     return flops / (gpus * cluster.peak_tflops * 1e12 * cluster.mfu) * (1 + bubble)
 
 
-def _heads(model: Any) -> int:
-    """Attention heads (families without attention, e.g. Mamba, count as one head)."""
-    return getattr(model, "heads", 1)
+def _axis_rows(model: Any, axis: str, seq_len: int, size: int) -> list:
+    """The family's (field, value) pairs that parallel `axis` must divide (SP adds the sequence)."""
+    rows = [(r.field, r.value) for r in model.divisibility(seq_len) if r.axis == axis]
+    if axis == "tp" and size > 1:
+        rows.append(("data.seq_len", seq_len))  # SP whenever tp > 1 splits the sequence
+    return rows
 
 
 def _tp_limit(model: Any, tps: list[int], seq_len: int, cluster: Any) -> str:
@@ -241,20 +257,13 @@ def _tp_limit(model: Any, tps: list[int], seq_len: int, cluster: Any) -> str:
     if not excluded:
         return ""
     t = excluded[0]
-    heads = _heads(model)
-    named = (("model.heads", heads), ("model.kv_heads", getattr(model, "kv_heads", heads)),
-             ("model.ffn_hidden", getattr(model, "ffn_hidden", t)),
-             ("model.vocab_size", model.vocab_size), ("data.seq_len", seq_len))
-    name, size = next((n, v) for n, v in named if v % t)
+    name, size = next((n, v) for n, v in _axis_rows(model, "tp", seq_len, t) if v % t)
     return f"; tp stops at {max(tps)} because {name}={size} is not divisible by {t}"
 
 
-def _tp_divides(model: Any, tp: int, seq_len: int) -> bool:
-    """Megatron splits heads, kv heads, ffn, vocabulary and (with SP) the sequence over tp ranks."""
-    heads = _heads(model)
-    sizes = (heads, getattr(model, "kv_heads", heads), getattr(model, "ffn_hidden", tp),
-             model.vocab_size, seq_len if tp > 1 else tp)
-    return all(size % tp == 0 for size in sizes)
+def _divides(model: Any, axis: str, size: int, seq_len: int) -> bool:
+    """Whether `size` divides every field the family splits over `axis`."""
+    return all(value % size == 0 for _, value in _axis_rows(model, axis, seq_len, size))
 
 
 def _whole_nodes(group: int, dp: int, per_node: int) -> int:
@@ -281,8 +290,9 @@ def search_layout(
     micro_batches = [m for m in (64, 32, 16, 8, 4, 2, 1) if m <= top_mb]
     # tp divides the node (so a TP group never straddles two) and both head counts (megatron's rule)
     tps = [t for t in _divisors(cluster.gpus_per_node, cluster.gpus_per_node)
-           if _tp_divides(model, t, seq_len)]
-    pps = _divisors(model.layers, max_gpus)
+           if _divides(model, "tp", t, seq_len)]
+    pps = [p for p in _divisors(model.pipeline_layers(), max_gpus)
+           if _divides(model, "pp", p, seq_len)]
     closest = None  # the smallest memory seen, for the error message
     for recomputes in (("none", "selective"), ("full",)):
         for tp in tps:

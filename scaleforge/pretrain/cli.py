@@ -36,13 +36,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def resolve(spec_path: str, overrides: list[str], nproc: int | None) -> tuple[Any, list[str]]:
     """The resolved RunSpec and the override list that reproduces it in each rank."""
     from scaleforge.config import load_runspec
-    from scaleforge.parallel.checks import check_layout, dp_for_world
+    from scaleforge.parallel.checks import check_layout, check_shape, dp_for_world
     from scaleforge.parallel.setup import env_from_launcher
 
     spec = load_runspec(spec_path, overrides)
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
-    check_layout(spec)  # the model-shape checks first: they name the field to change
+    check_shape(spec)  # the model-shape checks first: they name the field to change
+    # dp comes from the world size before the rest is checked: `--nproc 2 --set parallel.ep=2` is a
+    # valid MoE layout only once dp is 2
     world = nproc if nproc is not None else env_from_launcher().world_size
     dp = dp_for_world(spec, world)
     overrides = list(overrides)
@@ -84,6 +86,8 @@ def dry_run_text(spec: Any) -> str:
         "---",
         f"run_id: {run_id(spec)}",
         f"parameters: {model.num_params():,}",
+        f"active_parameters: {model.active_params():,}",
+        f"non_embedding_parameters: {model.non_embedding_params():,}",
         f"flops_per_token: {flops_token:.4g}",
         f"tokens: {tokens:,}",
         f"total_flops: {flops_token * tokens:.4g}",

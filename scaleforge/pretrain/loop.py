@@ -66,15 +66,14 @@ def _micro_batches(rows: torch.Tensor, micro_batch: int, device: torch.device):
         yield chunk[:, :-1], chunk[:, 1:], positions.expand(chunk.shape[0], -1)
 
 
-def _loss_func(output_tensor: torch.Tensor):
-    loss = output_tensor.float().mean()
-    # the schedule divides the returned loss in place: report a copy
-    return loss, {"loss": loss.detach().clone()}
+def _forward_step(builder: Any):
+    """megatron's forward_step_func over the family's own forward and loss (its builder module)."""
 
+    def step(data_iterator, model):
+        tokens, labels, positions = next(data_iterator)
+        return builder.forward_step(model, tokens, positions, labels)
 
-def _forward_step(data_iterator, model):
-    tokens, labels, positions = next(data_iterator)
-    return model(tokens, positions, None, labels=labels), _loss_func
+    return step
 
 
 def run_batch(built: Any, spec: Any, rows: torch.Tensor, *, forward_only: bool) -> float:
@@ -87,7 +86,7 @@ def run_batch(built: Any, spec: Any, rows: torch.Tensor, *, forward_only: bool) 
     device = next(built.model.parameters()).device
     micro = spec.train.micro_batch
     outputs = get_forward_backward_func()(
-        forward_step_func=_forward_step,
+        forward_step_func=_forward_step(built.builder),
         data_iterator=_micro_batches(rows, micro, device),
         model=[built.ddp],
         num_microbatches=rows.shape[0] // micro,
@@ -124,7 +123,10 @@ def evaluate(built: Any, spec: Any, sampler: Any) -> float:
 
 
 def train_step(built: Any, spec: Any, rows: torch.Tensor, step: int) -> tuple[float, float, float]:
-    """One optimizer step; returns (this rank's loss sum, lr, grad_norm)."""
+    """One optimizer step; returns (this rank's loss sum, lr, grad_norm).
+
+    The family's own metrics of the step are read by `built.builder.step_metrics` afterwards.
+    """
     lr = lr_at(step, spec.train)
     for group in built.optimizer.param_groups:
         group["lr"] = lr
@@ -188,11 +190,13 @@ def _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step):
     while step < spec.train.steps:
         local, lr, grad_norm = train_step(built, spec, _rows(train_sampler, spec, step), step)
         loss, stop = _global_mean(local, micro_per_step, float(hooks.stop_requested()))
+        # collective on every rank (MoE: aux/z losses and expert load reduced over the job)
+        extra = built.builder.step_metrics(built.model, num_microbatches=spec.grad_accum)
         elapsed = timer.lap()
         step += 1
         tokens = step * tokens_per_step
         log.train(step=step, tokens=tokens, flops=flops_per_token * tokens, loss=loss, lr=lr,
-                  grad_norm=grad_norm, tokens_per_s=tokens_per_step / elapsed)
+                  grad_norm=grad_norm, tokens_per_s=tokens_per_step / elapsed, **extra)
         progress.update(step, loss, tokens_per_step / elapsed)
         if not math.isfinite(loss):
             return "diverged", step

@@ -1,7 +1,8 @@
 """Run-directory outputs of the trainer: metrics.jsonl, status.json, run.yaml, TensorBoard events.
 
 metrics.jsonl is the public contract: training lines carry step, tokens, flops, loss, lr, grad_norm,
-tokens_per_s; evaluation lines carry step, tokens, flops, eval_loss. Only rank 0 writes.
+tokens_per_s, plus the family's own metrics, each under one key namespaced by the family
+(`moe/aux_loss`); evaluation lines carry step, tokens, flops, eval_loss. Only rank 0 writes.
 """
 
 from __future__ import annotations
@@ -81,8 +82,13 @@ class RunLog:
         return self._tb
 
     def train(self, **record: Any) -> None:
-        """Append one training line (keys TRAIN_KEYS) and its TensorBoard scalars."""
-        self._write(TRAIN_KEYS, record)
+        """Append one training line (keys TRAIN_KEYS, then the family's `family/name` keys) and its
+        TensorBoard scalars."""
+        extra = tuple(sorted(k for k in record if k not in TRAIN_KEYS))
+        bad = [k for k in extra if "/" not in k]
+        if bad:
+            raise ValueError(f"family metric keys must be namespaced `family/name`, got {bad}")
+        self._write(TRAIN_KEYS + extra, record)
         self.last_loss = record["loss"]
 
     def eval(self, **record: Any) -> None:
@@ -101,7 +107,7 @@ class RunLog:
         tb = self._tensorboard()
         for key in keys:
             if key not in ("step", "tokens", "flops"):
-                tb.add_scalar(f"train/{key}" if key != "eval_loss" else "eval/loss",
+                tb.add_scalar(key if "/" in key else f"train/{key}" if key != "eval_loss" else "eval/loss",
                               record[key], record["step"])
 
     def status(self, state: str, step: int) -> None:

@@ -25,6 +25,8 @@ class Built:
     """megatron optimizer (AdamW; distributed optimizer when dp > 1 and enabled)."""
     config: Any
     """The model's megatron TransformerConfig."""
+    builder: Any
+    """The family's builder module (`forward_step`, `step_metrics`; docs/families.md)."""
 
 
 def precision(spec: Any) -> torch.dtype:
@@ -110,4 +112,4 @@ def build(spec: Any) -> Built:
     # the schedule calls these: DP all-reduce / reduce-scatter, SP norm and tied-embedding grads
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    return Built(model=model, ddp=ddp, optimizer=optimizer, config=config)
+    return Built(model=model, ddp=ddp, optimizer=optimizer, config=config, builder=builder)

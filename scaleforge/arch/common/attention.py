@@ -1,4 +1,11 @@
-"""Core attention on `torch.nn.functional.scaled_dot_product_attention`, a drop-in for megatron's
+"""Core attention for megatron layer specs: the kernel each family's attention uses.
+
+`core_attention()` picks, for a spec built without Transformer Engine: flash-attn's kernel where it
+imports and a GPU is present (`FlashAttention`), else PyTorch SDPA (`SDPAttention`). With Transformer
+Engine importable a family uses TE's spec, whose core attention is TE's own (`have_te()`). Every path
+is compared with SDPA, the pure-PyTorch twin (tests/test_attention_kernels.py, GPU-marked).
+
+`SDPAttention` runs `torch.nn.functional.scaled_dot_product_attention`, a drop-in for megatron's
 DotProductAttention in a layer spec (`core_attention=SDPAttention`).
 
 megatron's local DotProductAttention materialises the [b, heads, s, s] score matrix, repeats the
@@ -85,3 +92,62 @@ class SDPAttention(MegatronModule):
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
         """No parameters, nothing to checkpoint."""
         return {}
+
+
+class FlashAttention(SDPAttention):
+    """The same interface on flash-attn's `flash_attn_func` (GPU, fp16/bf16; GQA without copies).
+
+    Causal masks only (the families' attention is causal and unpadded); dropout forks megatron's
+    tensor-parallel RNG as SDPA's path does.
+    """
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        """[sq, b, np, hn] queries, [sk, b, ng, hn] keys/values -> [sq, b, np * hn]."""
+        from flash_attn import flash_attn_func
+
+        if packed_seq_params is not None or attention_bias is not None or attention_mask is not None:
+            raise ValueError("FlashAttention supports causal attention without masks or biases only")
+        sq, b, np_, hn = query.shape
+        mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        # flash-attn wants [b, s, heads, hn], contiguous in the last dimension
+        q, k, v = (t.transpose(0, 1) for t in (query, key, value))
+        dropout_p = self.dropout if self.training else 0.0
+        causal = mask_type == AttnMaskType.causal
+        if dropout_p > 0 and not self.config.sequence_parallel:
+            with tensor_parallel.get_cuda_rng_tracker().fork():
+                out = flash_attn_func(q, k, v, dropout_p, softmax_scale=self.softmax_scale,
+                                      causal=causal)
+        else:
+            out = flash_attn_func(q, k, v, dropout_p, softmax_scale=self.softmax_scale,
+                                  causal=causal)
+        return out.transpose(0, 1).reshape(sq, b, np_ * hn)
+
+
+def have_te() -> bool:
+    """Transformer Engine importable on a GPU (then families use TE's layer specs)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def have_flash_attn() -> bool:
+    """flash-attn importable on a GPU."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def core_attention(params_dtype: torch.dtype) -> type:
+    """The core-attention module of a local (non-TE) spec: flash-attn where it runs (a GPU, fp16 or
+    bf16: its kernels have no fp32 path), else SDPA."""
+    half = params_dtype in (torch.float16, torch.bfloat16)
+    return FlashAttention if half and have_flash_attn() else SDPAttention

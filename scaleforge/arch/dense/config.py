@@ -14,13 +14,18 @@ by the tokens of the iteration; see `megatron_flops_per_token`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
+from scaleforge.arch.common.family import Divisible, FamilyConfig, LayerKind
 from scaleforge.errors import ConfigError
 
 
 @dataclass(kw_only=True, frozen=True)
-class DenseConfig:
+class DenseConfig(FamilyConfig):
     """A LLaMA-style GPT: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases."""
+
+    planned_fields: ClassVar[tuple[str, ...]] = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden")
+    """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them."""
 
     arch: str = "dense"
     """Family name in the architecture registry."""
@@ -65,7 +70,38 @@ class DenseConfig:
         return self.hidden // self.heads
 
     # ------------------------------------------------------------------------------------------
-    # accounting (the same four methods on every family's config)
+    # the family contract (arch/common/family.py)
+
+    @classmethod
+    def for_params(cls, n: float, base: "DenseConfig") -> "DenseConfig":
+        """The shape rule (arch/dense/shapes.py): about `n` total parameters, vocab from `base`."""
+        from scaleforge.arch.dense.shapes import dense_shape
+
+        return dense_shape(n, base)
+
+    def divisibility(self, seq_len: int) -> list[Divisible]:
+        """Megatron splits heads, KV heads, the FFN and the vocabulary over tp; pp cuts layers."""
+        tp_advice = "pick a tp that divides it"
+        return [
+            Divisible("model.heads", self.heads, "tp", tp_advice),
+            Divisible("model.kv_heads", self.kv_heads, "tp", tp_advice),
+            Divisible("model.ffn_hidden", self.ffn_hidden, "tp", tp_advice),
+            Divisible("model.vocab_size", self.vocab_size, "tp",
+                      "round the vocabulary up to a multiple of tp"),
+            Divisible("model.layers", self.layers, "pp", "pick a pp that divides the layer count"),
+        ]
+
+    def layer_kinds(self) -> list[LayerKind]:
+        """`layers` identical attention + SwiGLU blocks."""
+        block = LayerKind("transformer", self.layer_params(), kv_heads=self.kv_heads)
+        return [block] * self.layers
+
+    def summary(self) -> str:
+        """`layers x hidden`, the table's shape column."""
+        return f"{self.layers}x{self.hidden}"
+
+    # ------------------------------------------------------------------------------------------
+    # accounting
 
     def layer_matmul_params(self) -> int:
         """Weights of one block's linear layers: fused QKV, output projection, fused SwiGLU fc1, fc2."""
@@ -88,10 +124,6 @@ class DenseConfig:
     def num_params(self) -> int:
         """Exact total parameters: embedding, blocks, final norm and (untied) output layer."""
         return self.embedding_params() + self.layers * self.layer_params() + self.hidden
-
-    def num_params_non_embedding(self) -> int:
-        """Parameters outside the embedding and output layer (Kaplan's N; the Step Law's N)."""
-        return self.num_params() - self.embedding_params()
 
     def matmul_params(self) -> int:
         """Weights multiplied per token: all blocks' linear layers plus the output layer."""

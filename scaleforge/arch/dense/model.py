@@ -1,8 +1,10 @@
 """Dense LLaMA-style decoder as a megatron-core GPTModel: RoPE, RMSNorm, SwiGLU, GQA, no biases.
 
-No parallel logic: the tensor-parallel layers sit inside megatron's spec, and the layout reaches
-this builder only as TransformerConfig fields (`runtime`). With Transformer Engine importable
-(GPU) its spec is used; otherwise megatron's local spec with the SDPA core attention.
+The builder half of the family contract (docs/families.md): `build_model`, `forward_step`,
+`step_metrics`. No parallel logic: the tensor-parallel layers sit inside megatron's spec, and the
+layout reaches this builder only as TransformerConfig fields (`runtime`). With Transformer Engine
+importable (GPU) its spec is used; otherwise megatron's local spec with the core attention
+`arch.common.attention.core_attention()` picks (flash-attn on a GPU where it imports, else SDPA).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from scaleforge.arch.common.attention import SDPAttention
-from scaleforge.arch.common.init import init_params
+from scaleforge.arch.common import lm
+from scaleforge.arch.common.attention import core_attention, have_te
+from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
 from scaleforge.arch.dense.config import DenseConfig
@@ -69,8 +72,8 @@ def transformer_config(cfg: DenseConfig, runtime: dict[str, Any]) -> Transformer
 
 
 def layer_spec(config: TransformerConfig) -> ModuleSpec:
-    """The block spec: TE modules where Transformer Engine imports, else local + SDPA."""
-    if _have_te():
+    """The block spec: TE modules where Transformer Engine imports, else local + flash-attn/SDPA."""
+    if have_te():
         from megatron.core.models.gpt.gpt_layer_specs import (
             get_gpt_layer_with_transformer_engine_spec,
         )
@@ -83,7 +86,7 @@ def layer_spec(config: TransformerConfig) -> ModuleSpec:
     else:
         layer = get_gpt_layer_local_spec(normalization="RMSNorm")
         attn = layer.submodules.self_attention
-        attn.submodules.core_attention = SDPAttention
+        attn.submodules.core_attention = core_attention(config.params_dtype)
         layer.submodules.input_layernorm = RMSNorm
         layer.submodules.pre_mlp_layernorm = RMSNorm
         layer.submodules.mlp.module = SwiGLUMLP
@@ -111,21 +114,14 @@ def build_model(
         position_embedding_type="rope",
         rotary_base=cfg.rope_base,
     )
-    init_params(
-        model, seed=seed, std=cfg.init_std, layers=cfg.layers, tied=cfg.tied_embeddings
-    )
+    rule = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)
+    init_params(model, seed=seed, rule=rule, tied=cfg.tied_embeddings)
     return model
+
+
+forward_step = lm.forward_step
+step_metrics = lm.no_metrics
 
 
 def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
-
-
-def _have_te() -> bool:
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True

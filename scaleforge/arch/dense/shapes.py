@@ -1,4 +1,4 @@
-"""Target parameter count -> dense model shape (layers, hidden, heads, kv_heads, ffn_hidden).
+"""`DenseConfig.for_params`: target parameter count -> dense model shape (layers, hidden, heads, kv_heads, ffn_hidden).
 
 Torch-free and deterministic. Rules (the exact N is then recomputed by `DenseConfig.num_params`):
 - Width grid and head size (the head count must be divisible by the tensor-parallel size):
@@ -24,7 +24,10 @@ from __future__ import annotations
 
 import math
 
-from scaleforge.arch.dense.config import DenseConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from scaleforge.arch.dense.config import DenseConfig
 from scaleforge.errors import ConfigError
 
 TOLERANCE = 0.05
@@ -106,9 +109,8 @@ def widths() -> list[int]:
     return out
 
 
-def dense_shape(n_target: float, base: DenseConfig | None = None) -> DenseConfig:
+def dense_shape(n_target: float, base: DenseConfig) -> DenseConfig:
     """The dense shape with about `n_target` total parameters (vocab and tying taken from `base`)."""
-    base = base or DenseConfig()
     if not (isinstance(n_target, (int, float)) and math.isfinite(n_target) and n_target > 0):
         raise ConfigError(f"target parameter count must be a positive number, got {n_target!r}")
     smallest = shape_for(MIN_HIDDEN, 1, base)
