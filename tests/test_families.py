@@ -1,0 +1,194 @@
+"""Every registered family goes through the same checks (the family contract, docs/families.md).
+
+For each `model.arch` in the registry, on its `examples/<family>-tiny.yaml` shrunk to the 512-token
+test store: the built model's parameter count equals the config's accounting exactly; `--dry-run`
+prints the contract's counts; TP=2 and (where the stack can be cut) PP=2 reproduce the
+single-process losses within 1e-5 for 10 steps; a SIGKILL mid-run and the same command again give
+bit-identical losses; `orchestrate plan --arch` plans it torch-free in under a second,
+deterministically. One single-process run per family is trained once and reused.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import rank_env
+from scaleforge.arch.registry import config_class, known_archs
+from scaleforge.config import RunSpec, apply_overrides, from_dict, load_yaml_file, spec_to_yaml
+from scaleforge.pretrain import signals
+from scaleforge.pretrain.metrics import read_metrics
+from test_resume import Run, _finish
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+EVERY = 4  # checkpoints after steps 4, 8 and 10
+TOL = 1e-5
+FAMILIES = known_archs()
+# the example shrunk to the test store and 10 short steps; batch 8 of micro 2 gives PP=2 four
+# micro-batches through 1F1B and leaves dp=2 a whole number of micro-batches
+SHRINK = {
+    "model.vocab_size": 512, "data.seq_len": 64, "train.steps": STEPS, "train.global_batch": 8,
+    "train.micro_batch": 2, "train.warmup_steps": 2, "eval.every": 0, "checkpoint.every": EVERY,
+    "checkpoint.keep": 3,
+}
+
+
+def example(arch: str) -> Path:
+    return ROOT / "examples" / f"{arch}-tiny.yaml"
+
+
+class _Specs(dict):
+    """arch -> its shrunk example as a RunSpec file, written on first use."""
+
+    def __init__(self, store: Path, root: Path):
+        super().__init__()
+        self.store, self.root = store, root
+
+    def __missing__(self, arch: str) -> Path:
+        data = load_yaml_file(example(arch))
+        data.setdefault("data", {})["stores"] = [str(self.store)]
+        spec = apply_overrides(from_dict(RunSpec, data), [f"{k}={v}" for k, v in SHRINK.items()])
+        path = self.root / f"{arch}.yaml"
+        path.write_text(spec_to_yaml(spec))
+        self[arch] = path
+        return path
+
+
+@pytest.fixture(scope="session")
+def family_specs(tiny_store, tmp_path_factory) -> dict[str, Path]:
+    """Each family's shrunk example as a RunSpec file."""
+    return _Specs(tiny_store, tmp_path_factory.mktemp("families"))
+
+
+_REFERENCE: dict[str, tuple[Path, dict[int, float]]] = {}
+
+
+@pytest.fixture
+def reference(family_specs, tmp_path_factory):
+    """The uninterrupted single-process run of a family (trained once per session)."""
+
+    def get(arch: str) -> tuple[Path, dict[int, float]]:
+        if arch not in _REFERENCE:
+            out = tmp_path_factory.mktemp(f"ref_{arch}") / "run"
+            losses = _finish(family_specs[arch], out)
+            assert sorted(losses) == list(range(1, STEPS + 1)), losses
+            _REFERENCE[arch] = (out, losses)
+        return _REFERENCE[arch]
+
+    return get
+
+
+def _spec(arch: str, family_specs) -> RunSpec:
+    return from_dict(RunSpec, load_yaml_file(family_specs[arch]))
+
+
+def test_every_family_has_an_example_and_a_doc():
+    for arch in FAMILIES:
+        assert example(arch).is_file(), f"examples/{arch}-tiny.yaml missing"
+        assert (ROOT / "docs" / f"{arch}.md").is_file() or arch == "dense", f"docs/{arch}.md"
+        config_class(arch)  # importable torch-free (test_plan checks the planner path)
+
+
+@pytest.fixture(scope="module")
+def megatron_single():
+    from scaleforge.parallel.setup import init_distributed, shutdown
+
+    init_distributed(RunSpec())
+    yield
+    shutdown()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_built_parameters_equal_accounting(arch, family_specs, megatron_single):
+    import torch
+
+    from scaleforge.arch.registry import builder_module
+
+    spec = _spec(arch, family_specs)
+    runtime = dict(use_cpu_initialization=True, params_dtype=torch.float32)
+    model = builder_module(arch).build_model(spec.model, seq_len=spec.data.seq_len, seed=1,
+                                             runtime=runtime)
+    built = sum(p.numel() for p in model.parameters())
+    assert built == spec.model.num_params(), (arch, built, spec.model.num_params())
+    assert spec.model.active_params() <= spec.model.num_params()
+    assert spec.model.non_embedding_params() == spec.model.num_params() - spec.model.embedding_params()
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_dry_run_prints_the_contract_counts(arch, family_specs):
+    proc = subprocess.run(
+        [sys.executable, "-m", "scaleforge.cli", "train", str(family_specs[arch]), "--dry-run"],
+        env=rank_env(1), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    head, tail = proc.stdout.split("\n---\n")
+    assert yaml.safe_load(head)["model"]["arch"] == arch
+    lines = dict(line.split(": ", 1) for line in tail.splitlines())
+    model = _spec(arch, family_specs).model
+    assert int(lines["parameters"].replace(",", "")) == model.num_params()
+    assert int(lines["active_parameters"].replace(",", "")) == model.active_params()
+    assert int(lines["non_embedding_parameters"].replace(",", "")) == model.non_embedding_params()
+    assert float(lines["flops_per_token"]) == pytest.approx(model.flops_per_token(64), rel=1e-3)
+
+
+def _parallel(arch: str, family_specs, tmp_path, sets: list[str]) -> dict[int, float]:
+    return _finish(family_specs[arch], tmp_path / "run", nproc=2, sets=sets)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_tp2_equals_single_process(arch, family_specs, reference, tmp_path):
+    _, single = reference(arch)
+    losses = _parallel(arch, family_specs, tmp_path, ["parallel.tp=2"])
+    diffs = [abs(single[s] - losses[s]) for s in single]
+    assert max(diffs) < TOL, f"{arch} TP=2: |loss - single| = {diffs}"
+    assert single[STEPS] < single[1] - 0.1  # it learned: not two constant curves
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_pp2_equals_single_process(arch, family_specs, reference, tmp_path):
+    model = _spec(arch, family_specs).model
+    if model.pipeline_layers() % 2:
+        pytest.skip(f"{arch}: {model.pipeline_layers()} layers cannot be cut in two")
+    _, single = reference(arch)
+    losses = _parallel(arch, family_specs, tmp_path, ["parallel.pp=2"])
+    diffs = [abs(single[s] - losses[s]) for s in single]
+    assert max(diffs) < TOL, f"{arch} PP=2: |loss - single| = {diffs}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_sigkill_and_rerun_gives_identical_losses(arch, family_specs, reference, tmp_path):
+    _, single = reference(arch)
+    out = tmp_path / "run"
+    run = Run(family_specs[arch], out, env={signals.TEST_STOP_ENV: str(EVERY + 2)})
+    run.wait_stopped()
+    run.kill()
+    logged = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert max(logged) == EVERY + 1  # killed mid-run, after the checkpoint of step EVERY
+    assert _finish(family_specs[arch], out) == single  # exact float equality, every step once
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_plan_for_the_family_is_torch_free_fast_and_deterministic(arch):
+    code = (
+        "import sys, time; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
+        "from scaleforge.orchestrator.plan import make_plan, plan_to_yaml\n"
+        "start = time.perf_counter()\n"
+        f"a = plan_to_yaml(make_plan(1e21, arch={arch!r}, unique_tokens=1e13))\n"
+        "print(time.perf_counter() - start)\n"
+        f"assert a == plan_to_yaml(make_plan(1e21, arch={arch!r}, unique_tokens=1e13))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seconds = float(proc.stdout.strip().splitlines()[-1])
+    print(f"plan --budget 1e21 --arch {arch}: {seconds:.3f} s")
+    assert seconds < 1.0, f"{arch}: planning took {seconds:.2f} s"
