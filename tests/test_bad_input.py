@@ -47,6 +47,8 @@ CASES = {
     "missing_store": ({"data": {"stores": ["nowhere/store"]}}, [], "data store nowhere/store not found"),
     "set_unknown": (None, ["train.stepz=3"], "--set train.stepz: no such field 'train.stepz'"),
     "nproc_layout": (None, ["--nproc", "3", "parallel.tp=2"], "--nproc 3 is not divisible"),
+    "ep_without_experts": (None, ["--nproc", "2", "parallel.ep=2"], "has no experts to shard"),
+    "moe_key_on_dense": (None, ["model.experts=4"], "no such field 'model.experts'"),
 }
 
 

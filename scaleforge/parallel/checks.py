@@ -37,8 +37,14 @@ def check_layout(spec: Any, world_size: int | None = None) -> None:
 def check_shape(spec: Any) -> None:
     """The checks that do not depend on dp: each parallel axis divides what it splits."""
     par, model = spec.parallel, spec.model
+    rows = model.divisibility(spec.data.seq_len)
+    if par.ep > 1 and not any(row.axis == "ep" for row in rows):
+        raise LayoutError(
+            f"parallel.ep={par.ep} but model.arch={model.arch} has no experts to shard; "
+            "set parallel.ep=1"
+        )
     # the family says which of its fields each parallel axis splits (arch/common/family.py)
-    for row in model.divisibility(spec.data.seq_len):
+    for row in rows:
         size = getattr(par, row.axis)
         if row.value % size:
             advice = row.advice or f"pick a {row.axis} that divides it"
