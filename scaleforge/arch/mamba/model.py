@@ -1,0 +1,200 @@
+"""Mamba-2 / hybrid stack as a megatron-core MambaModel with the family's own mixer.
+
+The builder half of the family contract (docs/families.md): `build_model`, `forward_step`,
+`step_metrics`. megatron's MambaModel, MambaStack (layer types from the pattern, pipeline cuts and
+global layer numbers) and MambaLayer are used as they are; what differs:
+- the mixer is `mixer.MambaMixer` (pure PyTorch + megatron's parallel layers; megatron's own needs
+  triton, mamba_ssm and Transformer Engine);
+- `_Stack` builds the final RMSNorm itself, because MambaStack hard-codes Transformer Engine's norm;
+- `*` layers are megatron TransformerLayers with attention only (core attention from
+  `arch.common.attention`: SDPA on CPU), `-` layers MLPLayers with the SwiGLU MLP; no positional
+  embedding (as megatron's MambaModel and Nemotron-H: the Mamba layers carry position).
+No parallel logic: the layout reaches this builder only as TransformerConfig fields (`runtime`).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.models.mamba import MambaModel
+from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
+from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+from megatron.core.ssm.mlp_layer import MLPLayer
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+
+from scaleforge.arch.common import lm
+from scaleforge.arch.common.attention import core_attention
+from scaleforge.arch.common.init import Init, Rule, gpt_rule, init_params
+from scaleforge.arch.common.mlp import SwiGLUMLP
+from scaleforge.arch.common.norm import RMSNorm
+from scaleforge.arch.mamba.config import MambaConfig
+from scaleforge.arch.mamba.mixer import MambaMixer
+
+
+class _QuietSubclassedMLP(logging.Filter):
+    # TransformerLayer warns once per MLP layer for any MLP class other than megatron's own MLP (an
+    # exact type check), although the SwiGLUMLP subclass gets the same tp group by default.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietSubclassedMLP())
+
+
+class _Stack(MambaStack):
+    """MambaStack with the project's RMSNorm as final norm (megatron's is TENorm, GPU-only)."""
+
+    def __init__(self, config: TransformerConfig, submodules: MambaStackSubmodules,
+                 post_layer_norm: bool = True, **kwargs):
+        super().__init__(config, submodules, post_layer_norm=False, **kwargs)
+        self.post_layer_norm = post_layer_norm
+        if self.post_process and post_layer_norm:
+            self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+
+
+def transformer_config(cfg: MambaConfig, runtime: dict[str, Any]) -> TransformerConfig:
+    """megatron TransformerConfig of the shape `cfg` under `runtime` (layout, dtype, fusions)."""
+    return TransformerConfig(
+        num_layers=cfg.layers,
+        hidden_size=cfg.hidden,
+        num_attention_heads=cfg.heads,
+        num_query_groups=cfg.kv_heads,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        # weights are drawn by arch.common.init; megatron's draw must still run, since it tags the
+        # tensor-parallel attributes (partition_dim) that the init and the grad norm read
+        perform_initialization=True,
+        init_method=_keep,
+        output_layer_init_method=_keep,
+        **runtime,
+    )
+
+
+def stack_spec(cfg: MambaConfig, config: TransformerConfig) -> ModuleSpec:
+    """MambaStack spec: the mixer in MambaLayer, attention-only and MLP-only TransformerLayers."""
+    mixer = ModuleSpec(module=MambaMixer, params=dict(
+        d_state=cfg.d_state, headdim=cfg.headdim, expand=cfg.expand, groups=cfg.groups,
+        d_conv=cfg.d_conv, chunk_size=cfg.chunk_size, norm_eps=cfg.norm_eps,
+    ))
+    mamba = ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+        # MambaLayer builds its norm as norm(config, hidden) without an eps: give it here
+        norm=ModuleSpec(module=RMSNorm, params={"eps": cfg.norm_eps}),
+        mixer=mixer,
+        mamba_bda=get_bias_dropout_add,
+    ))
+    gpt = get_gpt_layer_local_spec(normalization="RMSNorm").submodules
+    gpt.self_attention.submodules.core_attention = core_attention(config.params_dtype)
+    attention = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+        input_layernorm=RMSNorm,
+        self_attention=gpt.self_attention,
+        self_attn_bda=gpt.self_attn_bda,
+        sharded_state_dict_keys_map=dict(gpt.sharded_state_dict_keys_map),
+    ))
+    mlp_module = gpt.mlp
+    mlp_module.module = SwiGLUMLP
+    mlp = ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+        pre_mlp_layernorm=RMSNorm,
+        mlp=mlp_module,
+        mlp_bda=gpt.mlp_bda,
+        sharded_state_dict_keys_map=dict(gpt.sharded_state_dict_keys_map),
+    ))
+    return ModuleSpec(module=_Stack, submodules=MambaStackSubmodules(
+        mamba_layer=mamba, attention_layer=attention, mlp_layer=mlp,
+    ))
+
+
+def mamba_rule(cfg: MambaConfig) -> Rule:
+    """Init (mamba_ssm's Mamba2 / megatron's MambaMixer), by global name:
+    A_log = log(uniform(A_init_range)); dt_bias = softplus^-1(dt), dt log-uniform in
+    [dt_min, dt_max] floored at dt_init_floor; D = 1 and norm gains 1; the depthwise convs as
+    torch's Conv1d default (weight and bias uniform +-1/sqrt(d_conv), fan-in d_conv); in_proj and
+    bc_proj normal(init_std) (parts cut over tp separately), out_proj normal(init_std / sqrt(2
+    layers)) like the attention and MLP output projections; attention / MLP layers and the
+    embedding as dense (`gpt_rule`)."""
+    gpt = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)
+    out_std = cfg.init_std / math.sqrt(2.0 * cfg.layers)
+    ed, h, gn = cfg.d_inner, cfg.mamba_heads, cfg.groups * cfg.d_state
+    lo, hi = cfg.A_init_range
+    bound = 1.0 / math.sqrt(cfg.d_conv)
+
+    def a_log(shape, gen):
+        return torch.log(torch.empty(shape).uniform_(lo, hi, generator=gen))
+
+    def dt_bias(shape, gen):
+        u = torch.rand(shape, generator=gen, dtype=torch.float64)
+        dt = torch.exp(u * (math.log(cfg.dt_max) - math.log(cfg.dt_min)) + math.log(cfg.dt_min))
+        dt = dt.clamp(min=cfg.dt_init_floor)
+        return dt + torch.log(-torch.expm1(-dt))  # inverse softplus
+
+    def conv(shape, gen):
+        return torch.empty(shape).uniform_(-bound, bound, generator=gen)
+
+    def rule(name: str, param: torch.nn.Parameter) -> Init:
+        if ".mixer." not in name:
+            return gpt(name, param)
+        leaf = name.split(".mixer.", 1)[1]
+        if leaf == "A_log":
+            return Init("draw", draw=a_log)
+        if leaf == "dt_bias":
+            return Init("draw", draw=dt_bias)
+        if leaf in ("D", "norm.weight"):
+            return Init("ones")
+        if leaf == "conv_x.weight" or leaf == "conv_x.bias":
+            return Init("draw", draw=conv)
+        if leaf in ("conv_bc.weight", "conv_bc.bias"):
+            return Init("draw", draw=conv, parts=(gn, gn))
+        if leaf == "in_proj.weight":
+            return Init("normal", cfg.init_std, parts=(ed, ed, h))
+        if leaf == "bc_proj.weight":
+            return Init("normal", cfg.init_std, parts=(gn, gn))
+        if leaf == "out_proj.weight":
+            return Init("normal", out_std)
+        raise ValueError(f"no init rule for {name}")
+
+    return rule
+
+
+def build_model(
+    cfg: MambaConfig, *, seq_len: int, seed: int, runtime: dict[str, Any]
+) -> MambaModel:
+    """This rank's pipeline stage of the model, initialised from `seed` independently of layout."""
+    config = transformer_config(cfg, runtime)
+    model = MambaModel(
+        config=config,
+        mamba_stack_spec=stack_spec(cfg, config),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        hybrid_override_pattern=cfg.layer_pattern,
+        share_embeddings_and_output_weights=cfg.tied_embeddings,
+        position_embedding_type="none",
+    )
+    init_params(model, seed=seed, rule=mamba_rule(cfg), tied=cfg.tied_embeddings)
+    return model
+
+
+forward_step = lm.forward_step
+step_metrics = lm.no_metrics
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
