@@ -69,8 +69,10 @@ def install() -> bool:
     # `Tensor.cuda()`: "Torch not compiled with CUDA enabled" without this.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 
+    _fake_streams(cuda)
     _redirect_megatron_rng()
     _define_missing_te_gemm()
+    _int_alltoall_splits()
     _INSTALLED = True
     return True
 
@@ -133,3 +135,88 @@ def _define_missing_te_gemm() -> None:
         return
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+
+
+class _FakeEvent:
+    """A CUDA event on a machine where every op runs in order on the CPU: always complete."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def record(self, stream=None):
+        pass
+
+    def wait(self, stream=None):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, end) -> float:
+        return 0.0
+
+
+class _FakeStream:
+    """A CUDA stream without CUDA: work is already ordered, so waits and records do nothing."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, stream):
+        pass
+
+    def wait_event(self, event):
+        pass
+
+    def record_event(self, event=None):
+        return event if event is not None else _FakeEvent()
+
+    def synchronize(self):
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_DEFAULT_STREAM = _FakeStream()
+
+
+def _fake_streams(cuda) -> None:
+    import contextlib
+
+    # MoEAlltoAllTokenDispatcher.__init__ builds `torch.cuda.Stream()` for its device-to-host copies
+    # (token_dispatcher.py:445, "torch.cuda.Stream requires CUDA support" without this) and, in
+    # _maybe_dtoh_and_synchronize, compares it with `current_stream()`, calls `wait_stream`, enters
+    # `torch.cuda.stream(...)` and waits on `record_event()`'s event; SharedExpertMLP with
+    # moe_shared_expert_overlap and Megatron-FSDP's overlapped reduce/gather do the same.
+    cuda.Stream = _FakeStream
+    cuda.Event = _FakeEvent
+    cuda.current_stream = lambda device=None: _DEFAULT_STREAM
+    cuda.default_stream = lambda device=None: _DEFAULT_STREAM
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+def _int_alltoall_splits() -> None:
+    # The alltoall dispatcher hands its per-rank token counts to all_to_all_single as split sizes.
+    # On a GPU `maybe_move_tensor_to_cpu(..., as_numpy=True)` turns them into numpy arrays; for a
+    # tensor already on the CPU it returns the tensor unchanged, and gloo's all_to_all_single then
+    # rejects tensor split sizes (measured with EP=2). Converting CPU tensors too when numpy is asked
+    # for gives gloo the same numpy splits a GPU run gets.
+    try:
+        from megatron.core.transformer.moe import token_dispatcher
+    except ImportError:
+        return
+    original = token_dispatcher.maybe_move_tensor_to_cpu
+
+    @functools.wraps(original)
+    def to_cpu(tensor, as_numpy=False, record_stream=False):
+        import torch
+
+        if as_numpy and torch.is_tensor(tensor) and tensor.device.type == "cpu":
+            return tensor.numpy()
+        return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = to_cpu

@@ -1,0 +1,240 @@
+"""Mixture-of-Experts decoder as a megatron-core GPTModel with megatron's own MoE layers.
+
+The builder half of the family contract (docs/families.md, docs/moe.md): `build_model`,
+`forward_step`, `step_metrics`. MoE layers are megatron's `MoELayer` (TopKRouter, SequentialMLP of
+megatron `MLP` experts, optional SharedExpertMLP) from `get_gpt_layer_local_spec(num_experts=...)`,
+with the project's SDPA/flash core attention and RMSNorm swapped in; dense layers between them (when
+`moe_every` > 1) are dense's blocks (local spec, `SwiGLUMLP`). Expert parallelism, the token
+dispatcher and the expert tensor parallelism (= tp) are megatron's; the layout reaches this builder
+only as TransformerConfig fields (`runtime`). Grouped GEMM (`moe_grouped_gemm`) and Transformer
+Engine's MoE spec need a GPU and are not used.
+
+Losses: the aux (load-balancing) and z losses are not in the returned loss; megatron's
+`MoEAuxLossAutoScaler` adds their gradients in backward, scaled by the schedule's
+`grad_scale_func(1) / num_microbatches` (megatron sets it inside forward_backward_func).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.moe.moe_utils import (
+    clear_aux_losses_tracker,
+    get_moe_layer_wise_logging_tracker,
+)
+from megatron.core.transformer.moe.router import TopKRouter
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from scaleforge.arch.common import lm
+from scaleforge.arch.common.attention import core_attention
+from scaleforge.arch.common.init import gpt_rule, init_params
+from scaleforge.arch.common.mlp import SwiGLUMLP
+from scaleforge.arch.common.norm import RMSNorm
+# imported for its log filter: TransformerLayer warns "Unknown MLP type" for SwiGLUMLP dense layers
+from scaleforge.arch.dense import model as _dense_model  # noqa: F401
+from scaleforge.arch.moe.config import MoEConfig
+
+EXPERT_BIAS_UPDATE_RATE = 1e-3
+"""DeepSeek-V3's bias step per optimizer step (megatron's default `moe_router_bias_update_rate`)."""
+
+
+def transformer_config(cfg: MoEConfig, runtime: dict[str, Any]) -> TransformerConfig:
+    """megatron TransformerConfig of the shape `cfg` under `runtime` (layout, dtype, fusions)."""
+    runtime = dict(runtime)
+    if runtime.get("tensor_model_parallel_size", 1) > 1:
+        # megatron's MoELayer.forward refuses to train with tp > 1 and sequence parallelism off
+        # ("performance may degrade if MoE and tensor parallelism are enabled without also enabling
+        # sequence parallelism", a ValueError); the planner picks SP whenever tp > 1 anyway, and
+        # MoEConfig.divisibility asks tp to divide data.seq_len for it.
+        runtime["sequence_parallel"] = True
+    return TransformerConfig(
+        num_layers=cfg.layers,
+        hidden_size=cfg.hidden,
+        num_attention_heads=cfg.heads,
+        num_query_groups=cfg.kv_heads,
+        kv_channels=cfg.head_dim,
+        ffn_hidden_size=cfg.ffn_hidden,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        # megatron's MoE path fails with biases on CPU (in-place bias add on a view), and the
+        # LLaMA-style shape has none anyway
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_std,
+        # weights are drawn by arch.common.init (see arch/dense/model.py for why megatron's own
+        # init path must still run)
+        perform_initialization=True,
+        init_method=_keep,
+        output_layer_init_method=_keep,
+        num_moe_experts=cfg.experts,
+        moe_router_topk=cfg.top_k,
+        moe_ffn_hidden_size=cfg.moe_ffn_hidden,
+        moe_shared_expert_intermediate_size=cfg.shared_expert_ffn or None,
+        moe_layer_freq=cfg.moe_every,
+        # megatron needs a balancing type with a capacity factor; "none" when the aux loss is off
+        moe_router_load_balancing_type="aux_loss" if cfg.aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=float(cfg.aux_loss_coeff),
+        moe_z_loss_coeff=float(cfg.z_loss_coeff) or None,
+        moe_router_score_function=cfg.router_score,
+        # top-1 with softmax: the gate is the softmax over all experts (Switch); without
+        # pre-softmax megatron would take a softmax over the one selected logit, always 1.0
+        moe_router_pre_softmax=cfg.top_k == 1 and cfg.router_score == "softmax",
+        moe_router_enable_expert_bias=cfg.expert_bias,
+        moe_router_bias_update_rate=EXPERT_BIAS_UPDATE_RATE,
+        # router logits and scores in fp32 even under bf16 (megatron's advice for stable routing)
+        moe_router_dtype="fp32",
+        moe_expert_capacity_factor=float(cfg.capacity_factor) or None,
+        moe_token_drop_policy=cfg.drop_policy,
+        moe_token_dispatcher_type=cfg.dispatcher,
+        moe_grouped_gemm=False,  # GroupedMLP needs CUDA's grouped_gemm package
+        **runtime,
+    )
+
+
+def _moe_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    layer = get_gpt_layer_local_spec(num_experts=config.num_moe_experts, normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = core_attention(config.params_dtype)
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    return layer
+
+
+def _dense_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+    layer.submodules.self_attention.submodules.core_attention = core_attention(config.params_dtype)
+    layer.submodules.input_layernorm = RMSNorm
+    layer.submodules.pre_mlp_layernorm = RMSNorm
+    layer.submodules.mlp.module = SwiGLUMLP  # as the dense family's blocks
+    return layer
+
+
+def layer_spec(cfg: MoEConfig, config: TransformerConfig) -> ModuleSpec:
+    """This pipeline stage's block: MoE layers at cfg.is_moe_layer(i), dense ones between."""
+    moe, dense = _moe_layer_spec(config), _dense_layer_spec(config)
+    offset = get_transformer_layer_offset(config)
+    count = get_num_layers_to_build(config)
+    specs = [moe if cfg.is_moe_layer(offset + i) else dense for i in range(count)]
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=specs, layer_norm=RMSNorm),
+    )
+
+
+def build_model(
+    cfg: MoEConfig, *, seq_len: int, seed: int, runtime: dict[str, Any]
+) -> GPTModel:
+    """This rank's pipeline stage (and expert shard), initialised from `seed` independently of the
+    TP/PP/EP/DP layout: experts are drawn by their global index (arch.common.init), the router like
+    any other weight, normal(0, init_std), expert fc1 as [gate; up] parts."""
+    config = transformer_config(cfg, runtime)
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(cfg, config),
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rope_base,
+    )
+    rule = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)
+    init_params(model, seed=seed, rule=rule, tied=cfg.tied_embeddings)
+    _track_expert_load(model, cfg)
+    return model
+
+
+forward_step = lm.forward_step
+
+
+# ----------------------------------------------------------------------------------------------
+# metrics
+
+
+def _track_expert_load(model: GPTModel, cfg: MoEConfig) -> None:
+    """Count, per global layer and expert, the tokens each router sends during training forwards.
+
+    A forward hook on every TopKRouter adds its routing map's column sums (after any capacity drop)
+    to `model.moe_expert_load` [layers, experts]. Evaluation (eval mode, no grad) and the no-grad
+    first pass of activation recomputation are skipped, as megatron skips them for the aux losses.
+    """
+    load = torch.zeros(cfg.layers, cfg.experts, dtype=torch.float64)
+    model.moe_expert_load = load
+
+    def hook(router: TopKRouter, _inputs, outputs) -> None:
+        if router.training and torch.is_grad_enabled():
+            _probs, routing_map = outputs
+            load[router.layer_number - 1] += routing_map.sum(dim=0).to(torch.float64).cpu()
+
+    for module in model.modules():
+        if isinstance(module, TopKRouter):
+            module.register_forward_hook(hook)
+
+
+def step_metrics(model: GPTModel, *, num_microbatches: int) -> dict[str, float]:
+    """`moe/aux_loss`, `moe/z_loss` (the losses without their coefficients, mean over MoE layers and
+    micro-batches, for the job's whole batch) and `moe/load_max_over_mean` (per MoE layer, the most
+    loaded expert's tokens over the mean, averaged over MoE layers; 1.0 is perfect balance).
+
+    Collective: every rank must call it after every train step; it empties megatron's aux-loss
+    tracker and the load counts, so evaluation between steps cannot leak into the next step (its
+    forwards are not tracked anyway). Keys are absent when their coefficient is 0.
+
+    The reduction is megatron's `track_moe_metrics(loss_scale=1/num_microbatches)` done in one world
+    all-reduce: megatron 0.16.1 sums the aux loss over pp and tp (each tp rank holds its 1/tp share)
+    and averages it over dp, but reduces the z-loss over pp only, so its logged z-loss is one dp
+    rank's; a pipeline stage without MoE layers would also skip the tp all-reduce the others enter.
+    Here both are summed over the world and divided by the ranks holding copies (aux: dp; z: tp x dp),
+    which makes the values independent of the layout (tests/test_moe.py: EP=2 and TP=2 equal 1 rank).
+    """
+    config = model.config
+    tracker = get_moe_layer_wise_logging_tracker()
+    names = []
+    if config.moe_aux_loss_coeff and config.moe_router_load_balancing_type == "aux_loss":
+        names.append(("moe/aux_loss", "load_balancing_loss"))
+    if config.moe_z_loss_coeff:
+        names.append(("moe/z_loss", "z_loss"))
+    layers = config.num_layers
+    losses = []
+    for _key, name in names:
+        values = tracker.get(name, {}).get("values")
+        losses.append(float(values.sum()) if values is not None else 0.0)
+    load = model.moe_expert_load
+    flat = torch.cat([torch.tensor(losses, dtype=torch.float64), load.flatten()])
+    dist.all_reduce(flat)
+    clear_aux_losses_tracker()
+    load.zero_()
+
+    moe_layers = [i for i in range(layers) if i % config.moe_layer_freq == 0]
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    dp = parallel_state.get_data_parallel_world_size()
+    copies = {"load_balancing_loss": dp, "z_loss": tp * dp}
+    out = {}
+    for i, (key, name) in enumerate(names):
+        out[key] = float(flat[i]) / copies[name] / len(moe_layers) / num_microbatches
+    counts = flat[len(names):].view(layers, -1)[moe_layers]
+    mean = counts.mean(dim=1)
+    if bool((mean > 0).all()):
+        out["moe/load_max_over_mean"] = float((counts.max(dim=1).values / mean).mean())
+    return out
+
+
+def _keep(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
