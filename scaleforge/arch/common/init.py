@@ -69,6 +69,7 @@ def global_name(model: torch.nn.Module, name: str, tied: bool) -> str:
     """Name of a parameter in the unsplit, single-stage, single-expert-rank model."""
     if tied and name == "output_layer.weight":
         return "embedding.word_embeddings.weight"
+    local_name = name  # this stage's module path (layer indices local), to look modules up
     match = _LAYER_RE.search(name)
     if match:
         layers = model.decoder.layers
@@ -79,7 +80,10 @@ def global_name(model: torch.nn.Module, name: str, tied: bool) -> str:
         from megatron.core import parallel_state
 
         local = int(match.group(2))
-        per_rank = _local_experts(model, name[: match.start(2)])
+        # the expert list's path on THIS stage: with pp > 1 the global layer number just put into
+        # `name` is not a local index (PP=2 stage 1: "decoder.layers.1" has no module)
+        local_match = _EXPERT_RE.search(local_name)
+        per_rank = _local_experts(model, local_name[: local_match.start(2)])
         index = parallel_state.get_expert_model_parallel_rank() * per_rank + local
         name = name[: match.start(2)] + str(index) + name[match.end(2):]
     return name
