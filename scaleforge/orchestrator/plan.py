@@ -136,7 +136,7 @@ def plan_run(
         evaluation = dataclasses.replace(evaluation, every=max(1, math.ceil(hp.steps / 20)))
     parallel = ParallelSpec(
         tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp, recompute=layout.recompute,
-        distributed_optimizer=base.parallel.distributed_optimizer, ep=1,
+        distributed_optimizer=base.parallel.distributed_optimizer, ep=layout.ep,
     )
     spec = dataclasses.replace(
         base, name=name, model=model, data=dataclasses.replace(base.data, seq_len=seq_len),

@@ -29,7 +29,9 @@ Search (methods 9, planner rule of thumb): the smallest tp (dividing the GPUs pe
 key/value head counts, ffn_hidden, the vocabulary and the sequence), then the smallest pp (dividing
 layers; m >= 4 pp) whose fullest stage fits, first without recomputation (selective where the attention kernel needs it), only then
 with full recomputation; SP whenever tp > 1. The rest of the GPUs, as many as the global batch
-allows (a divisor of a node or whole nodes), go to DP with the distributed optimizer. Step time
+allows (a divisor of a node or whole nodes), go to DP with the distributed optimizer. For a family
+with experts (a `divisibility` row on `ep`), when a layout does not fit at ep = 1, the smallest EP
+dividing dp and the experts that fits is taken (expert weights and their states / ep). Step time
 assumes the cluster's MFU (default 40%, OLMo-core's H100 number).
 """
 
@@ -195,6 +197,8 @@ class Layout:
     """Sequences per step (a multiple of micro_batch x dp)."""
     memory: Memory
     """Bytes per GPU of the fullest stage."""
+    ep: int = 1
+    """Expert-parallel size (inside dp; 1 for families without experts)."""
     memory_limit: float
     """Bytes per GPU the plan may use (inf: unchecked, CPU)."""
     bubble: float
@@ -329,18 +333,35 @@ def search_layout(
     )
 
 
+def _eps(model: Any, dp: int, seq_len: int) -> list[int]:
+    """Expert-parallel sizes to try, smallest first: 1, then divisors of dp that divide every field
+    the family splits over `ep` (its expert count); only 1 for a family without such a field."""
+    if not any(row.axis == "ep" for row in model.divisibility(seq_len)):
+        return [1]
+    return [e for e in _divisors(dp, dp) if _divides(model, "ep", e, seq_len)]
+
+
 def _evaluate(model, tp, pp, dp, mb, recompute, seq_len, batch_target, cluster, limit) -> Layout:
     global_batch = round_batch(batch_target, mb * dp)
     m = global_batch // (mb * dp)
     sp = tp > 1
-    memory = memory_per_gpu(
-        model, seq_len=seq_len, micro_batch=mb, tp=tp, pp=pp, dp=dp, sp=sp, recompute=recompute,
-        flash=cluster.flash_attention, microbatches=m,
-    )
+    # EP only when the experts do not fit: the smallest ep (dividing dp and the experts) that fits,
+    # else the one with the least memory. EP adds all-to-all traffic and, per rank, fewer experts to
+    # batch tokens into, so ep = 1 wins whenever it fits.
+    ep, memory = 1, None
+    for size in _eps(model, dp, seq_len):
+        need = memory_per_gpu(
+            model, seq_len=seq_len, micro_batch=mb, tp=tp, pp=pp, dp=dp, sp=sp,
+            recompute=recompute, flash=cluster.flash_attention, microbatches=m, ep=size,
+        )
+        if memory is None or need.total < memory.total:
+            ep, memory = size, need
+        if need.total <= limit:
+            break
     bubble = bubble_fraction(pp, m)
     return Layout(
         tp=tp, pp=pp, dp=dp, sp=sp, recompute=recompute, micro_batch=mb, global_batch=global_batch,
-        memory=memory, memory_limit=limit, bubble=bubble,
+        memory=memory, ep=ep, memory_limit=limit, bubble=bubble,
         step_time_s=step_time(model, seq_len=seq_len, global_batch=global_batch, gpus=tp * pp * dp,
                               cluster=cluster, recompute=recompute, bubble=bubble),
         gpus_per_node=cluster.gpus_per_node,
