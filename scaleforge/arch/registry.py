@@ -12,6 +12,8 @@ from scaleforge.errors import ConfigError
 # name -> (config module, config class, builder module)
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "dense": ("scaleforge.arch.dense.config", "DenseConfig", "scaleforge.arch.dense.model"),
+    "moe": ("scaleforge.arch.moe.config", "MoEConfig", "scaleforge.arch.moe.model"),
+    "mamba": ("scaleforge.arch.mamba.config", "MambaConfig", "scaleforge.arch.mamba.model"),
 }
 
 
