@@ -64,7 +64,7 @@ def test_ssd_equals_the_recurrence(dtype, tol, chunk, length, groups):
     y_ref, final_ref = recurrence(x, dt, A, B, C)
     assert y.dtype == dtype
     # errors relative to the largest magnitude (states reach ~60 here, where fp32's spacing is
-    # 4e-6): measured up to 1.2e-15 (fp64) and 3.7e-7 (fp32)
+    # 4e-6): measured up to 1.9e-15 (fp64) and 6.1e-6 (fp32)
     for out, ref in ((y, y_ref), (final, final_ref)):
         err = (out - ref).abs().max().item() / max(1.0, ref.abs().max().item())
         assert err <= tol, err

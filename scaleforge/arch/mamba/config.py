@@ -134,6 +134,8 @@ class MambaConfig(FamilyConfig):
             raise ConfigError(f"model.heads={self.heads} must divide model.hidden={self.hidden}")
         if self.heads % self.kv_heads:
             raise ConfigError(f"model.kv_heads={self.kv_heads} must divide model.heads={self.heads}")
+        if len(self.A_init_range) != 2:
+            raise ConfigError(f"model.A_init_range={list(self.A_init_range)!r} must be [lo, hi]")
         lo, hi = self.A_init_range
         if not 0 < lo <= hi:
             raise ConfigError(f"model.A_init_range={self.A_init_range!r} must be 0 < lo <= hi")
