@@ -92,12 +92,17 @@ def test_stable_segsum_with_large_decays():
     assert stable[8, 7].item() == pytest.approx(-157.0)  # one step: the step itself
 
 
-@pytest.mark.skipif(not have_kernel(), reason="mamba_ssm's Triton kernel needs a GPU and mamba-ssm")
-def test_triton_kernel_equals_pytorch():
-    x, dt, A, B, C = (t.cuda() for t in _inputs(torch.float32, 300, 2, heads=8, p=64, n=16))
+@pytest.mark.gpu
+@pytest.mark.skipif(not have_kernel(), reason="mamba_ssm's Triton kernel needs a CUDA GPU and "
+                    "`pip install mamba-ssm`; the PyTorch path is the reference")
+@pytest.mark.parametrize("groups", [1, 2])
+def test_triton_kernel_equals_pytorch(groups):
+    # 300 steps: not a multiple of the chunk (64); per-group B, C go to the kernel as they are
+    x, dt, A, B, C = (t.cuda() for t in _inputs(torch.float32, 300, groups, heads=8, p=64, n=16))
     ref = mamba_chunk_scan(x, dt, A, B, C, 64, use_kernel=False)
     out = mamba_chunk_scan(x, dt, A, B, C, 64, use_kernel=True)
-    assert (out - ref).abs().max().item() < 1e-3
+    scale = ref.abs().max().item()
+    assert (out - ref).abs().max().item() <= 1e-3 * max(1.0, scale)  # TF32 matmuls in the kernel
 
 
 # ----------------------------------------------------------------------------------------------
@@ -191,6 +196,30 @@ def test_built_parameters_equal_accounting_and_train(megatron_single, pattern, g
     assert abs(loss.item() - math.log(512)) < 0.5  # near uniform at init
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_full_recompute_keeps_less_and_gives_the_same_gradients(megatron_single):
+    # megatron's MambaStack has no full recomputation; the family's stack checkpoints each layer
+    from scaleforge.arch.mamba.model import build_model
+
+    cfg = MambaConfig(**SMALL, pattern="M*M-")
+    tokens = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(40)[None].expand(2, 40)
+    results = []
+    for extra in ({}, dict(recompute_granularity="full", recompute_method="uniform",
+                           recompute_num_layers=1)):
+        model = build_model(cfg, seq_len=40, seed=3, runtime=dict(
+            use_cpu_initialization=True, params_dtype=torch.float32, **extra))
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(
+                lambda t: saved.append(t.numel() * t.element_size()) or t, lambda t: t):
+            loss = model(tokens, positions, None, labels=tokens).mean()
+        loss.backward()
+        results.append((loss.item(), sum(saved),
+                        {n: p.grad.clone() for n, p in model.named_parameters()}))
+    (loss0, bytes0, grads0), (loss1, bytes1, grads1) = results
+    assert loss0 == loss1 and all(torch.equal(grads0[n], grads1[n]) for n in grads0)
+    assert bytes1 < bytes0 / 2, (bytes0, bytes1)
 
 
 def test_init_values(megatron_single):
@@ -345,13 +374,17 @@ def single(tiny_store, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("groups", [1, 2])
-def test_tp2_equals_tp1(groups, single, tmp_path):
+@pytest.mark.parametrize("groups,sets", [
+    (1, ["parallel.tp=2"]),
+    (2, ["parallel.tp=2"]),
+    (1, ["parallel.tp=2", "parallel.sp=true"]),  # replicated B, C from the gathered sequence
+])
+def test_tp2_equals_tp1(groups, sets, single, tmp_path):
     # G = 1: B, C replicated and the gated norm's group spans both ranks; G = 2: one group a rank
     from test_resume import _finish
 
     spec, _, ref = single(groups)
-    losses = _finish(spec, tmp_path / "run", nproc=2, sets=["parallel.tp=2"])
+    losses = _finish(spec, tmp_path / "run", nproc=2, sets=sets)
     diffs = [abs(ref[s] - losses[s]) for s in ref]
     assert max(diffs) < TOL, diffs
 

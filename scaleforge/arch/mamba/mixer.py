@@ -55,17 +55,18 @@ from scaleforge.arch.mamba.ssd import mamba_chunk_scan
 class _Replicated(torch.nn.Module):
     """A bias-free linear weight held in full on every tensor-parallel rank."""
 
-    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype):
+    def __init__(self, in_features: int, out_features: int, dtype: torch.dtype, device):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.empty(out_features, in_features, dtype=dtype,
+                                                     device=device))
 
 
 class _GatedNorm(torch.nn.Module):
     """The gain of RMSNormGated over this rank's Ed / tp channels (computed by the mixer)."""
 
-    def __init__(self, channels: int, dtype: torch.dtype):
+    def __init__(self, channels: int, dtype: torch.dtype, device):
         super().__init__()
-        self.weight = torch.nn.Parameter(torch.ones(channels, dtype=dtype))
+        self.weight = torch.nn.Parameter(torch.ones(channels, dtype=dtype, device=device))
 
 
 def _tp_param(param: torch.Tensor) -> None:
@@ -101,22 +102,27 @@ class MambaMixer(MegatronModule):
             bias=False, gather_output=False, tp_group=self.tp_group,
         )
         gn = groups * d_state
+        # the rest lives where megatron put in_proj (GPU or CPU); no device logic of our own
+        device = self.in_proj.weight.device
         if self.bc_split:
             self.bc_proj = ColumnParallelLinear(
                 d_model, 2 * gn, config=config, init_method=config.init_method, bias=False,
                 gather_output=False, tp_group=self.tp_group,
             )
         else:
-            self.bc_proj = _Replicated(d_model, 2 * gn, dtype)
+            self.bc_proj = _Replicated(d_model, 2 * gn, dtype, device)
         bc_local = 2 * self.groups_local * d_state
         self.conv_x = torch.nn.Conv1d(self.d_inner_local, self.d_inner_local, d_conv,
-                                      groups=self.d_inner_local, padding=d_conv - 1, dtype=dtype)
+                                      groups=self.d_inner_local, padding=d_conv - 1, dtype=dtype,
+                                      device=device)
         self.conv_bc = torch.nn.Conv1d(bc_local, bc_local, d_conv, groups=bc_local,
-                                       padding=d_conv - 1, dtype=dtype)
-        self.A_log = torch.nn.Parameter(torch.empty(self.heads_local, dtype=dtype))
-        self.dt_bias = torch.nn.Parameter(torch.empty(self.heads_local, dtype=dtype))
-        self.D = torch.nn.Parameter(torch.ones(self.heads_local, dtype=dtype))
-        self.norm = _GatedNorm(self.d_inner_local, dtype)
+                                       padding=d_conv - 1, dtype=dtype, device=device)
+        # A_log and D stay fp32 under bf16 (as mamba_ssm and megatron's mixer): exp(A_log) and the
+        # skip are precision-sensitive; megatron's optimizer keeps fp32 parameters as they are
+        self.A_log = torch.nn.Parameter(torch.empty(self.heads_local, device=device))
+        self.dt_bias = torch.nn.Parameter(torch.empty(self.heads_local, dtype=dtype, device=device))
+        self.D = torch.nn.Parameter(torch.ones(self.heads_local, device=device))
+        self.norm = _GatedNorm(self.d_inner_local, dtype, device)
         for p in (self.conv_x.weight, self.conv_x.bias, self.A_log, self.dt_bias, self.D,
                   self.norm.weight):
             _tp_param(p)
@@ -129,11 +135,11 @@ class MambaMixer(MegatronModule):
         )
         # global head h reads group h // (heads / groups); index it in this rank's B, C
         first = rank * self.heads_local
-        group = (torch.arange(first, first + self.heads_local) // (heads // groups))
+        group = torch.arange(first, first + self.heads_local, device=device) // (heads // groups)
         local_group = group - (rank * self.groups_local if self.bc_split else 0)
         self.register_buffer("head_group", local_group, persistent=False)
         # (heads, heads_local): 1 where global head h is in the group of local head i
-        same = (torch.arange(heads) // (heads // groups))[:, None] == group[None, :]
+        same = (torch.arange(heads, device=device) // (heads // groups))[:, None] == group[None, :]
         self.register_buffer("norm_groups", same.to(torch.float32), persistent=False)
 
     # ------------------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ class MambaMixer(MegatronModule):
         dt = F.softplus(dt.float() + self.dt_bias.float()).permute(1, 0, 2)  # (b, s, H / tp)
         A = -torch.exp(self.A_log.float())
         y = mamba_chunk_scan(xh, dt, A, Bh, Ch, self.chunk_size)
-        y = y + xh * self.D.to(xh.dtype)[:, None]
+        y = (y.float() + xh.float() * self.D.float()[:, None]).to(xh.dtype)
         y = y.reshape(b, s, -1).permute(1, 0, 2)
         y = self._gated_norm(y, z)
         return self.out_proj(y)

@@ -14,13 +14,14 @@ No parallel logic: the layout reaches this builder only as TransformerConfig fie
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.mamba import MambaModel
 from megatron.core.ssm.mamba_block import MambaStack, MambaStackSubmodules
@@ -51,7 +52,9 @@ logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_Quie
 
 
 class _Stack(MambaStack):
-    """MambaStack with the project's RMSNorm as final norm (megatron's is TENorm, GPU-only)."""
+    """MambaStack with the project's RMSNorm as final norm (megatron's is TENorm, GPU-only) and
+    full activation recomputation, which megatron's MambaStack does not implement (it would ignore
+    `recompute_granularity="full"` silently): each layer then keeps only its input."""
 
     def __init__(self, config: TransformerConfig, submodules: MambaStackSubmodules,
                  post_layer_norm: bool = True, **kwargs):
@@ -59,6 +62,27 @@ class _Stack(MambaStack):
         self.post_layer_norm = post_layer_norm
         if self.post_process and post_layer_norm:
             self.final_norm = RMSNorm(config, config.hidden_size, eps=config.layernorm_epsilon)
+        if config.recompute_granularity == "full":
+            for layer in self.layers:
+                # an instance attribute: parameter names stay layers.N.*
+                layer.forward = functools.partial(_recomputed, layer.forward)
+
+
+def _recomputed(forward, hidden_states, attention_mask=None, **kwargs):
+    """`forward` of one layer under megatron's activation checkpoint (recomputed in backward)."""
+    if not torch.is_grad_enabled():
+        return forward(hidden_states=hidden_states, attention_mask=attention_mask, **kwargs)
+    returns_tuple = []
+
+    def run(hidden):
+        out = forward(hidden_states=hidden, attention_mask=attention_mask, **kwargs)
+        if isinstance(out, tuple):  # TransformerLayer: (hidden, context)
+            returns_tuple.append(True)
+            return out[0]
+        return out
+
+    out = tensor_parallel.checkpoint(run, False, hidden_states)
+    return (out, None) if returns_tuple else out
 
 
 def transformer_config(cfg: MambaConfig, runtime: dict[str, Any]) -> TransformerConfig:
