@@ -244,7 +244,8 @@ class MambaConfig(FamilyConfig):
         """About `n` total parameters (vocab, pattern unit and SSM knobs from `base`): widths on
         dense's grid with Mamba headdim = dense's head_dim at that width, attention heads likewise;
         depth = twice dense's aspect rule (a Mamba-2 block at expand 2 holds ~6 d^2, half a
-        transformer block, so mamba2-130m has 24 layers at width 768), in whole pattern units."""
+        transformer block, so mamba2-130m has 24 layers at width 768), in whole pattern units;
+        groups = gcd(base groups, Mamba heads) so that they divide the heads at every width."""
         from scaleforge.arch.dense import shapes
 
         if not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):

@@ -87,11 +87,16 @@ def _recomputed(forward, hidden_states, attention_mask=None, **kwargs):
 
 def transformer_config(cfg: MambaConfig, runtime: dict[str, Any]) -> TransformerConfig:
     """megatron TransformerConfig of the shape `cfg` under `runtime` (layout, dtype, fusions)."""
+    heads, kv_heads = cfg.heads, cfg.kv_heads
+    if "attention" not in cfg.layer_names():
+        # no `*` layer: megatron still checks num_attention_heads % tp, so give it tp heads
+        # (unused) rather than refuse a tp that divides everything the stack splits
+        heads = kv_heads = runtime.get("tensor_model_parallel_size", 1)
     return TransformerConfig(
         num_layers=cfg.layers,
         hidden_size=cfg.hidden,
-        num_attention_heads=cfg.heads,
-        num_query_groups=cfg.kv_heads,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
         kv_channels=cfg.head_dim,
         ffn_hidden_size=cfg.ffn_hidden,
         normalization="RMSNorm",
