@@ -114,6 +114,12 @@ def test_plan_is_fast_deterministic_and_shards_experts_when_needed():
     assert plan_to_yaml(a) == plan_to_yaml(b)
     assert elapsed < 1.0, elapsed
     assert all(r.spec.model.arch == "moe" for r in a.runs())
+    # a shared expert is asked for with any positive width; the rule sizes it like a routed expert
+    shared = make_plan(1e21, arch="moe", unique_tokens=15e12, overrides=("model.shared_expert_ffn=1",))
+    assert all(r.spec.model.shared_expert_ffn == r.spec.model.moe_ffn_hidden > 1
+               for r in shared.runs())
+    with pytest.raises(ConfigError, match="model.moe_ffn_hidden"):
+        make_plan(1e21, arch="moe", overrides=("model.moe_ffn_hidden=64",))
     # a 1e24 target does not fit 80 GB at ep=1: the layout search shards the experts over dp
     big = make_plan(1e24, arch="moe", unique_tokens=15e12)
     eps = {r.spec.parallel.ep for r in big.runs()}

@@ -40,9 +40,11 @@ class MoEConfig(DenseConfig):
     """A LLaMA-style GPT whose MLPs are (every `moe_every`-th layer) top-k routed SwiGLU experts."""
 
     planned_fields: ClassVar[tuple[str, ...]] = (
-        "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "moe_ffn_hidden", "shared_expert_ffn",
+        "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "moe_ffn_hidden",
     )
-    """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them."""
+    """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them.
+    `shared_expert_ffn` is not one: `plan --set model.shared_expert_ffn=1` (any value > 0) asks for a
+    shared expert, whose width the rule then sets."""
 
     arch: str = "moe"
     """Family name in the architecture registry."""
@@ -176,9 +178,12 @@ class MoEConfig(DenseConfig):
                 + self.shared_params() + 2 * self.hidden)
 
     def layer_params(self) -> int:
-        """Mean parameters of a layer (the planner's per-layer figure; layer_kinds() is exact)."""
-        return (self.moe_layers * self.moe_layer_params()
-                + self.dense_layers * self.dense_layer_params()) // self.layers
+        """Parameters of one MoE layer (layer 0 is always one; `layer_kinds()` lists every layer)."""
+        return self.moe_layer_params()
+
+    def layer_matmul_params(self) -> int:
+        """Weights one token multiplies in a MoE layer (attention, router, top_k experts, shared)."""
+        return self.moe_layer_active_params() - 2 * self.hidden
 
     def num_params(self) -> int:
         """Exact total parameters: embedding, MoE and dense layers, final norm, untied output."""
@@ -193,9 +198,8 @@ class MoEConfig(DenseConfig):
     def matmul_params(self) -> int:
         """Weights a token multiplies: attention, router, k experts, shared expert, dense MLPs, and
         the output layer (the embedding lookup and norms are not matmuls)."""
-        moe = self.moe_layer_active_params() - 2 * self.hidden
         dense = self.dense_layer_params() - 2 * self.hidden
-        return (self.moe_layers * moe + self.dense_layers * dense
+        return (self.moe_layers * self.layer_matmul_params() + self.dense_layers * dense
                 + self.vocab_size * self.hidden)
 
     def flops_per_token(self, seq_len: int) -> float:
@@ -268,24 +272,22 @@ class MoEConfig(DenseConfig):
 # the shape rule
 
 
-def expert_width(hidden: int, base: MoEConfig) -> int:
-    """Routed-expert width at `hidden`: the dense rule's SwiGLU width (8h/3, arch/dense/shapes.py)
-    divided by the base's granularity round(ffn_for(base.hidden) / base.moe_ffn_hidden) (Mixtral: 1,
-    each expert a full dense MLP; fine-grained DeepSeek-style bases keep their ratio), rounded up to a
-    multiple of 16 so tp up to 16 divides it."""
+def expert_width(hidden: int) -> int:
+    """Routed-expert width at `hidden`: the dense rule's SwiGLU width, 8h/3 rounded up to a multiple
+    of 64 (of 32 below 256; arch/dense/shapes.py `ffn_for`), as in Mixtral, where each expert is a full
+    dense MLP. A finer-grained base is not scaled down: its width is planned like the rest."""
     from scaleforge.arch.dense.shapes import ffn_for
 
-    granularity = max(1, round(ffn_for(base.hidden) / base.moe_ffn_hidden))
-    return -(-ffn_for(hidden) // (granularity * 16)) * 16
+    return ffn_for(hidden)
 
 
 def moe_shape(n_target: float, base: MoEConfig) -> MoEConfig:
     """The MoE shape with about `n_target` ACTIVE parameters.
 
     Rule: dense's width grid, head size and aspect-ratio depth rule (arch/dense/shapes.py) with
-    `experts`, `top_k`, `moe_every`, the routing and the losses kept from `base`; the expert width by
-    `expert_width`; a shared expert, if `base` has one, as wide as one routed expert; dense layers'
-    ffn_hidden by the dense rule. Among widths on the grid and depths within 4/3 of the rule, the shape
+    `experts`, `top_k`, `moe_every`, the routing and the losses kept from `base`; each expert as wide
+    as the dense rule's MLP (`expert_width`, Mixtral); a shared expert, if `base` has one
+    (shared_expert_ffn > 0), as wide as one routed expert; dense layers' ffn_hidden by the dense rule. Among widths on the grid and depths within 4/3 of the rule, the shape
     whose active N is within 5% of the target and nearest the aspect rule wins; if none is within 5%,
     the nearest active N wins. The law then sees N = active parameters (law_variables).
     """
@@ -296,7 +298,7 @@ def moe_shape(n_target: float, base: MoEConfig) -> MoEConfig:
 
     def shape(hidden: int, layers: int) -> MoEConfig:
         heads = hidden // shapes.head_dim_for(hidden)
-        width = expert_width(hidden, base)
+        width = expert_width(hidden)
         return dataclasses.replace(
             base, layers=layers, hidden=hidden, heads=heads, kv_heads=heads,
             ffn_hidden=shapes.ffn_for(hidden), moe_ffn_hidden=width,
