@@ -335,3 +335,24 @@ def test_initialisation_does_not_depend_on_ep(megatron_single, tmp_path):
     assert set(merged) == set(single)
     for name, value in merged.items():
         assert torch.equal(value, single[name]), name
+
+
+@pytest.mark.slow
+def test_expert_bias_survives_sigkill_and_rerun(tiny_store, tmp_path):
+    """The expert bias is a buffer, not a parameter: the checkpoint must carry it (else the resumed
+    run routes with a zero bias and its losses differ)."""
+    from scaleforge.pretrain import signals
+    from test_resume import Run, _finish
+
+    spec = yaml.safe_load(open(_yaml_spec(tmp_path, tiny_store)))
+    spec["model"].update(router_score="sigmoid", expert_bias=True, aux_loss_coeff=0.0)
+    spec["train"]["steps"] = 8
+    spec["checkpoint"] = {"every": 3, "keep": 3}
+    path = tmp_path / "bias.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    single = _finish(path, tmp_path / "reference")
+    out = tmp_path / "run"
+    run = Run(path, out, env={signals.TEST_STOP_ENV: "5"})
+    run.wait_stopped()
+    run.kill()
+    assert _finish(path, out) == single
