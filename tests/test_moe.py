@@ -279,9 +279,8 @@ KEYS = ("loss", "moe/aux_loss", "moe/z_loss", "moe/load_max_over_mean")
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", [
     ["parallel.ep=2"],                              # dp=2, 2 experts per rank
-    ["parallel.ep=2", "model.dispatcher=alltoall"],
-    ["parallel.tp=2"],                              # expert TP 2, sequence parallel
-])
+    ["parallel.ep=2", "model.dispatcher=alltoall"],  # the numpy split sizes of parallel/cpu.py
+])  # TP=2 (expert TP 2, sequence parallel) and PP=2: tests/test_families.py on the example
 def test_two_ranks_match_one(layout, single_run, tmp_path):
     spec, single = single_run
     rows = _run(spec, tmp_path / "run", 2, layout)
