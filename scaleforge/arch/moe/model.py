@@ -175,13 +175,15 @@ def _track_expert_load(model: GPTModel, cfg: MoEConfig) -> None:
     to `model.moe_expert_load` [layers, experts]. Evaluation (eval mode, no grad) and the no-grad
     first pass of activation recomputation are skipped, as megatron skips them for the aux losses.
     """
-    load = torch.zeros(cfg.layers, cfg.experts, dtype=torch.float64)
+    # on the routers' device, so counting never waits for a device-to-host copy (one per step)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    load = torch.zeros(cfg.layers, cfg.experts, dtype=torch.float64, device=device)
     model.moe_expert_load = load
 
     def hook(router: TopKRouter, _inputs, outputs) -> None:
         if router.training and torch.is_grad_enabled():
             _probs, routing_map = outputs
-            load[router.layer_number - 1] += routing_map.sum(dim=0).to(torch.float64).cpu()
+            load[router.layer_number - 1] += routing_map.sum(dim=0).to(load)
 
     for module in model.modules():
         if isinstance(module, TopKRouter):
@@ -202,7 +204,7 @@ def step_metrics(model: GPTModel, *, num_microbatches: int) -> dict[str, float]:
     and averages it over dp, but reduces the z-loss over pp only, so its logged z-loss is one dp
     rank's; a pipeline stage without MoE layers would also skip the tp all-reduce the others enter.
     Here both are summed over the world and divided by the ranks holding copies (aux: dp; z: tp x dp),
-    which makes the values independent of the layout (tests/test_moe.py: EP=2 and TP=2 equal 1 rank).
+    which makes the values independent of the layout (EP=2 and TP=2 give one rank's to 2.4e-7).
     """
     config = model.config
     tracker = get_moe_layer_wise_logging_tracker()
@@ -212,13 +214,15 @@ def step_metrics(model: GPTModel, *, num_microbatches: int) -> dict[str, float]:
     if config.moe_z_loss_coeff:
         names.append(("moe/z_loss", "z_loss"))
     layers = config.num_layers
+    load = model.moe_expert_load
     losses = []
     for _key, name in names:
         values = tracker.get(name, {}).get("values")
-        losses.append(float(values.sum()) if values is not None else 0.0)
-    load = model.moe_expert_load
-    flat = torch.cat([torch.tensor(losses, dtype=torch.float64), load.flatten()])
+        losses.append(values.sum().to(load) if values is not None else load.new_zeros(()))
+    # one all-reduce over the world (NCCL needs the tensor on the GPU: `load` lives there)
+    flat = torch.cat([torch.stack(losses) if losses else load.new_zeros(0), load.flatten()])
     dist.all_reduce(flat)
+    flat = flat.cpu()
     clear_aux_losses_tracker()
     load.zero_()
 
