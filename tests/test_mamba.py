@@ -182,13 +182,14 @@ def _build(cfg: MambaConfig, seq_len: int = 40):
 SMALL = dict(layers=4, hidden=64, d_state=8, headdim=16, vocab_size=512, chunk_size=16)
 
 
-@pytest.mark.parametrize("pattern,groups,tied", [("", 1, True), ("M*M-", 2, False), ("MM*", 1, True)])
+@pytest.mark.parametrize("pattern,groups,tied", [("", 1, True), ("M*M-", 2, False), ("MM*", 1, True),
+                                                 ("ME*E", 1, True)])
 def test_built_parameters_equal_accounting_and_train(megatron_single, pattern, groups, tied):
     cfg = MambaConfig(**SMALL, pattern=pattern, groups=groups, tied_embeddings=tied)
     model = _build(cfg)
     assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
     kinds = [type(layer).__name__ for layer in model.decoder.layers]
-    expected = {"M": "MambaLayer", "*": "TransformerLayer", "-": "MLPLayer"}
+    expected = {"M": "MambaLayer", "*": "TransformerLayer", "-": "MLPLayer", "E": "TransformerLayer"}
     assert kinds == [expected[c] for c in cfg.layer_pattern]
     tokens = torch.randint(0, 512, (2, 40))  # 40: not a multiple of the chunk (16)
     positions = torch.arange(40)[None].expand(2, 40)
@@ -259,7 +260,7 @@ def test_no_weight_decay_on_ssm_parameters(megatron_single):
 
 @pytest.mark.parametrize("fields,message", [
     ({"pattern": "M*X"}, "model.pattern='M*X' has unknown letter(s) 'X'"),
-    ({"pattern": "ME"}, "MoE layers (E) are not built yet"),
+    ({"pattern": "ME", "top_k": 5}, "model.top_k=5 exceeds model.experts=4"),
     ({"layers": 0}, "model.layers must be a positive integer"),
     ({"pattern": "*-"}, "has no Mamba layer (M)"),
     ({"headdim": 48}, "model.headdim=48 must divide model.expand x model.hidden = 256"),
@@ -282,6 +283,23 @@ def test_tp_not_dividing_mamba_heads_is_one_line():
         check_shape(spec)
     text = str(err.value)
     assert "parallel.tp=2 does not divide" in text and "Mamba heads" in text and "\n" not in text
+
+
+def test_moe_layers_accounting_and_ep_rows():
+    from scaleforge.parallel.checks import check_shape
+
+    cfg = MambaConfig(layers=4, hidden=64, headdim=16, pattern="ME", experts=4, top_k=2,
+                      moe_ffn_hidden=96, shared_expert_ffn=32, vocab_size=512)
+    moe = 64 + 4 * 64 + 4 * 3 * 64 * 96 + 3 * 64 * 32  # norm, router, experts, shared expert
+    assert cfg.layer_params_of("moe") == moe
+    assert cfg.num_params() - cfg.active_params() == 2 * 2 * 3 * 64 * 96  # 2 idle experts, 2 layers
+    assert [k.kind for k in cfg.layer_kinds()] == ["mamba", "moe"] * 2
+    assert cfg.layer_kinds()[1].expert_params == 4 * 3 * 64 * 96
+    assert {"model.experts", "model.moe_ffn_hidden", "data.seq_len"} <= {
+        r.field for r in cfg.divisibility(64)}
+    spec = apply_overrides(RunSpec(), ["model.arch=mamba", "parallel.ep=2"])
+    with pytest.raises(LayoutError, match="has no experts to shard"):
+        check_shape(spec)  # no E in the pattern
 
 
 def test_groups_need_not_divide_tp():
@@ -342,15 +360,16 @@ STEPS = 10
 TOL = 1e-5
 
 
-def _spec_file(tmp_path, store, groups: int):
+def _spec_file(tmp_path, store, groups: int, pattern: str):
     spec = yaml.safe_load(open("examples/mamba-tiny.yaml"))
     spec["data"]["stores"] = [str(store)]
     spec["data"]["seq_len"] = 64
-    spec["model"].update(vocab_size=512, groups=groups, chunk_size=24)  # 64 = 2 x 24 + 16: padded
+    spec["model"].update(vocab_size=512, groups=groups, chunk_size=24,  # 64 = 2 x 24 + 16: padded
+                         pattern=pattern)
     spec["train"].update(steps=STEPS, global_batch=8, micro_batch=2, warmup_steps=2)
     spec["eval"] = {"every": 0}
     spec["checkpoint"] = {"every": 5, "keep": 3}
-    path = tmp_path / f"g{groups}.yaml"
+    path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(spec))
     return path
 
@@ -362,31 +381,44 @@ _SINGLE: dict = {}
 def single(tiny_store, tmp_path_factory):
     from test_resume import _finish
 
-    def get(groups: int):
-        if groups not in _SINGLE:
+    def get(groups: int, pattern: str = "M*M-"):
+        key = (groups, pattern)
+        if key not in _SINGLE:
             root = tmp_path_factory.mktemp(f"mamba_g{groups}")
-            spec = _spec_file(root, tiny_store, groups)
-            _SINGLE[groups] = (spec, root / "run", _finish(spec, root / "run"))
-        return _SINGLE[groups]
+            spec = _spec_file(root, tiny_store, groups, pattern)
+            _SINGLE[key] = (spec, root / "run", _finish(spec, root / "run"))
+        return _SINGLE[key]
 
     return get
 
 
 @pytest.mark.slow
 @pytest.mark.distributed
-@pytest.mark.parametrize("groups,sets", [
-    (1, ["parallel.tp=2"]),
-    (2, ["parallel.tp=2"]),
-    (1, ["parallel.tp=2", "parallel.sp=true"]),  # replicated B, C from the gathered sequence
+@pytest.mark.parametrize("groups,pattern,sets", [
+    (1, "M*M-", ["parallel.tp=2"]),
+    (2, "M*M-", ["parallel.tp=2"]),
+    (1, "M*M-", ["parallel.tp=2", "parallel.sp=true"]),  # replicated B, C from the gathered sequence
+    (1, "ME*E", ["parallel.tp=2"]),  # MoE layers: sequence parallel forced, expert tp
+    (1, "ME*E", ["parallel.ep=2"]),  # two experts a rank, dp=2
+    (1, "ME*E", ["parallel.pp=2"]),  # ME | *E
 ])
-def test_tp2_equals_tp1(groups, sets, single, tmp_path):
+def test_parallel_equals_one_process(groups, pattern, sets, single, tmp_path):
     # G = 1: B, C replicated and the gated norm's group spans both ranks; G = 2: one group a rank
     from test_resume import _finish
 
-    spec, _, ref = single(groups)
+    from scaleforge.pretrain.metrics import read_metrics
+
+    spec, ref_dir, ref = single(groups, pattern)
     losses = _finish(spec, tmp_path / "run", nproc=2, sets=sets)
     diffs = [abs(ref[s] - losses[s]) for s in ref]
     assert max(diffs) < TOL, diffs
+    # the MoE metrics (aux and z losses, expert load) do not depend on the layout either
+    a, b = (read_metrics(d / "metrics.jsonl") for d in (ref_dir, tmp_path / "run"))
+    keys = [k for k in a[0] if k.startswith("moe/")]
+    assert bool(keys) == ("E" in pattern)
+    for ra, rb in zip(a, b):
+        for key in keys:
+            assert abs(ra[key] - rb[key]) < TOL, (key, ra[key], rb[key])
 
 
 @pytest.mark.slow

@@ -3,7 +3,9 @@
 The layer string `pattern` (megatron's hybrid_override_pattern letters) says what each layer is:
 `M` a Mamba-2 block, `*` an attention block, `-` a SwiGLU MLP block; empty means all `M`. It is a
 unit tiled over `layers` (repeated, the last repeat cut): layers=6, pattern="M*" builds M*M*M*;
-layers=4, pattern="MM*" builds MM*M. `E` (a MoE block) is refused: not built yet.
+layers=4, pattern="MM*" builds MM*M. `E` is a MoE block (megatron's MoELayer: a top-k router over
+`experts` SwiGLU experts of `moe_ffn_hidden`, optionally a shared expert), with the moe family's keys
+and checks (arch/moe/config.py).
 
 Parameters, per layer (d hidden, E expand, Ed = E d, N d_state, G groups, H = Ed / headdim Mamba
 heads, K d_conv; every block has a pre-norm RMSNorm weight of d and no linear bias):
@@ -13,6 +15,8 @@ heads, K d_conv; every block has a pre-norm RMSNorm weight of d and no linear bi
   block, 128,989,632 in all (methods.md section 4; tests/test_mamba.py).
 - `*`: d + d (heads + 2 kv_heads) head_dim + heads head_dim d, head_dim = hidden / heads.
 - `-`: d + 3 d ffn_hidden (fused [gate; up] fc1 and fc2).
+- `E`: d + experts d (router) + experts 3 d moe_ffn_hidden + 3 d shared_expert_ffn; a token uses
+  top_k of the experts (active parameters).
 Plus the embedding (vocab x d), a final RMSNorm (d) and an untied output layer (vocab x d).
 
 FLOPs per token (training, PaLM / MFU convention as dense: 3 x forward):
@@ -20,7 +24,8 @@ FLOPs per token (training, PaLM / MFU convention as dense: 3 x forward):
 - per `M` layer 3 x (SSD + conv) forward work, SSD = 2 Q G N + Q Ed + 4 N Ed (methods.md section 4:
   the intra-chunk C B^T and its masked product with dt x, the chunk states and their read-out;
   Q = min(chunk_size, seq_len)), conv = 2 K (Ed + 2 G N);
-- per `*` layer 12 heads head_dim seq_len (QK^T and AV, no causal halving, as dense).
+- per `*` layer 12 heads head_dim seq_len (QK^T and AV, no causal halving, as dense);
+- an `E` layer counts what a token multiplies: the router, top_k experts and the shared expert.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import ClassVar
 from scaleforge.arch.common.family import Divisible, FamilyConfig, LayerKind
 from scaleforge.errors import ConfigError
 
-LETTERS = {"M": "mamba", "*": "attention", "-": "mlp"}
+LETTERS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
 """Pattern letters this family builds (megatron's Symbols), and their LayerKind names."""
 
 
@@ -42,7 +47,7 @@ class MambaConfig(FamilyConfig):
     """A Mamba-2 stack, optionally hybrid with attention and MLP layers (`pattern`)."""
 
     planned_fields: ClassVar[tuple[str, ...]] = ("layers", "hidden", "heads", "kv_heads",
-                                                 "ffn_hidden", "headdim")
+                                                 "ffn_hidden", "headdim", "moe_ffn_hidden")
     """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them. The
     pattern is not among them: `--set model.pattern=M*M-` gives the unit the rule tiles."""
 
@@ -65,8 +70,8 @@ class MambaConfig(FamilyConfig):
     d_conv: int = 4
     """Kernel width of the causal depthwise convolution over (x, B, C)."""
     pattern: str = ""
-    """Hybrid layer string tiled over `layers`: `M` Mamba-2, `*` attention, `-` SwiGLU MLP; empty: all
-    `M`. (`E`, MoE, is not built yet.)"""
+    """Hybrid layer string tiled over `layers`: `M` Mamba-2, `*` attention, `-` SwiGLU MLP, `E` MoE;
+    empty: all `M`."""
     heads: int = 4
     """Attention (query) heads of `*` layers; must divide `hidden`. Also megatron's
     num_attention_heads for a pure Mamba stack, where it is unused."""
@@ -74,6 +79,28 @@ class MambaConfig(FamilyConfig):
     """Key/value heads of `*` layers (grouped-query attention); must divide `heads`."""
     ffn_hidden: int = 352
     """SwiGLU inner width of `-` layers."""
+    experts: int = 4
+    """Routed experts of each `E` layer (megatron `num_moe_experts`); parallel.ep must divide it."""
+    top_k: int = 2
+    """Experts each token is sent to in an `E` layer; at most `experts`."""
+    moe_ffn_hidden: int = 352
+    """SwiGLU inner width of each routed expert."""
+    shared_expert_ffn: int = 0
+    """SwiGLU inner width of a shared expert every token uses in an `E` layer (0: none)."""
+    capacity_factor: float = 0.0
+    """Expert capacity factor (0: dropless); see the moe family."""
+    drop_policy: str = "probs"
+    """Which tokens an over-capacity expert drops (`probs` or `position`)."""
+    router_score: str = "softmax"
+    """Router score function: `softmax` or `sigmoid`."""
+    expert_bias: bool = False
+    """Aux-loss-free balancing bias (needs router_score=sigmoid)."""
+    aux_loss_coeff: float = 1e-2
+    """Load-balancing loss coefficient (0: off)."""
+    z_loss_coeff: float = 1e-3
+    """Router z-loss coefficient (0: off)."""
+    dispatcher: str = "allgather"
+    """megatron token dispatcher: `allgather` or `alltoall`."""
     vocab_size: int = 8192
     """Vocabulary size of the embedding and output layer; at least the tokenizer's vocabulary."""
     tied_embeddings: bool = True
@@ -103,16 +130,11 @@ class MambaConfig(FamilyConfig):
                 raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
         if not isinstance(self.pattern, str):
             raise ConfigError(f"model.pattern must be a string of M, *, -, got {self.pattern!r}")
-        if "E" in self.pattern:
-            raise ConfigError(
-                f"model.pattern={self.pattern!r}: MoE layers (E) are not built yet in the mamba "
-                "family; use M, * and - only"
-            )
         bad = sorted(set(self.pattern) - set(LETTERS))
         if bad:
             raise ConfigError(
                 f"model.pattern={self.pattern!r} has unknown letter(s) {''.join(bad)!r}; use M "
-                "(Mamba-2), * (attention), - (MLP)"
+                "(Mamba-2), * (attention), - (MLP), E (MoE)"
             )
         if not any(kind == "mamba" for kind in self.layer_names()):
             # a pattern without M (all * and -) would be a dense GPT: use that family
@@ -145,6 +167,8 @@ class MambaConfig(FamilyConfig):
             )
         if not 0 < self.dt_init_floor:
             raise ConfigError(f"model.dt_init_floor={self.dt_init_floor} must be positive")
+        if self.has_moe:
+            self._moe_view()  # the moe family's checks of its keys (one-line ConfigErrors)
 
     # ------------------------------------------------------------------------------------------
     # derived shape
@@ -171,8 +195,22 @@ class MambaConfig(FamilyConfig):
         return (unit * (-(-self.layers // len(unit))))[: self.layers]
 
     def layer_names(self) -> list[str]:
-        """Kind of each layer in order (`mamba`, `attention`, `mlp`)."""
+        """Kind of each layer in order (`mamba`, `attention`, `mlp`, `moe`)."""
         return [LETTERS[c] for c in self.layer_pattern]
+
+    @property
+    def has_moe(self) -> bool:
+        """Whether the built stack has an `E` layer."""
+        return "E" in self.layer_pattern
+
+    def _moe_view(self):
+        """The moe family's config with this shape's MoE keys: its validation and expert counts."""
+        from scaleforge.arch.moe.config import MoEConfig
+
+        keys = ("hidden", "heads", "kv_heads", "vocab_size", "experts", "top_k", "moe_ffn_hidden",
+                "shared_expert_ffn", "capacity_factor", "drop_policy", "router_score",
+                "expert_bias", "aux_loss_coeff", "z_loss_coeff", "dispatcher")
+        return MoEConfig(layers=1, **{k: getattr(self, k) for k in keys})
 
     # ------------------------------------------------------------------------------------------
     # accounting
@@ -197,12 +235,24 @@ class MambaConfig(FamilyConfig):
         """Fused [gate; up] fc1 and fc2 weights of one `-` layer."""
         return 3 * self.hidden * self.ffn_hidden
 
+    def expert_params(self) -> int:
+        """One routed expert: fused [gate; up] fc1 and fc2."""
+        return 3 * self.hidden * self.moe_ffn_hidden
+
+    def moe_matmul_params(self, active: bool) -> int:
+        """An `E` layer's router, experts (all, or the top_k a token uses) and shared expert."""
+        experts = self.top_k if active else self.experts
+        return (self.experts * self.hidden + experts * self.expert_params()
+                + 3 * self.hidden * self.shared_expert_ffn)
+
     def layer_params_of(self, kind: str) -> int:
         """All weights of one layer of `kind` (its norm included)."""
         if kind == "mamba":
             return self.mamba_layer_params()
         if kind == "attention":
             return self.hidden + self.attention_matmul_params()
+        if kind == "moe":
+            return self.hidden + self.moe_matmul_params(active=False)
         return self.hidden + self.mlp_matmul_params()
 
     def embedding_params(self) -> int:
@@ -215,10 +265,16 @@ class MambaConfig(FamilyConfig):
         return (self.embedding_params() + sum(self.layer_params_of(k) for k in self.layer_names())
                 + self.hidden)
 
+    def active_params(self) -> int:
+        """Parameters one token uses: the total less the experts an `E` layer does not pick."""
+        idle = (self.experts - self.top_k) * self.expert_params()
+        return self.num_params() - self.layer_names().count("moe") * idle
+
     def matmul_params(self) -> int:
-        """Weights multiplied per token: every layer's linears plus the output layer."""
+        """Weights multiplied per token: every layer's linears (an `E` layer's router, top_k and
+        shared experts) plus the output layer."""
         per = {"mamba": self.mamba_matmul_params(), "attention": self.attention_matmul_params(),
-               "mlp": self.mlp_matmul_params()}
+               "mlp": self.mlp_matmul_params(), "moe": self.moe_matmul_params(active=True)}
         return sum(per[k] for k in self.layer_names()) + self.vocab_size * self.hidden
 
     def ssd_flops_forward(self, seq_len: int) -> float:
@@ -245,7 +301,9 @@ class MambaConfig(FamilyConfig):
         dense's grid with Mamba headdim = dense's head_dim at that width, attention heads likewise;
         depth = twice dense's aspect rule (a Mamba-2 block at expand 2 holds ~6 d^2, half a
         transformer block, so mamba2-130m has 24 layers at width 768), in whole pattern units;
-        groups = gcd(base groups, Mamba heads) so that they divide the heads at every width."""
+        groups = gcd(base groups, Mamba heads) so that they divide the heads at every width; `E`
+        experts as wide as the MLP rule (8/3 d, Mixtral, as the moe family), N = active parameters
+        (the law's), shared_expert_ffn and the expert count as in `base`."""
         from scaleforge.arch.dense import shapes
 
         if not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
@@ -261,11 +319,12 @@ class MambaConfig(FamilyConfig):
             heads = hidden // hd
             shape = dataclasses.replace(
                 base, hidden=hidden, headdim=hd, heads=heads, kv_heads=heads,
-                ffn_hidden=shapes.ffn_for(hidden), pattern="" if unit == "M" else unit,
+                ffn_hidden=shapes.ffn_for(hidden), moe_ffn_hidden=shapes.ffn_for(hidden),
+                pattern="" if unit == "M" else unit,
                 layers=step, groups=math.gcd(base.groups, base.expand * hidden // hd),
             )
-            per_unit = shape.num_params() - (shape.embedding_params() + hidden)
             fixed = shape.embedding_params() + hidden
+            per_unit = shape.active_params() - fixed  # the law's N: active parameters
             if fixed + lo // step * per_unit > n * 2:
                 break  # wider shapes only grow
             for layers in range(lo, hi + 1, step):
@@ -293,6 +352,17 @@ class MambaConfig(FamilyConfig):
                      Divisible("model.kv_heads", self.kv_heads, "tp", tp_advice)]
         if "mlp" in names:
             rows.append(Divisible("model.ffn_hidden", self.ffn_hidden, "tp", tp_advice))
+        if "moe" in names:
+            rows.append(Divisible("model.moe_ffn_hidden", self.moe_ffn_hidden, "tp", tp_advice))
+            if self.shared_expert_ffn:
+                rows.append(Divisible("model.shared_expert_ffn", self.shared_expert_ffn, "tp",
+                                      tp_advice))
+            # megatron's MoELayer trains with tp > 1 only under sequence parallelism (the builder
+            # turns it on), which splits the sequence
+            rows.append(Divisible("data.seq_len", seq_len, "tp", "MoE with tp > 1 runs sequence "
+                                  "parallel; pick a seq_len divisible by tp"))
+            rows.append(Divisible("model.experts", self.experts, "ep",
+                                  "pick an ep that divides the expert count"))
         rows += [
             Divisible("model.vocab_size", self.vocab_size, "tp",
                       "round the vocabulary up to a multiple of tp"),
@@ -301,8 +371,11 @@ class MambaConfig(FamilyConfig):
         return rows
 
     def layer_kinds(self) -> list[LayerKind]:
-        """One LayerKind per layer: `mamba` (no KV cache), `attention`, `mlp`."""
+        """One LayerKind per layer: `mamba` (no KV cache), `attention`, `mlp`, `moe` (routed
+        experts marked)."""
         kinds = {
+            "moe": LayerKind("moe", self.layer_params_of("moe"),
+                             expert_params=self.experts * self.expert_params()),
             "mamba": LayerKind("mamba", self.layer_params_of("mamba"), kv_heads=0),
             "attention": LayerKind("attention", self.layer_params_of("attention"),
                                    kv_heads=self.kv_heads),
@@ -323,6 +396,8 @@ class MambaConfig(FamilyConfig):
         - attention: Korthikanti's attention half, r 5 d + 8 d / tp + 5 heads s / tp (scores; 0 with
           flash attention or selective recompute);
         - mlp: r 5 d + 6 ffn_hidden / tp (SwiGLU: fc1 output 2 f, its product f, 2 bytes each);
+        - moe: r 3 d + top_k (2 d + 6 moe_ffn_hidden / tp) + the shared expert's 2 d + 6 s / tp +
+          8 experts (fp32 router logits and probabilities);
         full recompute keeps only the layer input, 2 d (over tp under SP)."""
         sb = seq_len * micro_batch
         d = self.hidden
@@ -341,6 +416,12 @@ class MambaConfig(FamilyConfig):
             return sb * (5 * d * rep + (8 * d + scores) / tp)
         if layer.kind == "mlp":
             return sb * (5 * d * rep + 6 * self.ffn_hidden / tp)
+        if layer.kind == "moe":
+            # as the moe family: per routed copy the dispatched input 2d and 6 f / tp of fc1 and
+            # SwiGLU outputs, the shared expert once, the norm input, mask and fp32 router scores
+            routed = self.top_k * (2 * d + 6 * self.moe_ffn_hidden / tp)
+            shared = (2 * d + 6 * self.shared_expert_ffn / tp) if self.shared_expert_ffn else 0.0
+            return sb * (3 * d * rep + routed + shared + 8 * self.experts)
         raise ValueError(f"mamba family has no layer kind {layer.kind!r}")
 
     def summary(self) -> str:
