@@ -423,12 +423,14 @@ def test_parallel_equals_one_process(groups, pattern, sets, single, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_checkpoint_reshards_tp1_to_tp2(single, tmp_path):
-    # the fused in_proj and the (replicated) B, C tensors are saved by global part
+@pytest.mark.parametrize("pattern,sets", [("M*M-", ["parallel.tp=2"]), ("ME*E", ["parallel.ep=2"])])
+def test_checkpoint_reshards(pattern, sets, single, tmp_path):
+    # a 1-rank checkpoint resumed on 2 ranks: the fused in_proj and the (replicated at tp=2, G=1)
+    # B, C tensors are saved by global part; experts by global index
     from test_resume import _finish, _rewind
 
-    spec, ref_dir, ref = single(1)
+    spec, ref_dir, ref = single(1, pattern)
     out = _rewind(ref_dir, tmp_path / "run", 5)
-    losses = _finish(spec, out, nproc=2, sets=["parallel.tp=2"])
+    losses = _finish(spec, out, nproc=2, sets=sets)
     diffs = [abs(ref[s] - losses[s]) for s in range(6, STEPS + 1)]
     assert max(diffs) < TOL, diffs
