@@ -140,7 +140,7 @@ class MambaConfig(FamilyConfig):
             # a pattern without M (all * and -) would be a dense GPT: use that family
             raise ConfigError(
                 f"model.pattern={self.pattern!r} over model.layers={self.layers} has no Mamba "
-                "layer (M); add an M or use model.arch=dense"
+                "layer (M); add an M or use model.arch=dense (or moe)"
             )
         if (self.expand * self.hidden) % self.headdim:
             raise ConfigError(
