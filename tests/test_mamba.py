@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from conftest import rank_env
 from scaleforge.arch.mamba.config import MambaConfig
 from scaleforge.arch.mamba.ssd import have_kernel, mamba_chunk_scan, segsum, ssd_chunked
 from scaleforge.config import RunSpec, apply_overrides
@@ -265,6 +264,7 @@ def test_no_weight_decay_on_ssm_parameters(megatron_single):
     ({"pattern": "*-"}, "has no Mamba layer (M)"),
     ({"headdim": 48}, "model.headdim=48 must divide model.expand x model.hidden = 256"),
     ({"groups": 3}, "model.groups=3 must divide the Mamba heads"),
+    ({"pattern": "M*", "experts": 8}, "model.experts=8 has no effect: model.pattern='M*' has no E"),
 ])
 def test_bad_config_is_one_line(fields, message):
     with pytest.raises(ConfigError) as err:

@@ -124,26 +124,20 @@ class FlashAttention(SDPAttention):
         return out.transpose(0, 1).reshape(sq, b, np_ * hn)
 
 
+def _gpu_package(name: str) -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec(name) is not None
+
+
 def have_te() -> bool:
     """Transformer Engine importable on a GPU (then families use TE's layer specs)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import transformer_engine  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _gpu_package("transformer_engine")
 
 
 def have_flash_attn() -> bool:
     """flash-attn importable on a GPU."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        import flash_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return _gpu_package("flash_attn")
 
 
 def core_attention(params_dtype: torch.dtype) -> type:

@@ -9,11 +9,8 @@ importable (GPU) its spec is used; otherwise megatron's local spec with the core
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
-import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -30,43 +27,16 @@ from scaleforge.arch.common.attention import core_attention, have_te
 from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
+from scaleforge.arch.common.transformer import llama_fields
 from scaleforge.arch.dense.config import DenseConfig
-
-
-class _QuietSubclassedMLP(logging.Filter):
-    # TransformerLayer warns once per layer for any MLP class other than megatron's own MLP (an
-    # exact type check), although a subclass such as SwiGLUMLP gets the same tp group by default.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Unknown MLP type" not in record.getMessage()
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietSubclassedMLP())
 
 
 def transformer_config(cfg: DenseConfig, runtime: dict[str, Any]) -> TransformerConfig:
     """megatron TransformerConfig of the shape `cfg` under `runtime` (layout, dtype, fusions)."""
     return TransformerConfig(
-        num_layers=cfg.layers,
-        hidden_size=cfg.hidden,
-        num_attention_heads=cfg.heads,
-        num_query_groups=cfg.kv_heads,
-        kv_channels=cfg.head_dim,
-        ffn_hidden_size=cfg.ffn_hidden,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=cfg.init_std,
-        # Weights are drawn by arch.common.init (layout-independent), so megatron's own draw is a
-        # no-op; perform_initialization must stay on because megatron tags the tensor-parallel
-        # attributes (partition_dim, stride) only on that path, and the grad norm needs them.
-        perform_initialization=True,
-        init_method=_keep,
-        output_layer_init_method=_keep,
+        **llama_fields(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
+                       kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, ffn_hidden=cfg.ffn_hidden,
+                       norm_eps=cfg.norm_eps, init_std=cfg.init_std),
         **runtime,
     )
 
@@ -121,7 +91,3 @@ def build_model(
 
 forward_step = lm.forward_step
 step_metrics = lm.no_metrics
-
-
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor

@@ -39,6 +39,10 @@ from scaleforge.arch.common.family import Divisible, FamilyConfig, LayerKind
 from scaleforge.errors import ConfigError
 
 LETTERS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
+_MOE_FIELDS = ("experts", "top_k", "moe_ffn_hidden", "shared_expert_ffn", "capacity_factor",
+               "drop_policy", "router_score", "expert_bias", "aux_loss_coeff", "z_loss_coeff",
+               "dispatcher")
+"""The moe family's keys: they shape `E` layers and mean nothing without one."""
 """Pattern letters this family builds (megatron's Symbols), and their LayerKind names."""
 
 
@@ -169,6 +173,15 @@ class MambaConfig(FamilyConfig):
             raise ConfigError(f"model.dt_init_floor={self.dt_init_floor} must be positive")
         if self.has_moe:
             self._moe_view()  # the moe family's checks of its keys (one-line ConfigErrors)
+        else:
+            # an MoE key on a stack without experts would be silently ignored: refuse it
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            for key in _MOE_FIELDS:
+                if getattr(self, key) != defaults[key]:
+                    raise ConfigError(
+                        f"model.{key}={getattr(self, key)!r} has no effect: model.pattern="
+                        f"{self.pattern!r} has no E (MoE) layer; add an E or drop the key"
+                    )
 
     # ------------------------------------------------------------------------------------------
     # derived shape

@@ -15,12 +15,10 @@ No parallel logic: the layout reaches this builder only as TransformerConfig fie
 from __future__ import annotations
 
 import functools
-import logging
 import math
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.models.mamba import MambaModel
@@ -38,18 +36,11 @@ from scaleforge.arch.common.attention import core_attention
 from scaleforge.arch.common.init import Init, Rule, gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
+from scaleforge.arch.common.transformer import llama_fields
 from scaleforge.arch.mamba.config import MambaConfig
 from scaleforge.arch.mamba.mixer import MambaMixer
-
-
-class _QuietSubclassedMLP(logging.Filter):
-    # TransformerLayer warns once per MLP layer for any MLP class other than megatron's own MLP (an
-    # exact type check), although the SwiGLUMLP subclass gets the same tp group by default.
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Unknown MLP type" not in record.getMessage()
-
-
-logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietSubclassedMLP())
+from scaleforge.arch.moe import model as moe_model
+from scaleforge.arch.moe.model import moe_fields, moe_runtime
 
 
 class _Stack(MambaStack):
@@ -94,52 +85,13 @@ def transformer_config(cfg: MambaConfig, runtime: dict[str, Any]) -> Transformer
         # (unused) rather than refuse a tp that divides everything the stack splits
         heads = kv_heads = runtime.get("tensor_model_parallel_size", 1)
     moe: dict[str, Any] = {}
-    if cfg.has_moe:
-        runtime = dict(runtime)
-        if runtime.get("tensor_model_parallel_size", 1) > 1:
-            # megatron's MoELayer refuses to train with tp > 1 without sequence parallelism (as in
-            # the moe family; divisibility() asks tp to divide data.seq_len for it)
-            runtime["sequence_parallel"] = True
-        moe = dict(
-            num_moe_experts=cfg.experts,
-            moe_router_topk=cfg.top_k,
-            moe_ffn_hidden_size=cfg.moe_ffn_hidden,
-            moe_shared_expert_intermediate_size=cfg.shared_expert_ffn or None,
-            # the settings of arch/moe/model.py, for the same reasons (see there)
-            moe_router_load_balancing_type="aux_loss" if cfg.aux_loss_coeff > 0 else "none",
-            moe_aux_loss_coeff=float(cfg.aux_loss_coeff),
-            moe_z_loss_coeff=float(cfg.z_loss_coeff) or None,
-            moe_router_score_function=cfg.router_score,
-            moe_router_pre_softmax=cfg.top_k == 1 and cfg.router_score == "softmax",
-            moe_router_enable_expert_bias=cfg.expert_bias,
-            moe_router_bias_update_rate=1e-3,
-            moe_router_dtype="fp32",
-            moe_expert_capacity_factor=float(cfg.capacity_factor) or None,
-            moe_token_drop_policy=cfg.drop_policy,
-            moe_token_dispatcher_type=cfg.dispatcher,
-            moe_grouped_gemm=False,
-        )
+    if cfg.has_moe:  # the moe family's settings, for the same reasons (arch/moe/model.py)
+        runtime = moe_runtime(runtime)
+        moe = moe_fields(cfg)
     return TransformerConfig(
-        num_layers=cfg.layers,
-        hidden_size=cfg.hidden,
-        num_attention_heads=heads,
-        num_query_groups=kv_heads,
-        kv_channels=cfg.head_dim,
-        ffn_hidden_size=cfg.ffn_hidden,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=cfg.init_std,
-        # weights are drawn by arch.common.init; megatron's draw must still run, since it tags the
-        # tensor-parallel attributes (partition_dim) that the init and the grad norm read
-        perform_initialization=True,
-        init_method=_keep,
-        output_layer_init_method=_keep,
+        **llama_fields(layers=cfg.layers, hidden=cfg.hidden, heads=heads, kv_heads=kv_heads,
+                       head_dim=cfg.head_dim, ffn_hidden=cfg.ffn_hidden, norm_eps=cfg.norm_eps,
+                       init_std=cfg.init_std),
         **moe,
         **runtime,
     )
@@ -257,77 +209,14 @@ def build_model(
     )
     init_params(model, seed=seed, rule=mamba_rule(cfg), tied=cfg.tied_embeddings)
     if cfg.has_moe:
-        _track_expert_load(model, cfg)
+        moe_model.track_expert_load(
+            model, layers=cfg.layers, experts=cfg.experts,
+            moe_layers=[i for i, c in enumerate(cfg.layer_pattern) if c == "E"])
     return model
 
 
 forward_step = lm.forward_step
 
 
-# ----------------------------------------------------------------------------------------------
 # MoE metrics (only with `E` layers): the moe family's, over the pattern's `E` layers
-
-
-def _track_expert_load(model: MambaModel, cfg: MambaConfig) -> None:
-    """Tokens each router sends to each expert in training forwards, per global layer
-    (`model.moe_expert_load` [layers, experts]); eval and no-grad passes are skipped."""
-    from megatron.core.transformer.moe.router import TopKRouter
-
-    load = torch.zeros(cfg.layers, cfg.experts, dtype=torch.float64)
-    model.moe_expert_load = load
-    model.moe_layer_indices = [i for i, c in enumerate(cfg.layer_pattern) if c == "E"]
-
-    def hook(router, _inputs, outputs) -> None:
-        if router.training and torch.is_grad_enabled():
-            load[router.layer_number - 1] += outputs[1].sum(dim=0).to(torch.float64).cpu()
-
-    for module in model.modules():
-        if isinstance(module, TopKRouter):
-            module.register_forward_hook(hook)
-
-
-def step_metrics(model: MambaModel, *, num_microbatches: int) -> dict[str, float]:
-    """With `E` layers: `moe/aux_loss`, `moe/z_loss` (without their coefficients, mean over `E`
-    layers and micro-batches) and `moe/load_max_over_mean` (most loaded expert over the mean,
-    averaged over `E` layers), reduced as arch/moe/model.py `step_metrics` does (one world
-    all-reduce; aux copies: dp, z copies: tp x dp) so that they do not depend on the layout.
-    Collective: every rank calls it after every step; it clears megatron's tracker."""
-    if not hasattr(model, "moe_expert_load"):
-        return {}
-    from megatron.core.transformer.moe.moe_utils import (
-        clear_aux_losses_tracker,
-        get_moe_layer_wise_logging_tracker,
-    )
-
-    config = model.config
-    tracker = get_moe_layer_wise_logging_tracker()
-    names = []
-    if config.moe_aux_loss_coeff and config.moe_router_load_balancing_type == "aux_loss":
-        names.append(("moe/aux_loss", "load_balancing_loss"))
-    if config.moe_z_loss_coeff:
-        names.append(("moe/z_loss", "z_loss"))
-    losses = []
-    for _key, name in names:
-        values = tracker.get(name, {}).get("values")
-        losses.append(float(values.sum()) if values is not None else 0.0)
-    load = model.moe_expert_load
-    flat = torch.cat([torch.tensor(losses, dtype=torch.float64), load.flatten()])
-    torch.distributed.all_reduce(flat)
-    clear_aux_losses_tracker()
-    load.zero_()
-    layers = model.moe_layer_indices
-    tp = parallel_state.get_tensor_model_parallel_world_size()
-    dp = parallel_state.get_data_parallel_world_size()
-    copies = {"load_balancing_loss": dp, "z_loss": tp * dp}
-    out = {}
-    for i, (key, name) in enumerate(names):
-        out[key] = float(flat[i]) / copies[name] / len(layers) / num_microbatches
-    counts = flat[len(names):].view(config.num_layers, -1)[layers]
-    mean = counts.mean(dim=1)
-    if bool((mean > 0).all()):
-        out["moe/load_max_over_mean"] = float((counts.max(dim=1).values / mean).mean())
-    return out
-
-
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor
+step_metrics = moe_model.step_metrics

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -43,51 +42,31 @@ from scaleforge.arch.common.attention import core_attention
 from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
-# imported for its log filter: TransformerLayer warns "Unknown MLP type" for SwiGLUMLP dense layers
-from scaleforge.arch.dense import model as _dense_model  # noqa: F401
+from scaleforge.arch.common.transformer import llama_fields
 from scaleforge.arch.moe.config import MoEConfig
 
 EXPERT_BIAS_UPDATE_RATE = 1e-3
 """DeepSeek-V3's bias step per optimizer step (megatron's default `moe_router_bias_update_rate`)."""
 
 
-def transformer_config(cfg: MoEConfig, runtime: dict[str, Any]) -> TransformerConfig:
-    """megatron TransformerConfig of the shape `cfg` under `runtime` (layout, dtype, fusions)."""
-    runtime = dict(runtime)
+def moe_runtime(runtime: dict[str, Any]) -> dict[str, Any]:
+    """`runtime` with sequence parallelism on whenever tp > 1: megatron's MoELayer.forward refuses to
+    train with tp > 1 and SP off ("performance may degrade if MoE and tensor parallelism are enabled
+    without also enabling sequence parallelism", a ValueError); the planner picks SP whenever tp > 1
+    anyway, and the family's divisibility() asks tp to divide data.seq_len for it."""
     if runtime.get("tensor_model_parallel_size", 1) > 1:
-        # megatron's MoELayer.forward refuses to train with tp > 1 and sequence parallelism off
-        # ("performance may degrade if MoE and tensor parallelism are enabled without also enabling
-        # sequence parallelism", a ValueError); the planner picks SP whenever tp > 1 anyway, and
-        # MoEConfig.divisibility asks tp to divide data.seq_len for it.
-        runtime["sequence_parallel"] = True
-    return TransformerConfig(
-        num_layers=cfg.layers,
-        hidden_size=cfg.hidden,
-        num_attention_heads=cfg.heads,
-        num_query_groups=cfg.kv_heads,
-        kv_channels=cfg.head_dim,
-        ffn_hidden_size=cfg.ffn_hidden,
-        normalization="RMSNorm",
-        layernorm_epsilon=cfg.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        # megatron's MoE path fails with biases on CPU (in-place bias add on a view), and the
-        # LLaMA-style shape has none anyway
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        init_method_std=cfg.init_std,
-        # weights are drawn by arch.common.init (see arch/dense/model.py for why megatron's own
-        # init path must still run)
-        perform_initialization=True,
-        init_method=_keep,
-        output_layer_init_method=_keep,
+        return {**runtime, "sequence_parallel": True}
+    return runtime
+
+
+def moe_fields(cfg: Any) -> dict[str, Any]:
+    """TransformerConfig keyword arguments of the MoE keys of `cfg` (MoEConfig, or a Mamba hybrid
+    with `E` layers: the same field names)."""
+    return dict(
         num_moe_experts=cfg.experts,
         moe_router_topk=cfg.top_k,
         moe_ffn_hidden_size=cfg.moe_ffn_hidden,
         moe_shared_expert_intermediate_size=cfg.shared_expert_ffn or None,
-        moe_layer_freq=cfg.moe_every,
         # megatron needs a balancing type with a capacity factor; "none" when the aux loss is off
         moe_router_load_balancing_type="aux_loss" if cfg.aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=float(cfg.aux_loss_coeff),
@@ -104,7 +83,18 @@ def transformer_config(cfg: MoEConfig, runtime: dict[str, Any]) -> TransformerCo
         moe_token_drop_policy=cfg.drop_policy,
         moe_token_dispatcher_type=cfg.dispatcher,
         moe_grouped_gemm=False,  # GroupedMLP needs CUDA's grouped_gemm package
-        **runtime,
+    )
+
+
+def transformer_config(cfg: MoEConfig, runtime: dict[str, Any]) -> TransformerConfig:
+    """megatron TransformerConfig of the shape `cfg` under `runtime` (layout, dtype, fusions)."""
+    return TransformerConfig(
+        **llama_fields(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
+                       kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, ffn_hidden=cfg.ffn_hidden,
+                       norm_eps=cfg.norm_eps, init_std=cfg.init_std),
+        moe_layer_freq=cfg.moe_every,
+        **moe_fields(cfg),
+        **moe_runtime(runtime),
     )
 
 
@@ -157,7 +147,8 @@ def build_model(
     )
     rule = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)
     init_params(model, seed=seed, rule=rule, tied=cfg.tied_embeddings)
-    _track_expert_load(model, cfg)
+    track_expert_load(model, layers=cfg.layers, experts=cfg.experts,
+                      moe_layers=[i for i in range(cfg.layers) if cfg.is_moe_layer(i)])
     return model
 
 
@@ -168,7 +159,7 @@ forward_step = lm.forward_step
 # metrics
 
 
-def _track_expert_load(model: GPTModel, cfg: MoEConfig) -> None:
+def track_expert_load(model: Any, *, layers: int, experts: int, moe_layers: list[int]) -> None:
     """Count, per global layer and expert, the tokens each router sends during training forwards.
 
     A forward hook on every TopKRouter adds its routing map's column sums (after any capacity drop)
@@ -177,8 +168,12 @@ def _track_expert_load(model: GPTModel, cfg: MoEConfig) -> None:
     """
     # on the routers' device, so counting never waits for a device-to-host copy (one per step)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    load = torch.zeros(cfg.layers, cfg.experts, dtype=torch.float64, device=device)
+    load = torch.zeros(layers, experts, dtype=torch.float64, device=device)
     model.moe_expert_load = load
+    model.moe_layer_indices = list(moe_layers)
+    # megatron's tracker is process-global and sized by the first model that logs into it: a model
+    # built later in the same process (another layer count) would index past it
+    get_moe_layer_wise_logging_tracker().clear()
 
     def hook(router: TopKRouter, _inputs, outputs) -> None:
         if router.training and torch.is_grad_enabled():
@@ -190,7 +185,7 @@ def _track_expert_load(model: GPTModel, cfg: MoEConfig) -> None:
             module.register_forward_hook(hook)
 
 
-def step_metrics(model: GPTModel, *, num_microbatches: int) -> dict[str, float]:
+def step_metrics(model: Any, *, num_microbatches: int) -> dict[str, float]:
     """`moe/aux_loss`, `moe/z_loss` (the losses without their coefficients, mean over MoE layers and
     micro-batches, for the job's whole batch) and `moe/load_max_over_mean` (per MoE layer, the most
     loaded expert's tokens over the mean, averaged over MoE layers; 1.0 is perfect balance).
@@ -206,6 +201,8 @@ def step_metrics(model: GPTModel, *, num_microbatches: int) -> dict[str, float]:
     Here both are summed over the world and divided by the ranks holding copies (aux: dp; z: tp x dp),
     which makes the values independent of the layout (EP=2 and TP=2 give one rank's to 2.4e-7).
     """
+    if not hasattr(model, "moe_expert_load"):  # a Mamba stack without `E` layers
+        return {}
     config = model.config
     tracker = get_moe_layer_wise_logging_tracker()
     names = []
@@ -226,7 +223,7 @@ def step_metrics(model: GPTModel, *, num_microbatches: int) -> dict[str, float]:
     clear_aux_losses_tracker()
     load.zero_()
 
-    moe_layers = [i for i in range(layers) if i % config.moe_layer_freq == 0]
+    moe_layers = model.moe_layer_indices
     tp = parallel_state.get_tensor_model_parallel_world_size()
     dp = parallel_state.get_data_parallel_world_size()
     copies = {"load_balancing_loss": dp, "z_loss": tp * dp}
@@ -239,6 +236,3 @@ def step_metrics(model: GPTModel, *, num_microbatches: int) -> dict[str, float]:
         out["moe/load_max_over_mean"] = float((counts.max(dim=1).values / mean).mean())
     return out
 
-
-def _keep(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor

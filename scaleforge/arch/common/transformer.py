@@ -1,0 +1,56 @@
+"""The TransformerConfig fields every family with LLaMA-style attention and MLP layers shares.
+
+RMSNorm, SwiGLU, no biases, no dropout; weights drawn by `arch.common.init` (layout-independent), so
+megatron's own draw is a no-op. `perform_initialization` must stay on: megatron tags the
+tensor-parallel attributes (partition_dim, stride) only on that path, and the init and the grad norm
+read them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+class _QuietSubclassedMLP(logging.Filter):
+    # TransformerLayer warns once per layer for any MLP class other than megatron's own MLP (an
+    # exact type check), although a subclass such as SwiGLUMLP gets the same tp group by default.
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Unknown MLP type" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.transformer.transformer_layer").addFilter(_QuietSubclassedMLP())
+
+
+def keep(tensor: torch.Tensor) -> torch.Tensor:
+    """megatron's init_method that leaves the tensor as it is (arch.common.init draws it)."""
+    return tensor
+
+
+def llama_fields(*, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                 ffn_hidden: int, norm_eps: float, init_std: float) -> dict[str, Any]:
+    """TransformerConfig keyword arguments of a LLaMA-style shape (the layout comes separately)."""
+    return dict(
+        num_layers=layers,
+        hidden_size=hidden,
+        num_attention_heads=heads,
+        num_query_groups=kv_heads,
+        kv_channels=head_dim,
+        ffn_hidden_size=ffn_hidden,
+        normalization="RMSNorm",
+        layernorm_epsilon=norm_eps,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        # megatron's MoE path also fails with biases on CPU (in-place bias add on a view)
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=init_std,
+        perform_initialization=True,
+        init_method=keep,
+        output_layer_init_method=keep,
+    )
