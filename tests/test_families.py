@@ -192,3 +192,21 @@ def test_plan_for_the_family_is_torch_free_fast_and_deterministic(arch):
     seconds = float(proc.stdout.strip().splitlines()[-1])
     print(f"plan --budget 1e21 --arch {arch}: {seconds:.3f} s")
     assert seconds < 1.0, f"{arch}: planning took {seconds:.2f} s"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_example_loss_clearly_falls_on_the_bundled_corpus(arch, tmp_path):
+    """The examples' contract (design.md): over 40 steps at the example's settings, the mean of the
+    last 5 losses is at least 0.3 nats below the mean of the first 5."""
+    from scaleforge.data_pipeline.store import store_path
+
+    if not (store_path("bundled") / "zarr.json").exists():
+        pytest.skip("bundled store not built: run `python -m scaleforge.data_pipeline.prepare`")
+    out = tmp_path / "run"
+    losses = _finish(example(arch), out, sets=["train.steps=40", "eval.every=0",
+                                               "checkpoint.every=0"])
+    first = sum(losses[s] for s in range(1, 6)) / 5
+    last = sum(losses[s] for s in range(36, 41)) / 5
+    print(f"{arch}-tiny: first 5 {first:.3f}, last 5 {last:.3f}")
+    assert last <= first - 0.3, f"{arch}: mean loss {first:.3f} -> {last:.3f}"
