@@ -20,6 +20,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "refit": ("scaleforge.orchestrator.refit", "fit the laws to a plan's finished runs and re-plan the target"),
     "fit": ("scaleforge.orchestrator.fit_cli", "fit a scaling law to a CSV table of runs"),
     "train": ("scaleforge.pretrain.cli", "train one run from a RunSpec YAML"),
+    "grow": ("scaleforge.pretrain.grow", "a new run from a trained run's checkpoint with a changed shape (the family's growth rule)"),
     "demo": ("scaleforge.orchestrator.demo", "the whole loop on this machine: plan, train, refit, forecast"),
 }
 

@@ -151,6 +151,10 @@ class CheckpointSpec:
     """Save every this many steps (0 turns periodic checkpoints off; the final step always saves)."""
     keep: int = 2
     """Complete checkpoints kept on disk (older ones are deleted after a newer one is complete)."""
+    init_from: str = ""
+    """A run directory whose last checkpoint a new run starts from, adapted by the family (its growth
+    rule: docs/families.md "Growth"); read only at step 0 when this run has no checkpoint of its own,
+    with a fresh optimizer and schedule. What `orchestrate grow` writes; "" starts from the seed."""
 
     def __post_init__(self) -> None:
         if self.every < 0:

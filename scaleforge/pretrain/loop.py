@@ -235,10 +235,18 @@ class _Hooks:
         return bool(self.signals.stop_requested())
 
     def load(self, run_dir: Path, built, spec) -> int:
-        """Restore the latest checkpoint, if any (reads only); returns the step to continue from."""
+        """Restore the latest checkpoint, if any (reads only); returns the step to continue from.
+
+        Without one, a run with `checkpoint.init_from` starts from that run's last weights, adapted
+        by the family's growth rule (pretrain/grow.py), with a fresh optimizer and schedule.
+        """
         state = self.checkpoint.load_latest(
             run_dir, model=built.model, optimizer=built.optimizer, spec=spec
         )
+        if state is None and spec.checkpoint.init_from:
+            from scaleforge.pretrain import grow
+
+            grow.start_from(spec, built)
         return 0 if state is None else int(state["step"])
 
     def save(self, run_dir: Path, step: int, built, spec) -> None:

@@ -1,0 +1,227 @@
+"""Growth, one path for every family: a new run that starts from an old run's last checkpoint.
+
+`orchestrate grow RUN_DIR --out NEW_DIR --set K=V ...` builds the new RunSpec from RUN_DIR/run.yaml
+plus the sets, with `checkpoint.init_from=RUN_DIR`, validates it, writes NEW_DIR/run.yaml and prints
+the `orchestrate train` command that trains it (it does not train: the layout, `--nproc` or a Slurm
+submission are chosen as for any run). Nothing is written when a check fails.
+
+The trainer (`pretrain/loop.py`), at step 0 of a run with `checkpoint.init_from` set and no checkpoint
+of its own, calls `start_from`: it reads the old run's last checkpoint's model tensors in full (model
+space, layers stacked as megatron saves them, in any old layout), asks the family's builder
+`grow_state(old_cfg, new_cfg, old_tensors)` for the new model's full tensors, and copies this rank's
+shard of each into the freshly initialised model. The optimizer state is fresh and the schedule starts
+at step 0. A run that already has a checkpoint resumes from it (init_from is then ignored).
+
+The family's growth rule (docs/families.md "Growth") has two halves:
+- torch-free, on its config: `grow_from(self, old) -> config`: refuses a change it cannot make (a
+  one-line ConfigError naming the field) and returns the config the grown run trains (TokenFormer sets
+  its frozen score scale there, so a resumed grown run rebuilds with it). A family without
+  `grow_from` has no growth rule and is refused.
+- torch, in its builder module: `grow_state(old_cfg, new_cfg, old) -> dict[key, full tensor]`; the
+  keys it returns are loaded, the others keep the seed's initialisation. Optional: without it every old
+  tensor whose key the new model has is loaded as it is (a shape change is then an error).
+
+This module imports no torch at module level (the CLI imports it to build its parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shlex
+from pathlib import Path
+from typing import Any
+
+from scaleforge.errors import CheckpointError, ConfigError
+
+
+# ----------------------------------------------------------------------------------------------
+# torch-free: the checks (the grow verb and the trainer both make them)
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """The complete checkpoint that RUN_DIR/checkpoints/latest names (ConfigError otherwise)."""
+    root = Path(run_dir) / "checkpoints"
+    latest = root / "latest"
+    if not latest.is_file():
+        raise ConfigError(
+            f"checkpoint.init_from={run_dir}: no complete checkpoint ({latest} is missing); "
+            "train that run first"
+        )
+    name = latest.read_text().strip()
+    path = root / name
+    if not name.startswith("step_") or "/" in name or not (path / "COMPLETE").is_file():
+        raise ConfigError(
+            f"checkpoint.init_from={run_dir}: {latest} names {name!r}, not a complete checkpoint"
+        )
+    return path
+
+
+def old_spec(spec: Any) -> Any:
+    """The RunSpec the init_from run's last checkpoint was made with."""
+    from scaleforge.config import load_runspec
+
+    return load_runspec(last_checkpoint(spec.checkpoint.init_from) / "run.yaml")
+
+
+def grown_model(new_model: Any, old_model: Any) -> Any:
+    """`new_model` as the family's growth rule makes it from `old_model` (one-line errors)."""
+    if new_model.arch != old_model.arch:
+        raise ConfigError(
+            f"model.arch={new_model.arch}: growing from a {old_model.arch} run into another "
+            f"family is not possible; keep model.arch={old_model.arch}"
+        )
+    rule = getattr(new_model, "grow_from", None)
+    if rule is None:
+        raise ConfigError(
+            f"model.arch={new_model.arch} has no growth rule (its config defines no grow_from); "
+            "start the run from its seed instead"
+        )
+    return rule(old_model)
+
+
+def check(spec: Any) -> Any:
+    """The spec a run with `checkpoint.init_from` trains, its model adapted by `grow_from`."""
+    if not spec.checkpoint.init_from:
+        return spec
+    old = old_spec(spec)
+    model = grown_model(spec.model, old.model)
+    return dataclasses.replace(spec, model=model)
+
+
+# ----------------------------------------------------------------------------------------------
+# the `grow` verb
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="the trained run to grow from")
+    parser.add_argument("--out", metavar="NEW_DIR", required=True,
+                        help="the new run's directory (must not exist or be empty)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="KEY=VALUE", help="change a RunSpec field, e.g. model.qkv_tokens=512")
+
+
+def make_spec(run_dir: str | Path, overrides: list[str]) -> Any:
+    """The grown run's RunSpec: RUN_DIR/run.yaml + overrides, init_from=RUN_DIR, checked."""
+    from scaleforge.config import load_runspec
+    from scaleforge.parallel.checks import check_shape
+
+    run_dir = Path(run_dir)
+    source = run_dir / "run.yaml"
+    if not source.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory ({source} is missing)")
+    last_checkpoint(run_dir)
+    for item in overrides:
+        if item.split("=", 1)[0].strip() == "checkpoint.init_from":
+            raise ConfigError("--set checkpoint.init_from: grow sets it to RUN_DIR itself")
+    spec = load_runspec(source, [*overrides, f"checkpoint.init_from={run_dir.resolve()}"])
+    spec = check(spec)
+    check_shape(spec)
+    return spec
+
+
+def run(args: argparse.Namespace) -> int:
+    from scaleforge.config import spec_to_yaml
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"--out {out} exists and is not empty; pick a new directory")
+    spec = make_spec(args.run_dir, args.overrides)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "run.yaml").write_text(spec_to_yaml(spec))
+    print(f"wrote {out / 'run.yaml'} (starts from {spec.checkpoint.init_from})")
+    print("train it with:")
+    print(f"  orchestrate train {shlex.quote(str(out / 'run.yaml'))} --out {shlex.quote(str(out))}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------
+# torch: the trainer's step 0
+
+
+def read_model_tensors(path: Path) -> dict:
+    """{checkpoint key: full tensor} of the model part of a dist checkpoint (optimizer skipped)."""
+    from megatron.core import dist_checkpointing
+
+    meta = dist_checkpointing.load_tensors_metadata(str(path))
+    request = {k: v for k, v in meta.items() if not k.startswith("optimizer.")}
+    try:
+        # every rank reads whole tensors: the shards overlap (megatron's load_plain_tensors)
+        return dist_checkpointing.load(request, str(path), validate_access_integrity=False)
+    except Exception as exc:  # noqa: BLE001 - name the checkpoint
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path} cannot be read to grow from: {first}") from exc
+
+
+def _leaves(tree: Any):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+
+    if isinstance(tree, ShardedTensor):
+        yield tree
+    elif isinstance(tree, ShardedTensorFactory):
+        yield from _leaves(tree.build())
+    elif isinstance(tree, dict):
+        for value in tree.values():
+            yield from _leaves(value)
+    elif isinstance(tree, (list, tuple)):
+        for value in tree:
+            yield from _leaves(value)
+
+
+def _local_piece(full: Any, leaf: Any) -> Any:
+    """This rank's piece of a full (global-shape) tensor, as the ShardedTensor `leaf` places it."""
+    index = tuple(slice(off, off + (1 if i < leaf.prepend_axis_num else
+                                    leaf.local_shape[i - leaf.prepend_axis_num]))
+                  for i, off in enumerate(leaf.global_offset))
+    return full[index].reshape(leaf.data.shape)
+
+
+def load_into(model: Any, tensors: dict) -> list[str]:
+    """Copy this rank's shard of each full tensor in `tensors` into `model`; returns the keys loaded."""
+    import torch
+
+    loaded = []
+    with torch.no_grad():
+        for leaf in _leaves(model.sharded_state_dict()):
+            if leaf.key not in tensors or leaf.data is None:
+                continue
+            full = tensors[leaf.key]
+            if tuple(full.shape) != tuple(leaf.global_shape):
+                raise CheckpointError(
+                    f"growth: tensor {leaf.key} has shape {tuple(full.shape)}, the new model's is "
+                    f"{tuple(leaf.global_shape)}; the family's grow_state must adapt it"
+                )
+            leaf.data.copy_(_local_piece(full, leaf).to(leaf.data.dtype))
+            loaded.append(leaf.key)
+    return loaded
+
+
+def start_from(spec: Any, built: Any) -> list[str]:
+    """Step 0 of a grown run: the old run's last weights, adapted by the family, into `built`."""
+    from scaleforge.pretrain import checkpoint
+
+    old = old_spec(spec)
+    model_cfg = grown_model(spec.model, old.model)
+    if model_cfg != spec.model:
+        raise ConfigError(
+            f"checkpoint.init_from={spec.checkpoint.init_from}: model.{_first_diff(model_cfg, spec.model)} "
+            "differs from what the growth rule sets; make the spec with `orchestrate grow`"
+        )
+    path = last_checkpoint(spec.checkpoint.init_from)
+    checkpoint.verify(path)
+    old_tensors = read_model_tensors(path)
+    rule = getattr(built.builder, "grow_state", None)
+    tensors = rule(old.model, spec.model, old_tensors) if rule else old_tensors
+    loaded = load_into(built.model, tensors)
+    # mixed precision keeps fp32 main copies made when the optimizer was built: refresh them
+    reload = getattr(built.optimizer, "reload_model_params", None)
+    if reload is not None:
+        reload()
+    return loaded
+
+
+def _first_diff(a: Any, b: Any) -> str:
+    for field in dataclasses.fields(a):
+        if getattr(a, field.name) != getattr(b, field.name):
+            return field.name
+    return "?"
