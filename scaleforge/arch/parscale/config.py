@@ -1,0 +1,163 @@
+"""ParScale shape (torch-free): P parallel streams through one dense backbone, with exact accounting.
+
+ParScale (Chen et al. 2025, methods.md section 1): the input is embedded once and replicated P times
+along the batch; every attention layer owns learnable prefix keys and values per stream,
+`(P, kv_heads, prefix_tokens, head_dim)` each, that the stream's real tokens attend to (without
+shifting their RoPE positions); the P final-norm hidden states are aggregated by a dynamic weighted
+sum: an MLP `Linear(P h -> h) -> SiLU -> Linear(h -> P)` (both with bias), an fp32 softmax over P,
+label smoothing `w (1 - eps) + eps / P`, then one LM head.
+
+Extra parameters (methods: Delta N(P) = 2 L P n_kv n_prefix d_head + (P h h + h) + (h P + P)):
+15,326,722 / 30,650,884 / 61,299,208 for P = 2 / 4 / 8 on the 4.4B shape (h 2560, L 36, n_kv 2,
+d_head 160), tests/test_parscale.py. At P = 1 the model is the dense model exactly: no prefix, no
+aggregator, Delta N = 0.
+
+FLOPs per token (PaLM / MFU convention like dense): P x (6 x the blocks' matmul weights + 12 L heads
+head_dim (seq_len + prefix_tokens) for attention over the prefix and the real keys) + 6 x (the LM
+head + the aggregator's P h h + h P weights).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import ClassVar
+
+from scaleforge.arch.common.family import Divisible, LayerKind
+from scaleforge.arch.dense.config import DenseConfig
+from scaleforge.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class ParScaleConfig(DenseConfig):
+    """A dense LLaMA-style GPT run as P parallel streams (prefix K/V per stream), aggregated."""
+
+    planned_fields: ClassVar[tuple[str, ...]] = DenseConfig.planned_fields
+    """Fields the shape rule decides; `streams` is the user's (`--set model.streams=`) or the
+    planner's choice among 1, 2, 4, 8."""
+
+    arch: str = "parscale"
+    """Family name in the architecture registry."""
+    streams: int = 2
+    """P, the parallel streams (1: exactly the dense model, no prefix and no aggregator)."""
+    prefix_tokens: int = 48
+    """Learnable prefix keys/values per stream per attention layer (the paper's 48); 0: the streams
+    differ only through nothing, which makes them identical (kept for ablations)."""
+    smoothing: float = 0.01
+    """Label smoothing eps of the aggregation weights, w (1 - eps) + eps / P, in [0, 1)
+    (0.01 is the reference config's `parscale_attn_smooth`; the paper's ablation reportedly
+    favours 0.1)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.streams, int) or isinstance(self.streams, bool) or self.streams < 1:
+            raise ConfigError(f"model.streams must be an integer >= 1 (1: the dense model), "
+                              f"got {self.streams!r}")
+        if (not isinstance(self.prefix_tokens, int) or isinstance(self.prefix_tokens, bool)
+                or self.prefix_tokens < 0):
+            raise ConfigError(f"model.prefix_tokens must be an integer >= 0, got "
+                              f"{self.prefix_tokens!r}")
+        eps = self.smoothing
+        if (isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps)
+                or not 0 <= eps < 1):
+            raise ConfigError(f"model.smoothing must be in [0, 1), got {eps!r}")
+
+    @property
+    def prefix(self) -> int:
+        """Prefix tokens actually built: none at P = 1 (the dense model)."""
+        return self.prefix_tokens if self.streams > 1 else 0
+
+    # ------------------------------------------------------------------------------------------
+    # accounting
+
+    def prefix_params(self) -> int:
+        """Prefix keys and values of one attention layer: 2 P kv_heads prefix head_dim."""
+        return 2 * self.streams * self.kv_heads * self.prefix * self.head_dim
+
+    def aggregator_params(self) -> int:
+        """Linear(P h -> h) + bias and Linear(h -> P) + bias; none at P = 1."""
+        if self.streams == 1:
+            return 0
+        p, h = self.streams, self.hidden
+        return (p * h * h + h) + (h * p + p)
+
+    def extra_params(self) -> int:
+        """Delta N(P): what ParScale adds to the dense model of the same shape."""
+        return self.layers * self.prefix_params() + self.aggregator_params()
+
+    def layer_params(self) -> int:
+        """One block: dense's weights plus its prefix keys and values."""
+        return super().layer_params() + self.prefix_params()
+
+    def num_params(self) -> int:
+        """Exact total parameters: the dense model plus the prefixes and the aggregator."""
+        return super().num_params() + self.aggregator_params()
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token: P x (blocks + attention over prefix + real keys) + LM head +
+        aggregator, 6 x matmul weights each (PaLM convention)."""
+        p = self.streams
+        blocks = self.layers * self.layer_matmul_params()
+        attention = 12 * self.layers * self.heads * self.head_dim * (seq_len + self.prefix)
+        head = self.vocab_size * self.hidden
+        agg = (p * self.hidden * self.hidden + self.hidden * p) if p > 1 else 0
+        return float(p * (6 * blocks + attention) + 6 * (head + agg))
+
+    # ------------------------------------------------------------------------------------------
+    # the family contract
+
+    def law_variables(self) -> dict[str, float]:
+        """N (prefixes and aggregator included, as the ParScale law wants), and P."""
+        return {**super().law_variables(), "P": float(self.streams)}
+
+    @classmethod
+    def for_params(cls, n: float, base: "ParScaleConfig") -> "ParScaleConfig":
+        """Dense's shape rule (arch/dense/shapes.py) on the ParScale count (the prefixes are part of
+        each layer, the aggregator of the fixed part): about `n` total parameters at `base`'s P."""
+        from scaleforge.arch.dense.shapes import dense_shape
+
+        return dense_shape(n, base)
+
+    _BACKBONE: ClassVar[tuple[str, ...]] = (
+        "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size", "tied_embeddings",
+        "rope_base", "norm_eps",
+    )
+
+    def grow_from(self, old: "ParScaleConfig") -> "ParScaleConfig":
+        """The growth rule (pretrain/grow.py), the paper's two-stage recipe: a P = 1 run's backbone
+        is loaded as it is (same names as dense), the prefixes and the aggregator keep the seed's
+        initialisation. Only from P = 1 (a P > 1 run's prefixes would have to be re-cut per stream),
+        and only with the same backbone shape."""
+        for name in self._BACKBONE:
+            if getattr(old, name) != getattr(self, name):
+                raise ConfigError(
+                    f"model.{name}={getattr(self, name)}: ParScale grows the streams of a fixed "
+                    f"backbone; keep model.{name}={getattr(old, name)} of the run it grows from"
+                )
+        if old.streams != 1 and old.streams != self.streams:
+            raise ConfigError(
+                f"model.streams={self.streams}: ParScale grows from a P=1 run only (this one has "
+                f"P={old.streams}); grow from its P=1 stage"
+            )
+        return self
+
+    def divisibility(self, seq_len: int) -> list[Divisible]:
+        """Dense's rows: the prefix keys/values are cut by KV heads over tp, as the attention is."""
+        return super().divisibility(seq_len)
+
+    def layer_kinds(self) -> list[LayerKind]:
+        """`layers` identical blocks, each with its prefix keys/values (KV cache P x as large)."""
+        block = LayerKind("transformer", self.layer_params(), kv_heads=self.kv_heads * self.streams)
+        return [block] * self.layers
+
+    def activation_bytes(
+        self, layer: LayerKind, *, seq_len: int, micro_batch: int, tp: int = 1, sp: bool = False,
+        recompute: str = "none", flash: bool = False,
+    ) -> float:
+        """A dense layer's bytes at a micro-batch P times as large (the streams ride the batch)."""
+        return super().activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch * self.streams,
+                                        tp=tp, sp=sp, recompute=recompute, flash=flash)
+
+    def summary(self) -> str:
+        """`layers x hidden P<streams>`, the table's shape column."""
+        return f"{self.layers}x{self.hidden} P{self.streams}"

@@ -1,0 +1,251 @@
+"""ParScale (docs/parscale.md): counts against methods.md section 1, the builder's pieces against
+hand-written references, P = 1 against dense, bad input. TP=2 / PP=2 parity, resume, the example's
+loss and `plan --arch parscale` are tests/test_families.py's (parametrised over every family)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import subprocess
+import sys
+
+import pytest
+
+from scaleforge.arch.dense.config import DenseConfig
+from scaleforge.arch.parscale.config import ParScaleConfig
+from scaleforge.config import RunSpec, apply_overrides
+from scaleforge.errors import ConfigError
+
+# methods.md section 1: the 4.4B model of the ParScale fits (h 2560, L 36, n_kv 2, d_head 160)
+SHAPE_4B = dict(layers=36, hidden=2560, heads=16, kv_heads=2, ffn_hidden=6912, vocab_size=151936,
+                tied_embeddings=True)
+DELTA_N = {2: 15_326_722, 4: 30_650_884, 8: 61_299_208}
+TINY = dict(layers=2, hidden=64, heads=4, kv_heads=2, ffn_hidden=128, vocab_size=512)
+
+
+@pytest.mark.parametrize("p", sorted(DELTA_N))
+def test_extra_parameters_reproduce_the_paper(p):
+    cfg = ParScaleConfig(**SHAPE_4B, streams=p)
+    assert cfg.head_dim == 160
+    assert cfg.extra_params() == DELTA_N[p]
+    dense = DenseConfig(**SHAPE_4B)
+    assert cfg.num_params() - dense.num_params() == DELTA_N[p]
+    assert cfg.non_embedding_params() - dense.non_embedding_params() == DELTA_N[p]
+
+
+def test_p1_counts_are_dense_counts():
+    cfg = ParScaleConfig(**SHAPE_4B, streams=1)
+    dense = DenseConfig(**SHAPE_4B)
+    assert cfg.extra_params() == 0
+    assert cfg.num_params() == dense.num_params()
+    assert cfg.flops_per_token(4096) == dense.flops_per_token(4096)
+    assert cfg.layer_kinds() == dense.layer_kinds()
+
+
+def test_flops_count_the_streams():
+    s = 2048
+    dense = DenseConfig(**SHAPE_4B)
+    for p in (2, 4, 8):
+        cfg = ParScaleConfig(**SHAPE_4B, streams=p)
+        blocks = 6 * cfg.layers * cfg.layer_matmul_params()
+        attn = 12 * cfg.layers * cfg.heads * cfg.head_dim * (s + cfg.prefix_tokens)
+        head = 6 * cfg.vocab_size * cfg.hidden
+        agg = 6 * (p * cfg.hidden ** 2 + cfg.hidden * p)
+        assert cfg.flops_per_token(s) == p * (blocks + attn) + head + agg
+        # about P x dense: the LM head is computed once, the prefix adds attention
+        ratio = cfg.flops_per_token(s) / dense.flops_per_token(s)
+        assert p * 0.85 < ratio < p * 1.05, (p, ratio)
+
+
+def test_law_sees_n_and_p():
+    cfg = ParScaleConfig(**SHAPE_4B, streams=4)
+    law = cfg.law_variables()
+    assert law["P"] == 4.0
+    assert law["N"] == cfg.num_params()
+    assert law["N_non_embedding"] == cfg.non_embedding_params()
+
+
+def test_for_params_keeps_p_and_lands_near_the_target():
+    base = ParScaleConfig(vocab_size=8192, streams=4, prefix_tokens=48, smoothing=0.1)
+    cfg = ParScaleConfig.for_params(5e7, base)
+    assert (cfg.streams, cfg.prefix_tokens, cfg.smoothing) == (4, 48, 0.1)
+    assert abs(math.log(cfg.num_params() / 5e7)) < math.log(1.06)
+    assert "P4" in cfg.summary()
+
+
+@pytest.mark.parametrize("key, value, needle", [
+    ("model.streams", 0, "model.streams"),
+    ("model.streams", -2, "model.streams"),
+    ("model.prefix_tokens", -1, "model.prefix_tokens"),
+    ("model.smoothing", 1.0, "model.smoothing"),
+    ("model.smoothing", -0.1, "model.smoothing"),
+])
+def test_bad_input_is_one_line_naming_the_field(key, value, needle):
+    with pytest.raises(ConfigError) as err:
+        apply_overrides(RunSpec(), ["model.arch=parscale", f"{key}={value}"])
+    message = str(err.value)
+    assert needle in message and "\n" not in message
+
+
+def test_grow_rule_takes_a_p1_backbone_only():
+    old = ParScaleConfig(**TINY, streams=1)
+    new = ParScaleConfig(**TINY, streams=4)
+    assert new.grow_from(old) is new
+    with pytest.raises(ConfigError, match="model.hidden"):
+        dataclasses.replace(new, hidden=128, heads=4).grow_from(old)
+    with pytest.raises(ConfigError, match="model.streams"):
+        new.grow_from(dataclasses.replace(old, streams=2))
+
+
+def test_plan_with_a_fixed_p_is_torch_free_and_carries_it():
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
+        "from scaleforge.orchestrator.plan import make_plan\n"
+        "plan = make_plan(1e19, arch='parscale', unique_tokens=1e13, overrides=['model.streams=4'])\n"
+        "print(sorted({r.spec.model.streams for r in (*plan.ladder, plan.target)}))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[4]"
+
+
+# ----------------------------------------------------------------------------------------------
+# the builder (one process)
+
+
+@pytest.fixture(scope="module")
+def megatron_single():
+    from scaleforge.parallel.setup import init_distributed, shutdown
+
+    init_distributed(RunSpec())
+    yield
+    shutdown()
+
+
+def _build(cfg, seed=3, seq_len=16):
+    import torch
+
+    from scaleforge.arch.registry import builder_module
+
+    runtime = dict(use_cpu_initialization=True, params_dtype=torch.float32)
+    return builder_module(cfg.arch).build_model(cfg, seq_len=seq_len, seed=seed, runtime=runtime)
+
+
+def _batch(b=2, s=16, vocab=512):
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, vocab, (b, s), generator=gen)
+    return tokens, torch.arange(s).unsqueeze(0).expand(b, -1)
+
+
+@pytest.mark.parametrize("overrides", [dict(streams=1), dict(streams=2), dict(streams=4, prefix_tokens=5),
+                                       dict(streams=2, prefix_tokens=0),
+                                       dict(streams=3, tied_embeddings=True)])
+def test_built_parameters_equal_accounting(megatron_single, overrides):
+    cfg = ParScaleConfig(**{**TINY, **overrides})
+    model = _build(cfg)
+    assert sum(p.numel() for p in model.parameters()) == cfg.num_params()
+
+
+def test_p1_logits_equal_dense_at_the_same_seed(megatron_single):
+    import torch
+
+    tokens, positions = _batch()
+    dense = _build(DenseConfig(**TINY))
+    p1 = _build(ParScaleConfig(**TINY, streams=1))
+    with torch.no_grad():
+        a, b = dense(tokens, positions, None), p1(tokens, positions, None)
+    assert torch.equal(a, b)
+    assert [n for n, _ in dense.named_parameters()] == [n for n, _ in p1.named_parameters()]
+
+
+def test_real_tokens_keep_their_rope_positions(megatron_single):
+    """Layer 0's keys (after RoPE) of every stream equal dense's: the prefix shifts no position."""
+    import torch
+
+    tokens, positions = _batch()
+    seen = {}
+
+    def grab(name):
+        def hook(module, args, kwargs):
+            seen[name] = (args[0] if args else kwargs["query"], args[1] if len(args) > 1 else kwargs["key"])
+        return hook
+
+    dense = _build(DenseConfig(**TINY))
+    ps = _build(ParScaleConfig(**TINY, streams=3, prefix_tokens=7))
+    for name, model in (("dense", dense), ("ps", ps)):
+        attn = model.decoder.layers[0].self_attention.core_attention
+        attn.register_forward_pre_hook(grab(name), with_kwargs=True)
+        with torch.no_grad():
+            model(tokens, positions, None)
+    (qd, kd), (qp, kp) = seen["dense"], seen["ps"]
+    b = tokens.shape[0]
+    assert kp.shape[1] == 3 * b
+    for stream in range(3):
+        assert torch.equal(kp[:, stream * b:(stream + 1) * b], kd)
+        assert torch.equal(qp[:, stream * b:(stream + 1) * b], qd)
+
+
+def test_prefix_attention_matches_a_naive_reference(megatron_single):
+    """Stream p's real queries see all of prefix p and the causal real keys (GQA, stream-major)."""
+    import torch
+
+    model = _build(ParScaleConfig(**TINY, streams=2, prefix_tokens=3))
+    attn = model.decoder.layers[1].self_attention.core_attention
+    s, b, p, nq, ng, hd, n = 5, 2, 2, 4, 2, 16, 3
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(s, p * b, nq, hd, generator=gen)
+    k = torch.randn(s, p * b, ng, hd, generator=gen)
+    v = torch.randn(s, p * b, ng, hd, generator=gen)
+    with torch.no_grad():
+        out = attn(q, k, v, None).view(s, p * b, nq, hd)
+    ref = torch.empty_like(out)
+    for stream in range(p):
+        for j in range(b):
+            row = stream * b + j
+            for head in range(nq):
+                g = head // (nq // ng)
+                keys = torch.cat([attn.prefix_k[stream, g], k[:, row, g]])
+                vals = torch.cat([attn.prefix_v[stream, g], v[:, row, g]])
+                for i in range(s):
+                    scores = keys[: n + i + 1] @ q[i, row, head] / math.sqrt(hd)
+                    ref[i, row, head] = torch.softmax(scores, 0) @ vals[: n + i + 1]
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+
+
+def test_aggregator_is_the_reference_weighted_sum(megatron_single):
+    """h-major concat, Linear-SiLU-Linear, fp32 softmax over P, smoothing, weighted sum."""
+    import torch
+    import torch.nn.functional as F
+
+    model = _build(ParScaleConfig(**TINY, streams=3, smoothing=0.2))
+    agg = model.aggregate
+    s, b, p, h = 4, 2, 3, TINY["hidden"]
+    hidden = torch.randn(s, p * b, h, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = agg(hidden)
+        ref = torch.empty(s, b, h)
+        for i in range(s):
+            for j in range(b):
+                streams = [hidden[i, stream * b + j] for stream in range(p)]
+                cat = torch.stack(streams, dim=1).reshape(h * p)  # "(n b) s h -> b s (h n)"
+                logits = agg.linear_out(F.silu(agg.linear_in(cat)))
+                w = torch.softmax(logits.double(), 0) * 0.8 + 0.2 / p
+                assert w.min() >= 0.2 / p and abs(float(w.sum()) - 1) < 1e-12
+                ref[i, j] = sum(float(w[k]) * streams[k] for k in range(p))
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_streams_train_their_prefixes_and_the_aggregator(megatron_single):
+    import torch
+
+    model = _build(ParScaleConfig(**TINY, streams=2, prefix_tokens=4))
+    tokens, positions = _batch()
+    model(tokens, positions, None, labels=tokens.roll(-1, 1)).mean().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if "prefix" in n or "aggregate" in n}
+    assert len(grads) == 2 * TINY["layers"] + 4
+    assert all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    # the two streams' prefixes get different gradients (the aggregator weighs them differently)
+    g = grads["decoder.layers.0.self_attention.core_attention.prefix_v"]
+    assert not torch.allclose(g[0], g[1])
