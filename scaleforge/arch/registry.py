@@ -14,6 +14,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "dense": ("scaleforge.arch.dense.config", "DenseConfig", "scaleforge.arch.dense.model"),
     "moe": ("scaleforge.arch.moe.config", "MoEConfig", "scaleforge.arch.moe.model"),
     "mamba": ("scaleforge.arch.mamba.config", "MambaConfig", "scaleforge.arch.mamba.model"),
+    "mor": ("scaleforge.arch.mor.config", "MoRConfig", "scaleforge.arch.mor.model"),
     "parscale": ("scaleforge.arch.parscale.config", "ParScaleConfig", "scaleforge.arch.parscale.model"),
 }
 
