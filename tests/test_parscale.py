@@ -249,3 +249,89 @@ def test_streams_train_their_prefixes_and_the_aggregator(megatron_single):
     # the two streams' prefixes get different gradients (the aggregator weighs them differently)
     g = grads["decoder.layers.0.self_attention.core_attention.prefix_v"]
     assert not torch.allclose(g[0], g[1])
+
+
+# ----------------------------------------------------------------------------------------------
+# two-stage training: P = 1, then P > 1 through the generic growth path (pretrain/grow.py)
+
+
+@pytest.fixture(scope="module")
+def p1_run(tmp_path_factory, tiny_store):
+    """A 2-step P = 1 run with its final checkpoint (stage 1)."""
+    import yaml
+
+    from conftest import rank_env
+
+    tmp = tmp_path_factory.mktemp("parscale_p1")
+    spec = {
+        "name": "parscale-p1", "seed": 7,
+        "model": {"arch": "parscale", **TINY, "tied_embeddings": True, "streams": 1},
+        "data": {"stores": [str(tiny_store)], "seq_len": 32},
+        "train": {"steps": 2, "global_batch": 4, "micro_batch": 4, "lr": 0.003, "warmup_steps": 1},
+        "eval": {"every": 0}, "checkpoint": {"every": 0},
+    }
+    path = tmp / "p1.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    out = tmp / "run"
+    proc = subprocess.run([sys.executable, "-m", "scaleforge.cli", "train", str(path), "--out", str(out)],
+                          env=rank_env(1), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_grow_refuses_a_changed_backbone_in_one_line(p1_run, tmp_path, capsys):
+    from scaleforge.cli import main
+
+    out = tmp_path / "new"
+    code = main(["grow", str(p1_run), "--out", str(out), "--set", "model.streams=2",
+                 "--set", "model.ffn_hidden=192"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "model.ffn_hidden" in err and err.count("\n") == 0
+    assert not out.exists()
+
+
+def test_p1_to_p4_starts_from_the_p1_backbone(p1_run, tmp_path, capsys):
+    """Stage 2 at step 0: every backbone tensor is the P = 1 run's last, the prefixes and the
+    aggregator are the seed's; then the grown run trains."""
+    import torch
+
+    from conftest import rank_env
+    from scaleforge.cli import main
+    from scaleforge.config import load_runspec
+    from scaleforge.parallel.setup import init_distributed, shutdown
+    from scaleforge.pretrain import grow, model_build
+
+    out = tmp_path / "p4"
+    assert main(["grow", str(p1_run), "--out", str(out), "--set", "model.streams=4",
+                 "--set", "model.prefix_tokens=6"]) == 0
+    capsys.readouterr()
+    spec = load_runspec(out / "run.yaml")
+    assert spec.model.streams == 4 and spec.checkpoint.init_from == str(p1_run.resolve())
+    init_distributed(spec)
+    try:
+        built = model_build.build(spec)
+        fresh = {k: v.clone() for k, v in built.model.state_dict().items() if v is not None}
+        loaded = set(grow.start_from(spec, built))
+        old = grow.read_model_tensors(grow.last_checkpoint(p1_run))
+        new_parts = ("prefix_k", "prefix_v", "aggregate.")
+        backbone = set()  # layers are stacked under one key per tensor
+        for leaf in grow._leaves(built.model.sharded_state_dict()):
+            if any(part in leaf.key for part in new_parts):
+                assert leaf.key not in loaded
+                continue
+            backbone.add(leaf.key)
+            assert leaf.key in loaded, leaf.key
+            assert torch.equal(leaf.data, grow._local_piece(old[leaf.key], leaf)), leaf.key
+        assert backbone == loaded and len(backbone) > 0
+        state = built.model.state_dict()
+        news = [k for k in state if any(part in k for part in new_parts)]
+        assert len(news) == 2 * TINY["layers"] + 4
+        for key in news:  # the seed's initialisation, untouched by the load
+            assert torch.equal(state[key], fresh[key]), key
+    finally:
+        shutdown()
+    proc = subprocess.run([sys.executable, "-m", "scaleforge.cli", "train", str(out / "run.yaml"),
+                           "--out", str(out)], env=rank_env(1), capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "checkpoints" / "latest").is_file()
