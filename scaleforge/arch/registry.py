@@ -16,6 +16,7 @@ FAMILIES: dict[str, tuple[str, str, str]] = {
     "mamba": ("scaleforge.arch.mamba.config", "MambaConfig", "scaleforge.arch.mamba.model"),
     "mor": ("scaleforge.arch.mor.config", "MoRConfig", "scaleforge.arch.mor.model"),
     "parscale": ("scaleforge.arch.parscale.config", "ParScaleConfig", "scaleforge.arch.parscale.model"),
+    "tokenformer": ("scaleforge.arch.tokenformer.config", "TokenFormerConfig", "scaleforge.arch.tokenformer.model"),
 }
 
 

@@ -170,14 +170,20 @@ def _leaves(tree: Any):
 
 def _local_piece(full: Any, leaf: Any) -> Any:
     """This rank's piece of a full (global-shape) tensor, as the ShardedTensor `leaf` places it."""
-    index = tuple(slice(off, off + (1 if i < leaf.prepend_axis_num else
-                                    leaf.local_shape[i - leaf.prepend_axis_num]))
-                  for i, off in enumerate(leaf.global_offset))
-    return full[index].reshape(leaf.data.shape)
+    return full[_region(leaf)].reshape(leaf.data.shape)
 
 
-def load_into(model: Any, tensors: dict) -> list[str]:
-    """Copy this rank's shard of each full tensor in `tensors` into `model`; returns the keys loaded."""
+def _region(leaf: Any) -> tuple[slice, ...]:
+    """The slices of the global tensor that this rank's `leaf` holds (layer axes first)."""
+    sizes = [1] * leaf.prepend_axis_num + list(leaf.local_shape)
+    return tuple(slice(off, off + size) for off, size in zip(leaf.global_offset, sizes))
+
+
+def load_into(model: Any, tensors: dict, *, prefix: bool = False) -> list[str]:
+    """Copy this rank's shard of each full tensor in `tensors` into `model`; returns the keys loaded.
+
+    With `prefix`, a tensor smaller than the model's along some axes fills the leading part of
+    each axis (the rest keeps its initialisation); otherwise shapes must be equal."""
     import torch
 
     loaded = []
@@ -186,13 +192,28 @@ def load_into(model: Any, tensors: dict) -> list[str]:
             if leaf.key not in tensors or leaf.data is None:
                 continue
             full = tensors[leaf.key]
-            if tuple(full.shape) != tuple(leaf.global_shape):
+            want = tuple(leaf.global_shape)
+            fits = full.dim() == len(want) and all(a <= b for a, b in zip(full.shape, want))
+            if tuple(full.shape) != want and not (prefix and fits):
                 raise CheckpointError(
                     f"growth: tensor {leaf.key} has shape {tuple(full.shape)}, the new model's is "
-                    f"{tuple(leaf.global_shape)}; the family's grow_state must adapt it"
+                    f"{want}; the family's grow_state must adapt it"
                 )
-            leaf.data.copy_(_local_piece(full, leaf).to(leaf.data.dtype))
-            loaded.append(leaf.key)
+            region = _region(leaf)
+            local = leaf.data
+            for _ in range(leaf.prepend_axis_num):
+                local = local.unsqueeze(0)  # a view: writes reach the parameter
+            # the part of this rank's region inside the given tensor
+            src, dst = [], []
+            for cut, size in zip(region, full.shape):
+                stop = min(cut.stop, size)
+                if stop <= cut.start:
+                    break
+                src.append(slice(cut.start, stop))
+                dst.append(slice(0, stop - cut.start))
+            else:
+                local[tuple(dst)].copy_(full[tuple(src)].to(local.dtype))
+                loaded.append(leaf.key)
     return loaded
 
 
@@ -211,8 +232,10 @@ def start_from(spec: Any, built: Any) -> list[str]:
     checkpoint.verify(path)
     old_tensors = read_model_tensors(path)
     rule = getattr(built.builder, "grow_state", None)
-    tensors = rule(old.model, spec.model, old_tensors) if rule else old_tensors
-    loaded = load_into(built.model, tensors)
+    if rule is None:
+        loaded = load_into(built.model, old_tensors)
+    else:
+        loaded = load_into(built.model, rule(old.model, spec.model, old_tensors), prefix=True)
     # mixed precision keeps fp32 main copies made when the optimizer was built: refresh them
     reload = getattr(built.optimizer, "reload_model_params", None)
     if reload is not None:
