@@ -109,6 +109,38 @@ def test_plan_with_a_fixed_p_is_torch_free_and_carries_it():
     assert proc.stdout.strip().splitlines()[-1] == "[4]"
 
 
+@pytest.mark.parametrize("k, expected", [(0.3935, (1, 1.2728, 1.5455, 1.8183)),
+                                         (0.3345, (1, 1.2319, 1.4637, 1.6956))])
+def test_parameter_multiplier_is_the_papers(k, expected):
+    from scaleforge.arch.parscale import planning
+
+    got = tuple(round(planning.multiplier(p, k), 4) for p in (1, 2, 4, 8))
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_planner_chooses_p_with_the_parscale_law():
+    """At fixed training compute P costs P x the FLOPs for a (k ln P + 1) x parameter term, so the
+    law picks P = 1; a fixed P plans a smaller N and predicts a higher loss; the table says why."""
+    from scaleforge.arch.parscale import planning
+    from scaleforge.orchestrator.plan import make_plan, prior_law
+
+    params = prior_law().params
+    options = planning.stream_options(params, 1e21)
+    assert [o.p for o in options] == [1, 2, 4, 8]
+    assert [o.loss for o in options] == sorted(o.loss for o in options)
+    for o in options:
+        assert o.dense_n == pytest.approx(o.n * planning.multiplier(o.p))
+        assert o.weights_gb < o.dense_weights_gb or o.p == 1
+    free = make_plan(1e19, arch="parscale", unique_tokens=1e13)
+    fixed = make_plan(1e19, arch="parscale", unique_tokens=1e13, overrides=("model.streams=4",))
+    assert free.target.spec.model.streams == 1
+    assert {r.spec.model.streams for r in fixed.ladder} == {4}
+    assert fixed.target.N < free.target.N and fixed.target.loss > free.target.loss
+    notes = fixed.target.spec.model.plan_notes(params, 1e19)
+    assert any("<- planned" in line and line.split()[0] == "4" for line in notes)
+    assert "P acts on the parameter term only" in notes[0]
+
+
 # ----------------------------------------------------------------------------------------------
 # the builder (one process)
 

@@ -101,6 +101,25 @@ def base_spec(arch: str = "dense", overrides: tuple[str, ...] | list[str] = ()) 
     return apply_overrides(spec, [f"model.arch={arch}", *overrides])
 
 
+def _variant(base: RunSpec, params: dict, budget: float, user_keys: frozenset) -> RunSpec:
+    """`base` with what the family plans besides the shape (ParScale: P), if it has such a rule."""
+    rule = getattr(base.model, "plan_variant", None)
+    return base if rule is None else dataclasses.replace(base, model=rule(params, budget, user_keys))
+
+
+def _optimum(model, params: dict, budget: float) -> tuple[float, float]:
+    """Compute-optimal (N, D): the family's own where its compute is not 6 N D (ParScale), else the
+    law's."""
+    rule = getattr(model, "compute_optimal", None)
+    return rule(params, budget) if rule else prior.compute_optimal(params, budget)
+
+
+def _loss(model, params: dict, n: float, d: float) -> float:
+    """Predicted loss: the family's join with the law where it has one (ParScale), else the law's."""
+    rule = getattr(model, "law_loss", None)
+    return rule(params, n, d) if rule else prior.chinchilla_loss(params, n, d)
+
+
 def plan_run(
     *, kind: str, budget: float, n_target: float, cluster: Cluster, base: RunSpec, seq_len: int,
     unique_tokens: float, user_keys: frozenset = frozenset(),
@@ -169,19 +188,20 @@ def plan_target(
     _check_budget(budget)
     if samples is None and law.source == "prior":
         samples = prior.prior_samples()
-    base = base_spec(arch, overrides)
+    base = _variant(base_spec(arch, overrides), law.params, budget, _keys(overrides))
     seq_len = seq_len or _default_seq_len(cluster, base)
     params = law.params
-    n_opt, _ = prior.compute_optimal(params, budget)
+    n_opt, _ = _optimum(base.model, params, budget)
     run, warnings = plan_run(
         kind="target", budget=budget, n_target=n_opt, cluster=cluster, base=base, seq_len=seq_len,
         unique_tokens=unique_tokens, user_keys=_keys(overrides),
     )
     ci = {k: tuple(v) for k, v in law.ci.items()}
-    loss = prior.chinchilla_loss(params, run.N, run.D)
-    loss_ci = prior.interval(lambda p: prior.chinchilla_loss(p, run.N, run.D), params, ci, samples)
-    n_ci = prior.interval(lambda p: prior.compute_optimal(p, budget)[0], params, ci, samples)
-    d_ci = prior.interval(lambda p: prior.compute_optimal(p, budget)[1], params, ci, samples)
+    model = base.model
+    loss = _loss(model, params, run.N, run.D)
+    loss_ci = prior.interval(lambda p: _loss(model, p, run.N, run.D), params, ci, samples)
+    n_ci = prior.interval(lambda p: _optimum(model, p, budget)[0], params, ci, samples)
+    d_ci = prior.interval(lambda p: _optimum(model, p, budget)[1], params, ci, samples)
     target = TargetRun(
         **{f.name: getattr(run, f.name) for f in dataclasses.fields(run)},
         loss=round_sig(loss, 5), loss_ci=tuple(round_sig(x, 5) for x in loss_ci),
@@ -246,6 +266,7 @@ def make_plan(
     base = base_spec(arch, overrides)
     seq_len = seq_len if seq_len is not None else _default_seq_len(cluster, base)
     user_keys = _keys(overrides)
+    base = _variant(base, law.params, budget, user_keys)
     warnings: list[str] = []
     if unique_tokens is None:
         unique_tokens = pool_tokens(base.data.stores)
@@ -259,7 +280,7 @@ def make_plan(
     ladder: list[PlannedRun] = []
     skipped: list[float] = []
     for b in ladder_budgets(budget, ladder_min, ladder_max, budgets):
-        n_opt, _ = prior.compute_optimal(law.params, b)
+        n_opt, _ = _optimum(base.model, law.params, b)
         seen: set[int] = set()
         for n in ladder_sizes(n_opt, sizes, size_span):
             try:

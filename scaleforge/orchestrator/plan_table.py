@@ -52,6 +52,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     # a pipe gets a wide table rather than rich's 80 columns of ellipses
     console = console or Console(width=None if sys.stdout.isatty() else 170)
     console.print(plan_table(plan))
+    notes = getattr(plan.target.spec.model, "plan_notes", None)  # a family's own table (ParScale)
+    for line in notes(plan.law.params, plan.budget) if notes else ():
+        console.print(line, markup=False, highlight=False)
     t = plan.target
     ladder_hours = sum(r.gpu_hours for r in plan.ladder)
     console.print(

@@ -118,6 +118,56 @@ class ParScaleConfig(DenseConfig):
 
         return dense_shape(n, base)
 
+    # planner hooks (orchestrator/plan.py asks for them by name; arch/parscale/planning.py)
+
+    def plan_variant(self, params: dict, budget: float, user_keys: frozenset) -> "ParScaleConfig":
+        """This config at the P the planner picks for `budget` (`--set model.streams` fixes P)."""
+        import dataclasses
+
+        from scaleforge.arch.parscale import planning
+
+        if "model.streams" in user_keys:
+            return self
+        p = planning.choose_streams(params, budget, planning.law_k(params))
+        return dataclasses.replace(self, streams=p)
+
+    def compute_optimal(self, params: dict, budget: float) -> tuple[float, float]:
+        """(N, D) compute-optimal at this P: Chinchilla at compute budget m / P, N = N' / m."""
+        from scaleforge.arch.parscale import planning
+
+        k = planning.law_k(params)
+        m = planning.multiplier(self.streams, k)
+        n_eff, d = planning._chinchilla_optimum(params, budget * m / self.streams)
+        return n_eff / m, d
+
+    def law_loss(self, params: dict, n: float, d: float) -> float:
+        """Predicted loss with the P streams' parameter multiplier k ln P + 1."""
+        from scaleforge.arch.parscale import planning
+
+        return planning.predicted_loss(params, n, d, self.streams, planning.law_k(params))
+
+    def plan_notes(self, params: dict, budget: float) -> list[str]:
+        """The streams table: each P's N, D, loss and inference weight memory against the dense
+        model of the same parameter term (the paper's reason to pick P over N)."""
+        from scaleforge.arch.parscale import planning
+
+        k = planning.law_k(params)
+        lines = [
+            f"ParScale streams at {budget:.3g} FLOPs: assumes L = E + A/(N(k ln P + 1))^alpha + "
+            f"B/D^beta, k={k:.4g}, C = 6 N D P (P acts on the parameter term only)",
+            f"{'P':>3} {'N':>10} {'D':>10} {'loss':>8} {'weights GB':>11} {'dense N same loss':>18} "
+            f"{'dense GB':>9} {'KV x':>5}",
+        ]
+        for row in planning.stream_options(params, budget, k):
+            mark = " <- planned" if row.p == self.streams else ""
+            lines.append(
+                f"{row.p:>3} {row.n:>10.3g} {row.d:>10.3g} {row.loss:>8.4f} {row.weights_gb:>11.3g} "
+                f"{row.dense_n:>18.3g} {row.dense_weights_gb:>9.3g} {row.p:>5}{mark}")
+        lines.append("At fixed training compute P=1 predicts the lowest loss; P>1 serves the loss of "
+                     "the 'dense N' model with 1/(k ln P + 1) of its weight memory (plus a P x KV "
+                     "cache): pick it with --set model.streams=P when inference memory binds.")
+        return lines
+
     _BACKBONE: ClassVar[tuple[str, ...]] = (
         "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "vocab_size", "tied_embeddings",
         "rope_base", "norm_eps",
