@@ -367,3 +367,36 @@ def test_p1_to_p4_starts_from_the_p1_backbone(p1_run, tmp_path, capsys):
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "latest").is_file()
+
+
+# ----------------------------------------------------------------------------------------------
+# two ranks: a P = 4 checkpoint re-sharded onto tp=2 with sequence parallelism
+# (tests/test_families.py runs the example's TP=2 and PP=2 from scratch)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_checkpoint_reshards_onto_tp2_with_sequence_parallel(tiny_store, tmp_path):
+    """The prefix tensors are saved with global shapes (cut by KV heads), the aggregator replicated:
+    a 1-rank checkpoint resumes at tp=2 + sp (the aggregator's grads all-reduced over tp) and
+    continues the 1-rank losses within 1e-5."""
+    import yaml
+
+    from test_resume import _finish, _rewind
+
+    spec = {
+        "name": "parscale-reshard", "seed": 11,
+        "model": {"arch": "parscale", **TINY, "tied_embeddings": True, "streams": 4,
+                  "prefix_tokens": 6, "smoothing": 0.1},
+        "data": {"stores": [str(tiny_store)], "seq_len": 64},
+        "train": {"steps": 8, "global_batch": 8, "micro_batch": 4, "lr": 0.003, "warmup_steps": 2},
+        "eval": {"every": 0}, "checkpoint": {"every": 4, "keep": 2},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    ref = _finish(path, tmp_path / "ref")
+    assert ref[8] < ref[1] - 0.1
+    out = _rewind(tmp_path / "ref", tmp_path / "run", 4)
+    losses = _finish(path, out, nproc=2, sets=["parallel.tp=2", "parallel.sp=true"])
+    diffs = [abs(ref[s] - losses[s]) for s in range(5, 9)]
+    assert max(diffs) < 1e-5, diffs
