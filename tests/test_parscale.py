@@ -95,6 +95,10 @@ def test_grow_rule_takes_a_p1_backbone_only():
         dataclasses.replace(new, hidden=128, heads=4).grow_from(old)
     with pytest.raises(ConfigError, match="model.streams"):
         new.grow_from(dataclasses.replace(old, streams=2))
+    p4 = dataclasses.replace(new, smoothing=0.2)  # a P=4 run continued with other smoothing
+    assert p4.grow_from(new) is p4
+    with pytest.raises(ConfigError, match="model.prefix_tokens"):
+        dataclasses.replace(new, prefix_tokens=8).grow_from(new)
 
 
 def test_plan_with_a_fixed_p_is_torch_free_and_carries_it():

@@ -176,8 +176,9 @@ class ParScaleConfig(DenseConfig):
     def grow_from(self, old: "ParScaleConfig") -> "ParScaleConfig":
         """The growth rule (pretrain/grow.py), the paper's two-stage recipe: a P = 1 run's backbone
         is loaded as it is (same names as dense), the prefixes and the aggregator keep the seed's
-        initialisation. Only from P = 1 (a P > 1 run's prefixes would have to be re-cut per stream),
-        and only with the same backbone shape."""
+        initialisation. Only from P = 1 (a P > 1 run's prefixes would have to be re-cut per stream)
+        or from the same P and prefix (a continuation, e.g. with other smoothing), and only with
+        the same backbone shape."""
         for name in self._BACKBONE:
             if getattr(old, name) != getattr(self, name):
                 raise ConfigError(
@@ -188,6 +189,11 @@ class ParScaleConfig(DenseConfig):
             raise ConfigError(
                 f"model.streams={self.streams}: ParScale grows from a P=1 run only (this one has "
                 f"P={old.streams}); grow from its P=1 stage"
+            )
+        if old.streams > 1 and old.prefix_tokens != self.prefix_tokens:
+            raise ConfigError(
+                f"model.prefix_tokens={self.prefix_tokens}: a P={old.streams} run's prefixes have "
+                f"{old.prefix_tokens} tokens; keep model.prefix_tokens={old.prefix_tokens}"
             )
         return self
 
