@@ -191,6 +191,18 @@ def test_grow_refusals(tf_run, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_a_hand_written_grown_spec_without_the_frozen_scale_is_refused(tf_run):
+    from scaleforge.pretrain import grow
+
+    spec = apply_overrides(load_runspec(tf_run / "run.yaml"), [
+        f"checkpoint.init_from={tf_run}", "model.ffn_tokens=128"])
+    with pytest.raises(ConfigError, match="model.ffn_scale_tokens=0 differs from the growth "
+                                          "rule's 64; make the spec with `orchestrate grow`"):
+        grow.check_spec(spec)
+    fixed = apply_overrides(spec, ["model.ffn_scale_tokens=64"])
+    assert grow.check_spec(fixed).model.ffn_tokens == 64
+
+
 def test_grown_model_computes_the_same_logits(tf_run, tmp_path, capsys):
     """Old run's last checkpoint vs the grown model at step 0: the same logits (max |diff| printed),
     and the appended tokens get gradient."""

@@ -89,6 +89,22 @@ def check(spec: Any) -> Any:
     return dataclasses.replace(spec, model=model)
 
 
+def check_spec(spec: Any) -> Any:
+    """The trainer's check of a spec with init_from (torch-free): the model must be what the growth
+    rule makes of the old run's (a hand-written spec without TokenFormer's frozen scale is refused).
+    Returns the old run's spec."""
+    old = old_spec(spec)
+    model = grown_model(spec.model, old.model)
+    if model != spec.model:
+        field = _first_diff(model, spec.model)
+        raise ConfigError(
+            f"checkpoint.init_from={spec.checkpoint.init_from}: model.{field}="
+            f"{getattr(spec.model, field)} differs from the growth rule's "
+            f"{getattr(model, field)}; make the spec with `orchestrate grow`"
+        )
+    return old
+
+
 # ----------------------------------------------------------------------------------------------
 # the `grow` verb
 
@@ -131,7 +147,10 @@ def run(args: argparse.Namespace) -> int:
     (out / "run.yaml").write_text(spec_to_yaml(spec))
     print(f"wrote {out / 'run.yaml'} (starts from {spec.checkpoint.init_from})")
     print("train it with:")
-    print(f"  orchestrate train {shlex.quote(str(out / 'run.yaml'))} --out {shlex.quote(str(out))}")
+    world = spec.parallel.world_size
+    nproc = f" --nproc {world}" if world > 1 else ""  # the layout the old run.yaml carries
+    print(f"  orchestrate train {shlex.quote(str(out / 'run.yaml'))} --out {shlex.quote(str(out))}"
+          f"{nproc}")
     return 0
 
 
@@ -221,13 +240,7 @@ def start_from(spec: Any, built: Any) -> list[str]:
     """Step 0 of a grown run: the old run's last weights, adapted by the family, into `built`."""
     from scaleforge.pretrain import checkpoint
 
-    old = old_spec(spec)
-    model_cfg = grown_model(spec.model, old.model)
-    if model_cfg != spec.model:
-        raise ConfigError(
-            f"checkpoint.init_from={spec.checkpoint.init_from}: model.{_first_diff(model_cfg, spec.model)} "
-            "differs from what the growth rule sets; make the spec with `orchestrate grow`"
-        )
+    old = check_spec(spec)
     path = last_checkpoint(spec.checkpoint.init_from)
     checkpoint.verify(path)
     old_tensors = read_model_tensors(path)
