@@ -246,10 +246,19 @@ def test_grown_model_computes_the_same_logits(tf_run, tmp_path, capsys):
     finally:
         shutdown()
 
-    # the grown run trains from there, and a rerun of its command resumes its own checkpoint
-    _train([out / "run.yaml", "--out", out, "--set", "train.steps=2"])
+    # the grown run trains from there; rewound to its own step-1 checkpoint it resumes from that
+    # one (not from init_from again) and gives the same losses bit for bit
+    from test_resume import _rewind
+
+    sets = ["--set", "checkpoint.every=1", "--set", "checkpoint.keep=3"]
+    _train([out / "run.yaml", "--out", out, *sets])
     losses = _losses(out)
-    assert len(losses) == 2 and all(math.isfinite(x) for x in losses)
+    assert len(losses) == 3 and all(math.isfinite(x) for x in losses)
+    again = _rewind(out, tmp_path / "rewound", 1)
+    # init_from pointing nowhere: a rerun that grew again would fail
+    _train([again / "run.yaml", "--out", again, *sets,
+            "--set", f"checkpoint.init_from={tmp_path / 'nowhere'}"])
+    assert _losses(again) == losses
 
 
 @pytest.mark.slow
