@@ -88,6 +88,11 @@ class _SumBackward(torch.autograd.Function):
         return _all_reduce(grad, ctx.group), None
 
 
+def _device(config: TransformerConfig):
+    """Where megatron's own layers put their weights: the GPU unless initialised on the CPU."""
+    return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+
+
 def _tp_group():
     return parallel_state.get_tensor_model_parallel_group()
 
@@ -108,8 +113,10 @@ class Pattention(MegatronModule):
         self.scale = math.sqrt(scale_tokens)
         local = tokens // self.tp
         dtype = config.params_dtype
-        self.key_tokens = torch.nn.Parameter(torch.empty(local, d_in, dtype=dtype))
-        self.value_tokens = torch.nn.Parameter(torch.empty(local, d_out, dtype=dtype))
+        device = _device(config)
+        self.key_tokens = torch.nn.Parameter(torch.empty(local, d_in, dtype=dtype, device=device))
+        self.value_tokens = torch.nn.Parameter(torch.empty(local, d_out, dtype=dtype,
+                                                           device=device))
         for param in (self.key_tokens, self.value_tokens):
             set_tensor_model_parallel_attributes(param, is_parallel=True, dim=0, stride=1)
 
@@ -218,7 +225,8 @@ class FinalLayerNorm:
     """`torch.nn.LayerNorm` with gain and bias, built from a TransformerConfig (a spec entry)."""
 
     def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **_unused):
-        return torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype)
+        return torch.nn.LayerNorm(hidden_size, eps=eps, dtype=config.params_dtype,
+                                  device=_device(config))
 
 
 # ----------------------------------------------------------------------------------------------
