@@ -326,7 +326,7 @@ def test_grow_refuses_a_changed_backbone_in_one_line(p1_run, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_p1_to_p4_starts_from_the_p1_backbone(p1_run, tmp_path, capsys):
+def test_p1_to_p4_starts_from_the_p1_backbone(p1_run, tmp_path, capsys, megatron_single):
     """Stage 2 at step 0: every backbone tensor is the P = 1 run's last, the prefixes and the
     aggregator are the seed's; then the grown run trains."""
     import torch
@@ -334,7 +334,6 @@ def test_p1_to_p4_starts_from_the_p1_backbone(p1_run, tmp_path, capsys):
     from conftest import rank_env
     from scaleforge.cli import main
     from scaleforge.config import load_runspec
-    from scaleforge.parallel.setup import init_distributed, shutdown
     from scaleforge.pretrain import grow, model_build
 
     out = tmp_path / "p4"
@@ -343,34 +342,35 @@ def test_p1_to_p4_starts_from_the_p1_backbone(p1_run, tmp_path, capsys):
     capsys.readouterr()
     spec = load_runspec(out / "run.yaml")
     assert spec.model.streams == 4 and spec.checkpoint.init_from == str(p1_run.resolve())
-    init_distributed(spec)
-    try:
-        built = model_build.build(spec)
-        fresh = {k: v.clone() for k, v in built.model.state_dict().items() if v is not None}
-        loaded = set(grow.start_from(spec, built))
-        old = grow.read_model_tensors(grow.last_checkpoint(p1_run))
-        new_parts = ("prefix_k", "prefix_v", "aggregate.")
-        backbone = set()  # layers are stacked under one key per tensor
-        for leaf in grow._leaves(built.model.sharded_state_dict()):
-            if any(part in leaf.key for part in new_parts):
-                assert leaf.key not in loaded
-                continue
-            backbone.add(leaf.key)
-            assert leaf.key in loaded, leaf.key
-            assert torch.equal(leaf.data, grow._local_piece(old[leaf.key], leaf)), leaf.key
-        assert backbone == loaded and len(backbone) > 0
-        state = built.model.state_dict()
-        news = [k for k in state if any(part in k for part in new_parts)]
-        assert len(news) == 2 * TINY["layers"] + 4
-        for key in news:  # the seed's initialisation, untouched by the load
-            assert torch.equal(state[key], fresh[key]), key
-    finally:
-        shutdown()
+    # one process, tp=1: megatron_single's parallel state is this spec's
+    built = model_build.build(spec)
+    fresh = {k: v.clone() for k, v in built.model.state_dict().items() if v is not None}
+    loaded = set(grow.start_from(spec, built))
+    old = grow.read_model_tensors(grow.last_checkpoint(p1_run))
+    new_parts = ("prefix_k", "prefix_v", "aggregate.")
+    backbone = set()  # layers are stacked under one key per tensor
+    for leaf in grow._leaves(built.model.sharded_state_dict()):
+        if any(part in leaf.key for part in new_parts):
+            assert leaf.key not in loaded
+            continue
+        backbone.add(leaf.key)
+        assert leaf.key in loaded, leaf.key
+        assert torch.equal(leaf.data, grow._local_piece(old[leaf.key], leaf)), leaf.key
+    assert backbone == loaded and len(backbone) > 0
+    state = built.model.state_dict()
+    news = [k for k in state if any(part in k for part in new_parts)]
+    assert len(news) == 2 * TINY["layers"] + 4
+    for key in news:  # the seed's initialisation, untouched by the load
+        assert torch.equal(state[key], fresh[key]), key
     proc = subprocess.run([sys.executable, "-m", "scaleforge.cli", "train", str(out / "run.yaml"),
                            "--out", str(out)], env=rank_env(1), capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert (out / "checkpoints" / "latest").is_file()
+    from scaleforge.pretrain.metrics import read_metrics
+
+    train = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert train and all("parscale/weight_entropy" in r for r in train)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,3 +404,25 @@ def test_checkpoint_reshards_onto_tp2_with_sequence_parallel(tiny_store, tmp_pat
     losses = _finish(path, out, nproc=2, sets=["parallel.tp=2", "parallel.sp=true"])
     diffs = [abs(ref[s] - losses[s]) for s in range(5, 9)]
     assert max(diffs) < 1e-5, diffs
+
+
+def test_step_metrics_weigh_the_streams_and_ignore_evaluation(megatron_single):
+    import torch
+
+    from scaleforge.arch.parscale import model as builder
+
+    model = _build(ParScaleConfig(**TINY, streams=4, smoothing=0.2))
+    tokens, positions = _batch()
+    model.eval()
+    with torch.no_grad():
+        model(tokens, positions, None)
+    assert builder.step_metrics(model, num_microbatches=1) == {}  # evaluation is not counted
+    model.train()
+    model(tokens, positions, None, labels=tokens)
+    got = builder.step_metrics(model, num_microbatches=1)
+    assert 0 < got["parscale/weight_entropy"] <= math.log(4) + 1e-9
+    assert 0.2 / 4 + 0.8 / 4 - 1e-9 <= got["parscale/weight_max"] <= 1
+    # near-uniform at init (small aggregator weights, zero biases)
+    assert got["parscale/weight_entropy"] > 0.99 * math.log(4)
+    assert builder.step_metrics(model, num_microbatches=1) == {}  # emptied by the read
+    assert builder.step_metrics(_build(ParScaleConfig(**TINY, streams=1)), num_microbatches=1) == {}

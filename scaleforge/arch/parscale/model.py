@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
@@ -101,10 +102,12 @@ class PrefixAttention(SDPAttention):
 class Aggregator(torch.nn.Module):
     """Dynamic weighted sum of the P streams' final hidden states (replicated over tp)."""
 
-    def __init__(self, config: TransformerConfig, streams: int, smoothing: float, device):
+    def __init__(self, config: TransformerConfig, streams: int, smoothing: float, device,
+                 stats: torch.Tensor):
         super().__init__()
         h, p = config.hidden_size, streams
         self.streams, self.smoothing = p, smoothing
+        self.stats = stats  # [entropy sum, max-weight sum, tokens] of training forwards
         kw = dict(dtype=config.params_dtype, device=device)
         self.linear_in = torch.nn.Linear(p * h, h, **kw)
         self.linear_out = torch.nn.Linear(h, p, **kw)
@@ -122,6 +125,11 @@ class Aggregator(torch.nn.Module):
         logits = self.linear_out(F.silu(self.linear_in(cat)))  # [s, b, P]
         weights = torch.softmax(logits.float(), dim=-1)
         weights = weights * (1.0 - self.smoothing) + self.smoothing / p
+        if self.training:  # evaluation forwards do not reach the step's metrics
+            with torch.no_grad():
+                entropy = -(weights * weights.clamp_min(1e-30).log()).sum(-1)
+                self.stats += torch.stack([entropy.sum(), weights.amax(-1).sum(),
+                                           weights.new_tensor(entropy.numel())]).to(self.stats)
         mixed = torch.einsum("sbp,spbh->sbh", weights, streams.float())
         return mixed.to(hidden.dtype)
 
@@ -132,9 +140,13 @@ class ParScaleGPT(GPTModel):
     def __init__(self, *args, streams: int, smoothing: float, **kwargs):
         super().__init__(*args, **kwargs)
         self.streams = streams
-        if self.post_process and streams > 1:
+        if streams > 1:
             device = next(self.decoder.parameters()).device
-            self.aggregate = Aggregator(self.config, streams, smoothing, device)
+            # every stage holds one (step_metrics all-reduces it); only the last one fills it
+            self.stream_stats = torch.zeros(3, dtype=torch.float64, device=device)
+            if self.post_process:
+                self.aggregate = Aggregator(self.config, streams, smoothing, device,
+                                            self.stream_stats)
 
     def _preprocess(self, input_ids, position_ids, decoder_input=None, **kwargs):
         embedded_here = decoder_input is None and self.pre_process
@@ -214,4 +226,21 @@ def build_model(cfg: ParScaleConfig, *, seq_len: int, seed: int, runtime: dict[s
 
 
 forward_step = lm.forward_step
-step_metrics = lm.no_metrics
+
+
+def step_metrics(model: Any, *, num_microbatches: int) -> dict[str, float]:
+    """`parscale/weight_entropy` (nats; ln P: the streams weighed equally, 0: one stream takes all)
+    and `parscale/weight_max` (the largest stream weight), means over the step's tokens, job-wide.
+
+    Collective for P > 1: every rank calls it after every train step (one world all-reduce; tp ranks
+    without sequence parallelism hold copies, which scale sums and counts alike). P = 1: none."""
+    stats = getattr(model, "stream_stats", None)
+    if stats is None:
+        return {}
+    flat = stats.clone()
+    dist.all_reduce(flat)
+    stats.zero_()
+    entropy, top, tokens = flat.tolist()
+    if not tokens:
+        return {}
+    return {"parscale/weight_entropy": entropy / tokens, "parscale/weight_max": top / tokens}
