@@ -330,9 +330,12 @@ class MambaConfig(FamilyConfig):
             lo = max(step, math.floor(rule / shapes.DEPTH_SLACK) // step * step)
             hi = max(-(-rule // step) * step, math.floor(rule * shapes.DEPTH_SLACK))
             heads = hidden // hd
+            # expert width only where there are experts (an MoE key on a stack without E is an
+            # error: it would be silently ignored)
+            experts = {"moe_ffn_hidden": shapes.ffn_for(hidden)} if "E" in unit else {}
             shape = dataclasses.replace(
                 base, hidden=hidden, headdim=hd, heads=heads, kv_heads=heads,
-                ffn_hidden=shapes.ffn_for(hidden), moe_ffn_hidden=shapes.ffn_for(hidden),
+                ffn_hidden=shapes.ffn_for(hidden), **experts,
                 pattern="" if unit == "M" else unit,
                 layers=step, groups=math.gcd(base.groups, base.expand * hidden // hd),
             )

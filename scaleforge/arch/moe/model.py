@@ -24,6 +24,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.moe.moe_utils import (
+    MoEAuxLossAutoScaler,
     clear_aux_losses_tracker,
     get_moe_layer_wise_logging_tracker,
 )
@@ -174,6 +175,9 @@ def track_expert_load(model: Any, *, layers: int, experts: int, moe_layers: list
     # megatron's tracker is process-global and sized by the first model that logs into it: a model
     # built later in the same process (another layer count) would index past it
     get_moe_layer_wise_logging_tracker().clear()
+    # likewise megatron's aux-loss gradient scale: a backward outside the schedule creates it as a
+    # 0-d tensor, and the schedule's later set_loss_scale copies a [1] tensor into it (a RuntimeError)
+    MoEAuxLossAutoScaler.main_loss_backward_scale = None
 
     def hook(router: TopKRouter, _inputs, outputs) -> None:
         if router.training and torch.is_grad_enabled():
