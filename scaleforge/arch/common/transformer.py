@@ -54,3 +54,24 @@ def llama_fields(*, layers: int, hidden: int, heads: int, kv_heads: int, head_di
         init_method=keep,
         output_layer_init_method=keep,
     )
+
+
+def gpt_model(cfg: Any, config: Any, layer_spec: Any, *, seq_len: int, cls: Any = None,
+              **extra: Any) -> Any:
+    """This pipeline stage's megatron GPTModel (or the family's subclass `cls`): RoPE, the
+    config's vocabulary and embedding tying; `extra` reaches the constructor (rotary_percent, ...)."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    return (cls or GPTModel)(
+        config=config,
+        transformer_layer_spec=layer_spec,
+        vocab_size=cfg.vocab_size,
+        max_sequence_length=seq_len,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        share_embeddings_and_output_weights=cfg.tied_embeddings,
+        position_embedding_type="rope",
+        rotary_base=cfg.rope_base,
+        **extra,
+    )

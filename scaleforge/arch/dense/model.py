@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
@@ -27,7 +26,7 @@ from scaleforge.arch.common.attention import core_attention, have_te
 from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
-from scaleforge.arch.common.transformer import llama_fields
+from scaleforge.arch.common.transformer import gpt_model, llama_fields
 from scaleforge.arch.dense.config import DenseConfig
 
 
@@ -73,17 +72,7 @@ def build_model(
 ) -> GPTModel:
     """This rank's pipeline stage of the model, initialised from `seed` independently of layout."""
     config = transformer_config(cfg, runtime)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(config),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=cfg.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_base=cfg.rope_base,
-    )
+    model = gpt_model(cfg, config, layer_spec(config), seq_len=seq_len)
     rule = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)
     init_params(model, seed=seed, rule=rule, tied=cfg.tied_embeddings)
     return model

@@ -43,7 +43,7 @@ from scaleforge.arch.common.attention import core_attention
 from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
-from scaleforge.arch.common.transformer import llama_fields
+from scaleforge.arch.common.transformer import gpt_model, llama_fields
 from scaleforge.arch.moe.config import MoEConfig
 
 EXPERT_BIAS_UPDATE_RATE = 1e-3
@@ -135,17 +135,7 @@ def build_model(
     TP/PP/EP/DP layout: experts are drawn by their global index (arch.common.init), the router like
     any other weight, normal(0, init_std), expert fc1 as [gate; up] parts."""
     config = transformer_config(cfg, runtime)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(cfg, config),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=cfg.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_base=cfg.rope_base,
-    )
+    model = gpt_model(cfg, config, layer_spec(cfg, config), seq_len=seq_len)
     rule = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)
     init_params(model, seed=seed, rule=rule, tied=cfg.tied_embeddings)
     track_expert_load(model, layers=cfg.layers, experts=cfg.experts,

@@ -43,6 +43,7 @@ from scaleforge.arch.common.attention import SDPAttention
 from scaleforge.arch.common.init import Init, gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
+from scaleforge.arch.common.transformer import gpt_model
 from scaleforge.arch.dense import model as dense
 from scaleforge.arch.parscale.config import ParScaleConfig
 
@@ -208,19 +209,8 @@ def parscale_rule(cfg: ParScaleConfig):
 def build_model(cfg: ParScaleConfig, *, seq_len: int, seed: int, runtime: dict[str, Any]):
     """This rank's pipeline stage, initialised from `seed` independently of the layout."""
     config = transformer_config(cfg, runtime)
-    model = ParScaleGPT(
-        config=config,
-        transformer_layer_spec=layer_spec(cfg, config),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=cfg.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_base=cfg.rope_base,
-        streams=cfg.streams,
-        smoothing=float(cfg.smoothing),
-    )
+    model = gpt_model(cfg, config, layer_spec(cfg, config), seq_len=seq_len, cls=ParScaleGPT,
+                      streams=cfg.streams, smoothing=float(cfg.smoothing))
     init_params(model, seed=seed, rule=parscale_rule(cfg), tied=cfg.tied_embeddings)
     return model
 

@@ -48,7 +48,7 @@ from megatron.core.transformer.utils import (
 from scaleforge.arch.common import lm
 from scaleforge.arch.common.attention import core_attention
 from scaleforge.arch.common.init import Init, Rule, init_params
-from scaleforge.arch.common.transformer import keep
+from scaleforge.arch.common.transformer import gpt_model, keep
 from scaleforge.arch.tokenformer.config import TokenFormerConfig
 from scaleforge.errors import ConfigError
 
@@ -299,18 +299,8 @@ def build_model(
 ) -> GPTModel:
     """This rank's pipeline stage of the model, initialised from `seed` independently of layout."""
     config = transformer_config(cfg, runtime)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=layer_spec(cfg, config),
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=cfg.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_percent=cfg.rotary_fraction,
-        rotary_base=cfg.rope_base,
-    )
+    model = gpt_model(cfg, config, layer_spec(cfg, config), seq_len=seq_len,
+                      rotary_percent=cfg.rotary_fraction)
     init_params(model, seed=seed, rule=tokenformer_rule(cfg), tied=cfg.tied_embeddings)
     return model
 
