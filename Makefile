@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/orchestrate demo
 
 test: setup slurm-packages
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=25 tests
 
 # Slurm, slurmdbd, MariaDB and munge for the Slurm tests (apt-get as root; a no-op when present)
 slurm-packages:

@@ -9,6 +9,11 @@ pure-PyTorch path), both fp32 with torch AdamW-equivalent steps and gradient cli
 batch. Steps alternate one by one (single steps vary by about +-20% on a shared machine), after 2
 warm-up steps each, and the medians are compared. Last line: `<family>=<ratio>` for each family,
 ratio = scaleforge tokens/s / transformers tokens/s (above 1: scaleforge is faster).
+
+Measured (2 cores, quiet machine, OMP default 2 threads, 6 timed steps each, 4 layers x 256, seq 256,
+batch 4, vocab 8192; parameter counts equal on both sides): dense 4,674 vs 4,486 tokens/s,
+`dense=1.028`; MoE (4 experts, top-2) 3,948 vs 3,686, `moe=1.071`; Mamba-2 (d_state 64, headdim 64)
+3,282 vs 3,220, `mamba=1.019` (transformers' Mamba2 on its PyTorch path: no mamba_ssm on CPU).
 """
 
 from __future__ import annotations
