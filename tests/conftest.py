@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,16 @@ def rank_env(threads: int = 1) -> dict[str, str]:
     env["OMP_NUM_THREADS"] = str(threads)
     env["PYTHONWARNINGS"] = "ignore"
     return env
+
+
+def train_records(spec: str | Path, out: Path, nproc: int, overrides: list[str]) -> list[dict]:
+    """`orchestrate train SPEC --out OUT --nproc N --set ...` to completion; its training lines."""
+    from scaleforge.pretrain.metrics import read_metrics
+
+    cmd = [sys.executable, "-m", "scaleforge.cli", "train", str(spec), "--out", str(out),
+           "--nproc", str(nproc)]
+    for item in overrides:
+        cmd += ["--set", item]
+    proc = subprocess.run(cmd, env=rank_env(1), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]

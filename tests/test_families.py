@@ -65,20 +65,18 @@ def family_specs(tiny_store, tmp_path_factory) -> dict[str, Path]:
     return _Specs(tiny_store, tmp_path_factory.mktemp("families"))
 
 
-_REFERENCE: dict[str, tuple[Path, dict[int, float]]] = {}
-
-
-@pytest.fixture
+@pytest.fixture(scope="session")
 def reference(family_specs, tmp_path_factory):
     """The uninterrupted single-process run of a family (trained once per session)."""
+    runs: dict[str, tuple[Path, dict[int, float]]] = {}
 
     def get(arch: str) -> tuple[Path, dict[int, float]]:
-        if arch not in _REFERENCE:
+        if arch not in runs:
             out = tmp_path_factory.mktemp(f"ref_{arch}") / "run"
             losses = _finish(family_specs[arch], out)
             assert sorted(losses) == list(range(1, STEPS + 1)), losses
-            _REFERENCE[arch] = (out, losses)
-        return _REFERENCE[arch]
+            runs[arch] = (out, losses)
+        return runs[arch]
 
     return get
 

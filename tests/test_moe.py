@@ -17,7 +17,7 @@ import time
 import pytest
 import yaml
 
-from conftest import rank_env
+from conftest import rank_env, train_records
 from scaleforge.arch.moe.config import MoEConfig
 from scaleforge.config import RunSpec, apply_overrides
 from scaleforge.errors import ConfigError, LayoutError
@@ -252,15 +252,7 @@ def _yaml_spec(tmp_path, store) -> str:
 
 
 def _run(spec: str, out, nproc: int, overrides: list[str]) -> list[dict]:
-    from scaleforge.pretrain.metrics import read_metrics
-
-    cmd = [sys.executable, "-m", "scaleforge.cli", "train", spec, "--out", str(out),
-           "--nproc", str(nproc)]
-    for item in overrides:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, env=rank_env(1), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    rows = train_records(spec, out, nproc, overrides)
     assert len(rows) == STEPS
     return rows
 

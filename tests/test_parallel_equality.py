@@ -9,14 +9,11 @@ redirection in scaleforge/parallel/cpu.py.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from conftest import rank_env
-from scaleforge.pretrain.metrics import read_metrics
+from conftest import train_records
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
@@ -49,13 +46,7 @@ def _spec(tmp_path, store) -> str:
 
 
 def _train(spec: str, out, nproc: int, overrides: list[str]) -> list[float]:
-    cmd = [sys.executable, "-m", "scaleforge.cli", "train", spec, "--out", str(out),
-           "--nproc", str(nproc)]
-    for item in overrides:
-        cmd += ["--set", item]
-    proc = subprocess.run(cmd, env=rank_env(1), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    losses = [r["loss"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    losses = [r["loss"] for r in train_records(spec, out, nproc, overrides)]
     assert len(losses) == STEPS
     return losses
 

@@ -50,7 +50,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
 from scaleforge.arch.common.init import gpt_rule, init_params
-from scaleforge.arch.common.transformer import llama_fields
+from scaleforge.arch.common.transformer import gpt_model, llama_fields
 from scaleforge.arch.dense.model import layer_spec as dense_layer_spec
 from scaleforge.arch.mor.config import GATE_SCALE, MoRConfig
 
@@ -229,17 +229,7 @@ def build_model(cfg: MoRConfig, *, seq_len: int, seed: int, runtime: dict[str, A
     depth (std / sqrt(2 L)), the router normal(init_std)."""
     config = transformer_config(cfg, runtime)
     spec: ModuleSpec = dense_layer_spec(config)
-    model = GPTModel(
-        config=config,
-        transformer_layer_spec=spec,
-        vocab_size=cfg.vocab_size,
-        max_sequence_length=seq_len,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
-        share_embeddings_and_output_weights=cfg.tied_embeddings,
-        position_embedding_type="rope",
-        rotary_base=cfg.rope_base,
-    )
+    model = gpt_model(cfg, config, spec, seq_len=seq_len)
     MoRBlock.adopt(model.decoder, cfg)
     rule = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)
     init_params(model, seed=seed, rule=rule, tied=cfg.tied_embeddings)
