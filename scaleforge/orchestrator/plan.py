@@ -122,11 +122,13 @@ def _loss(model, params: dict, n: float, d: float) -> float:
 
 def plan_run(
     *, kind: str, budget: float, n_target: float, cluster: Cluster, base: RunSpec, seq_len: int,
-    unique_tokens: float, user_keys: frozenset = frozenset(),
+    unique_tokens: float, user_keys: frozenset = frozenset(), model=None,
 ) -> tuple[PlannedRun, list[str]]:
-    """Size, train and lay out one run of about `n_target` parameters for `budget` FLOPs."""
+    """Size, train and lay out one run of about `n_target` parameters for `budget` FLOPs (of the
+    shape `model` when given: a growth stage)."""
     arch = base.model.arch
-    model = type(base.model).for_params(n_target, base.model)
+    if model is None:
+        model = type(base.model).for_params(n_target, base.model)
     law_vars = model.law_variables()
     fpt = model.flops_per_token(seq_len)
     tokens = budget / fpt
@@ -245,6 +247,7 @@ def make_plan(
     ladder_min: float = 1e-3, ladder_max: float = 1 / 30, budgets: int = 5, sizes: int = 7,
     size_span: float = 4.0, unique_tokens: float | None = None,
     seq_len: int | None = None, overrides: tuple[str, ...] = (), runs_dir: str = "runs",
+    growth_stages: int = 0,
 ) -> Plan:
     """The whole plan (ladder + target); deterministic in its arguments."""
     _check_budget(budget)
@@ -267,6 +270,10 @@ def make_plan(
     seq_len = seq_len if seq_len is not None else _default_seq_len(cluster, base)
     user_keys = _keys(overrides)
     base = _variant(base, law.params, budget, user_keys)
+    if growth_stages:
+        from scaleforge.orchestrator.growth_ladder import check_stages
+
+        check_stages(base.model, growth_stages)
     warnings: list[str] = []
     if unique_tokens is None:
         unique_tokens = pool_tokens(base.data.stores)
@@ -308,6 +315,15 @@ def make_plan(
         overrides=overrides, samples=samples,
     )
     warnings.extend(notes)
+    growth: tuple = ()
+    if growth_stages:  # the target trained in stages, each from the previous one's checkpoint
+        from scaleforge.orchestrator.growth_ladder import plan_growth
+
+        growth, notes = plan_growth(
+            target, stages=growth_stages, base=base, cluster=cluster, seq_len=seq_len,
+            unique_tokens=unique_tokens, user_keys=user_keys,
+        )
+        warnings.extend(notes)
     if skipped:
         warnings.append(
             f"{len(skipped)} ladder sizes below the smallest model for vocab_size="
@@ -319,7 +335,7 @@ def make_plan(
         budget=float(budget), arch=arch, law=law, cluster=cluster, seq_len=seq_len,
         unique_tokens=float(unique_tokens), runs_dir=runs_dir, overrides=tuple(overrides),
         ladder=tuple(ladder),
-        target=target, history=(), warnings=tuple(warnings),
+        target=target, growth=growth, history=(), warnings=tuple(warnings),
     )
 
 
@@ -382,6 +398,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--runs-dir", default="runs", metavar="DIR", help="run directories, beside the plan (runs)")
     add("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
         help="RunSpec override for every run, e.g. model.vocab_size=32000 (repeatable)")
+    add("--growth-stages", default="0", metavar="K",
+        help="also plan the target as a growth ladder of K stages, each starting from the "
+        "previous one's checkpoint (families with a growth rule: tokenformer, parscale)")
     add("--quiet", action="store_true", help="do not print the table")
 
 
@@ -399,6 +418,7 @@ def run(args: argparse.Namespace) -> int:
                        if args.unique_tokens is not None else None),
         seq_len=_integer("--seq-len", args.seq_len) if args.seq_len is not None else None,
         overrides=tuple(args.overrides), runs_dir=args.runs_dir,
+        growth_stages=_integer("--growth-stages", args.growth_stages),
     )
     out = Path(args.out)
     if out.is_dir():
@@ -409,6 +429,10 @@ def run(args: argparse.Namespace) -> int:
         from scaleforge.orchestrator.plan_table import print_plan
 
         print_plan(plan)
+        from scaleforge.orchestrator.growth_ladder import table_lines
+
+        for line in table_lines(plan.growth):
+            print(line)
     save_plan(plan, out)
     sys.stdout.flush()
     for line in plan.warnings:

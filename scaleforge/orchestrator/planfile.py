@@ -14,6 +14,8 @@ Top-level keys, in file order:
   ladder        the small runs: name, run_id, budget, N, N_non_embedding, D, flops_per_token, flops,
                 epochs, gpus, nodes, gpu_hours, layout, spec (the full RunSpec)
   target        the run at `budget`: the same fields plus loss, loss_ci, N_ci, D_ci
+  growth        the target trained as a growth ladder (`--growth-stages`): runs as in ladder, stage
+                i > 0 starting from stage i - 1 (`checkpoint.init_from`); empty without one
   history       earlier targets (each with the law it was planned from), oldest first
   warnings      one line each (data-constrained runs, layouts that barely fit, ...)
 A run's directory is `<runs_dir>/<name>-<run_id>` (see `run_dir`).
@@ -135,6 +137,8 @@ class Plan:
     """PlannedRun per small run, by budget then size."""
     target: TargetRun
     """The run at `budget`."""
+    growth: tuple = ()
+    """PlannedRun per growth stage (`--growth-stages`), first to last; empty without a ladder."""
     history: tuple = ()
     """Earlier targets as dicts (target fields plus `law`), oldest first."""
     warnings: tuple = ()
@@ -203,6 +207,7 @@ def plan_to_dict(plan: Plan) -> dict:
         "overrides": list(plan.overrides),
         "ladder": [run_to_dict(r) for r in plan.ladder],
         "target": run_to_dict(plan.target),
+        "growth": [run_to_dict(r) for r in plan.growth],
         "history": [dict(h) for h in plan.history],
         "warnings": list(plan.warnings),
     }
@@ -265,6 +270,8 @@ def plan_from_dict(data: Any) -> Plan:
         overrides=tuple(str(o) for o in (data.get("overrides") or [])),
         ladder=tuple(_run_from_dict(r, PlannedRun, f"ladder[{i}]") for i, r in enumerate(ladder)),
         target=_run_from_dict(data["target"], TargetRun, "target"),
+        growth=tuple(_run_from_dict(r, PlannedRun, f"growth[{i}]")
+                     for i, r in enumerate(data.get("growth") or [])),
         history=tuple(dict(h) for h in (data.get("history") or [])),
         warnings=tuple(str(w) for w in (data.get("warnings") or [])),
     )

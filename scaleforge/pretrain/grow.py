@@ -57,11 +57,21 @@ def last_checkpoint(run_dir: str | Path) -> Path:
     return path
 
 
-def old_spec(spec: Any) -> Any:
+def source_dir(spec: Any, run_dir: str | Path | None = None) -> Path:
+    """The run directory `checkpoint.init_from` names. A relative path is taken from the new run's
+    own directory when it is known (a planned growth stage names its predecessor `../NAME-ID`, so
+    the plan folder can move), else from the working directory."""
+    source = Path(spec.checkpoint.init_from).expanduser()
+    if source.is_absolute() or run_dir is None:
+        return source
+    return Path(run_dir) / source
+
+
+def old_spec(spec: Any, run_dir: str | Path | None = None) -> Any:
     """The RunSpec the init_from run's last checkpoint was made with."""
     from scaleforge.config import load_runspec
 
-    return load_runspec(last_checkpoint(spec.checkpoint.init_from) / "run.yaml")
+    return load_runspec(last_checkpoint(source_dir(spec, run_dir)) / "run.yaml")
 
 
 def grown_model(new_model: Any, old_model: Any) -> Any:
@@ -89,11 +99,11 @@ def check(spec: Any) -> Any:
     return dataclasses.replace(spec, model=model)
 
 
-def check_spec(spec: Any) -> Any:
+def check_spec(spec: Any, run_dir: str | Path | None = None) -> Any:
     """The trainer's check of a spec with init_from (torch-free): the model must be what the growth
     rule makes of the old run's (a hand-written spec without TokenFormer's frozen scale is refused).
     Returns the old run's spec."""
-    old = old_spec(spec)
+    old = old_spec(spec, run_dir)
     model = grown_model(spec.model, old.model)
     if model != spec.model:
         field = _first_diff(model, spec.model)
@@ -236,12 +246,12 @@ def load_into(model: Any, tensors: dict, *, prefix: bool = False) -> list[str]:
     return loaded
 
 
-def start_from(spec: Any, built: Any) -> list[str]:
+def start_from(spec: Any, built: Any, run_dir: str | Path | None = None) -> list[str]:
     """Step 0 of a grown run: the old run's last weights, adapted by the family, into `built`."""
     from scaleforge.pretrain import checkpoint
 
-    old = check_spec(spec)
-    path = last_checkpoint(spec.checkpoint.init_from)
+    old = check_spec(spec, run_dir)
+    path = last_checkpoint(source_dir(spec, run_dir))
     checkpoint.verify(path)
     old_tensors = read_model_tensors(path)
     rule = getattr(built.builder, "grow_state", None)

@@ -246,7 +246,7 @@ class _Hooks:
         if state is None and spec.checkpoint.init_from:
             from scaleforge.pretrain import grow
 
-            grow.start_from(spec, built)
+            grow.start_from(spec, built, run_dir)
         return 0 if state is None else int(state["step"])
 
     def save(self, run_dir: Path, step: int, built, spec) -> None:

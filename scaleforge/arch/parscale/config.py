@@ -20,7 +20,7 @@ head + the aggregator's P h h + h P weights).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from scaleforge.arch.common.family import Divisible, LayerKind
@@ -196,6 +196,22 @@ class ParScaleConfig(DenseConfig):
                 f"{old.prefix_tokens} tokens; keep model.prefix_tokens={old.prefix_tokens}"
             )
         return self
+
+    STAGE_ONE_SHARE: ClassVar[float] = 1000 / 1020
+    """Tokens of the P = 1 stage in a planned two-stage run: the paper trains 1T tokens at P = 1,
+    then 20B with P > 1 (its new parameters converge after about 0.2B)."""
+
+    def growth_stages(self, count: int) -> list[tuple["ParScaleConfig", float]]:
+        """The paper's two-stage recipe as a planned ladder (`orchestrate plan --growth-stages 2`):
+        this backbone at P = 1 for 1000/1020 of the tokens, then grown to this P for the rest."""
+        if count != 2:
+            raise ConfigError(f"--growth-stages {count}: ParScale's recipe has 2 stages (P=1, then "
+                              "P>1); use --growth-stages 2")
+        if self.streams == 1:
+            raise ConfigError("--growth-stages 2 with model.streams=1: the second stage adds "
+                              "streams; pass --set model.streams=P with P > 1")
+        first = replace(self, streams=1)
+        return [(first, self.STAGE_ONE_SHARE), (self.grow_from(first), 1 - self.STAGE_ONE_SHARE)]
 
     def divisibility(self, seq_len: int) -> list[Divisible]:
         """Dense's rows: the prefix keys/values are cut by KV heads over tp, as the attention is."""

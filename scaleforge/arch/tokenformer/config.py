@@ -158,6 +158,39 @@ class TokenFormerConfig(FamilyConfig):
             frozen[f"{kind}_scale_tokens"] = 0 if scale == new_n else scale
         return replace(self, **frozen)
 
+    GROWTH_STEP: ClassVar[int] = 8
+    """Planned stages' token counts are multiples of this (tp up to 8 divides them)."""
+
+    def growth_stages(self, count: int) -> list[tuple["TokenFormerConfig", float]]:
+        """A planned growth ladder ending at this shape (`orchestrate plan --growth-stages K`):
+        stage i has this shape's token counts halved K - 1 - i times (the paper's incremental
+        ladder roughly doubles the parameter tokens per stage: 124M -> 354M -> 757M -> 1.4B), each
+        stage grown from the one before by `grow_from` (so the score scales stay frozen at stage
+        0's), and every stage trains the same number of tokens (the paper's 30B per stage)."""
+        if count < 2:
+            raise ConfigError(f"--growth-stages must be at least 2, got {count}")
+        step = self.GROWTH_STEP
+        first = {name: getattr(self, name) // 2 ** (count - 1) for name in _COUNTS}
+        small = [name for name, n in first.items() if n < step]
+        if small:
+            raise ConfigError(
+                f"--growth-stages {count}: model.{small[0]}={getattr(self, small[0])} halved "
+                f"{count - 1} times is below {step} tokens; plan fewer stages or a larger budget"
+            )
+        stages: list[tuple[TokenFormerConfig, float]] = []
+        previous = None
+        for i in range(count):
+            halvings = count - 1 - i
+            counts = {name: max(step, getattr(self, name) // 2 ** halvings // step * step)
+                      for name in _COUNTS}
+            shape = replace(self, **counts, qkv_scale_tokens=0, proj_scale_tokens=0,
+                            ffn_scale_tokens=0)
+            if previous is not None:
+                shape = shape.grow_from(previous)
+            stages.append((shape, 1.0 / count))
+            previous = shape
+        return stages
+
     # ------------------------------------------------------------------------------------------
     # accounting
 
