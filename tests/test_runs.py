@@ -16,6 +16,8 @@ from scaleforge.config import RunSpec, from_dict, run_id, to_dict
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import planfile, runs
 from scaleforge.orchestrator.cluster import cpu_cluster
+from scaleforge.orchestrator.executors import local
+from scaleforge.orchestrator.executors import slurm as slurm_ex
 
 
 def tiny_spec(name: str, *, seed: int = 1234, steps: int = 20, store: str | Path = "bundled",
@@ -166,21 +168,21 @@ def test_local_record_alive_and_gone(tmp_path):
     e = entry(tmp_path)
     runs.prepare_run_dir(e)
     # this process is the recorded executor: the run is queued (not yet launched), then running
-    runs.write_job(e.run_dir, runs.local_record())
+    runs.write_job(e.run_dir, local.local_record())
     (st,) = runs.run_states([e], runner=no_scheduler)
     assert (st.state, st.action, st.job) == ("queued", "skip", f"local:{os.getpid()}")
-    runs.write_job(e.run_dir, runs.local_record(attempts=1))
+    runs.write_job(e.run_dir, local.local_record(attempts=1))
     write_status(e.run_dir, "running", 4)
     assert runs.run_states([e], runner=no_scheduler)[0].state == "running"
     # a finished executor process: the run was interrupted and is resumed
     proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
-    dead = replace(runs.local_record(attempts=1), pid=int(proc.stdout))
+    dead = replace(local.local_record(attempts=1), pid=int(proc.stdout))
     runs.write_job(e.run_dir, dead)
     (st,) = runs.run_states([e], runner=no_scheduler)
     assert (st.state, st.action, st.job_state) == ("interrupted", "resume", "GONE")
     # a recycled pid (same number, another start time) is not the executor
-    runs.write_job(e.run_dir, replace(runs.local_record(attempts=1), pid_started=1.0))
+    runs.write_job(e.run_dir, replace(local.local_record(attempts=1), pid_started=1.0))
     assert runs.run_states([e], runner=no_scheduler)[0].state == "interrupted"
 
 
@@ -194,10 +196,10 @@ def test_job_record_roundtrip_and_garbage(tmp_path):
 
 def test_parse_slurm_tables():
     squeue = "7_[2-3,5%2]|PENDING\n6_1|RUNNING\n9|COMPLETING\n"
-    assert runs.parse_slurm_table(squeue) == {
+    assert slurm_ex.parse_slurm_table(squeue) == {
         "7_2": "PENDING", "7_3": "PENDING", "7_5": "PENDING", "6_1": "RUNNING", "9": "COMPLETING"}
     sacct = "6_0|FAILED\n6_0.batch|FAILED\n12|CANCELLED by 0\n14|RUNNING\n"
-    assert runs.parse_slurm_table(sacct) == {"6_0": "FAILED", "12": "CANCELLED", "14": "RUNNING"}
+    assert slurm_ex.parse_slurm_table(sacct) == {"6_0": "FAILED", "12": "CANCELLED", "14": "RUNNING"}
 
 
 class Counting:
@@ -212,11 +214,13 @@ class Counting:
             return subprocess.CompletedProcess(cmd, 0, self.squeue, "")
         if self.sacct is None:
             return subprocess.CompletedProcess(cmd, 1, "", "Slurm accounting storage is disabled")
+        if self.sacct == "down":
+            return subprocess.CompletedProcess(cmd, 1, "", "sacct: error: Problem talking to the "
+                                                           "database: Connection refused")
         return subprocess.CompletedProcess(cmd, 0, self.sacct, "")
 
 
 def test_slurm_states_batched_and_tolerant(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs.shutil, "which", lambda _name: "/usr/bin/squeue")
     now = 10_000.0
     entries = [entry(tmp_path, f"r{i}") for i in range(6)]
     chains = [("11", "12"), ("21", "22"), ("31",), ("41", "42"), ("51",), ("61",)]
@@ -247,10 +251,18 @@ def test_slurm_states_batched_and_tolerant(tmp_path, monkeypatch):
     states = runs.run_states(entries, runner=sched, now=now)
     assert [s.state for s in states] == \
         ["completed", "queued", "running", "interrupted", "failed", "queued"]
+    # slurmdbd down: a chain squeue no longer holds is unknown, never taken for dead
+    sched = Counting("22|PENDING\n31|RUNNING\n", "down")
+    states = runs.run_states(entries, runner=sched, now=now, tolerant=True)
+    assert sched.calls == ["squeue", "sacct"]
+    assert [s.state for s in states] == \
+        ["completed", "queued", "running", "unknown", "unknown", "queued"]
+    assert "Connection refused" in states[3].why and states[3].action == "skip"
+    with pytest.raises(runs.SchedulerError, match="state of run r3 is unknown .*Connection refused"):
+        runs.run_states(entries, runner=sched, now=now)
 
 
 def test_scheduler_down(tmp_path, monkeypatch):
-    monkeypatch.setattr(runs.shutil, "which", lambda _name: "/usr/bin/squeue")
     e = entry(tmp_path)
     runs.prepare_run_dir(e)
     runs.write_job(e.run_dir, runs.JobRecord(executor="slurm", job_ids=("5",), submitted_at=time.time()))
@@ -269,7 +281,7 @@ def test_wait_for_runs(tmp_path):
 
     e = entry(tmp_path)
     runs.prepare_run_dir(e)
-    rec = runs.local_record(attempts=1)
+    rec = local.local_record(attempts=1)
     runs.write_job(e.run_dir, rec)
     write_status(e.run_dir, "running", 3)
 

@@ -123,7 +123,7 @@ def _sacct(job_ids) -> dict[str, str]:
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
                           ",".join(sorted({j.split("_")[0] for j in job_ids}))],
                          capture_output=True, text=True, check=True)
-    return runs.parse_slurm_table(out.stdout)
+    return slurm_ex.parse_slurm_table(out.stdout)
 
 
 def _squeue_state(job_id: str) -> str:

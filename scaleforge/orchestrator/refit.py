@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
+from scaleforge import rundir
 from scaleforge.errors import ConfigError, FitError
 
 UNDERCOOLED_DROP = 0.01
@@ -77,14 +78,8 @@ class RunRecord:
 def read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
     """(training lines, evaluation lines) of a metrics.jsonl; torn lines are skipped."""
     train, evals = [], []
-    if not path.is_file():
-        return train, evals
-    for line in path.read_text(errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+    for rec in rundir.read_metrics(path):
+        if not isinstance(rec.get("step"), int):
             continue
         if "loss" in rec:
             train.append(rec)
@@ -106,7 +101,7 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
     rec = RunRecord(name=name, path=str(run_dir), budget=float(budget), N=float(n_params))
     if not run_dir.is_dir():
         return replace(rec, excluded="no run directory (not submitted)")
-    spec_file = run_dir / "run.yaml"
+    spec_file = rundir.spec_path(run_dir)
     if spec_file.is_file():
         from scaleforge.config import load_runspec
 
@@ -114,13 +109,10 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
             rec = replace(rec, N=float(load_runspec(spec_file).model.law_variables()["N"]))
         except Exception as exc:  # an unreadable run.yaml is reported, not fatal to the refit
             return replace(rec, excluded=f"run.yaml unreadable ({str(exc).splitlines()[0]})")
-    try:
-        status = json.loads((run_dir / "status.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        status = {}
+    status = rundir.read_status(run_dir)
     state = str(status.get("state", "missing")) if isinstance(status, dict) else "missing"
     rec = replace(rec, state=state)
-    train, evals = read_metrics(run_dir / "metrics.jsonl")
+    train, evals = read_metrics(rundir.metrics_path(run_dir))
     if train:
         curve = {k: np.array([_number(r.get(k)) for r in train]) for k in ("step", "tokens", "flops", "loss", "lr")}
         rec = replace(rec, curve=curve, D=float(curve["tokens"][-1]), C=float(curve["flops"][-1]))

@@ -1,57 +1,43 @@
-"""Run directories, run states and idempotence: what `submit` and `status` know about each run.
+"""Run states and idempotence: what `submit` and `status` know about each run. Torch-free.
 
-Torch-free. A run's identity is its run id (`scaleforge.config.run_id`); its directory is
-`<runs_dir>/<name>-<run_id>`. A run's state is read from its directory FIRST (status.json,
-metrics.jsonl, checkpoints/latest, which the trainer writes); the scheduler is asked only about runs
-whose directory does not already say they are finished, and then in ONE batched call for all of them
-(one `squeue` and at most one `sacct`), so a ladder of hundreds of runs costs two scheduler calls.
+A run's identity is its run id (`scaleforge.config.run_id`); its directory is
+`<runs_dir>/<name>-<run_id>` (names and files: `scaleforge.rundir`). A run's state is read from its
+directory FIRST (status.json, metrics.jsonl, checkpoints/latest, which the trainer writes); the
+executors are asked only about runs whose directory does not already say they are finished, through
+one interface (`executors.job_states`) that batches the question: a ladder of hundreds of Slurm runs
+costs one squeue and at most one sacct call. An executor that cannot be asked leaves its runs
+`unknown`, never "gone".
 
-The executor records each submission in `job.json` inside the run directory: executor, job ids (a
-Slurm run has a chain: its first job and the continuation jobs that resume it after a preemption),
-submit time, host and pid (local). `submit` never queues a run twice: a run whose recorded job is
-pending or running is skipped, a finished run is skipped, an interrupted one is resumed.
+The executor records each submission in job.json: executor, job ids (a Slurm run has a chain: its
+first job and the continuation jobs that resume it after a preemption), submit time, host and pid
+(local). `submit` never queues a run twice: a run whose recorded job is pending or running is
+skipped, a finished run is skipped, an interrupted one is resumed.
+
+A run whose `checkpoint.init_from` names another run of the same plan (a growth stage) waits for
+that run: it is launched only after its source completed (`RunEntry.after`, `RunState.waits_for`).
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import shutil
-import socket
-import subprocess
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
+from scaleforge import rundir
 from scaleforge.config import RunSpec, from_dict, load_yaml_file, run_id, spec_to_yaml
-from scaleforge.errors import ConfigError, ScaleforgeError
+from scaleforge.errors import ConfigError
+from scaleforge.orchestrator.executors import (
+    ACTIVE, UNKNOWN, JobState, Runner, SchedulerError, job_states, run_command,
+)
+from scaleforge.rundir import FINAL_STATES, TRAINER_STATES, DirState, JobRecord, read_job, read_run_dir, write_job
 
-JOB_FILE = "job.json"
-STATUS_FILE = "status.json"
-METRICS_FILE = "metrics.jsonl"
-SPEC_FILE = "run.yaml"
-LOG_DIR = "logs"
-
-# Run states shown by `status` (the trainer writes the first five into status.json).
-TRAINER_STATES = ("running", "completed", "failed", "preempted", "diverged")
-# A finished run is never launched again by `submit` (a diverged run is a result: refit gates it).
-FINAL_STATES = ("completed", "diverged")
-
-# Slurm job states in which a job still holds or waits for resources (squeue's and sacct's names).
-SLURM_ACTIVE = frozenset({
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED",
-    "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "SPECIAL_EXIT",
-    "STOPPED",
-})
-# A job missing from both squeue and sacct this long after submission is taken as gone; before that,
-# as pending: slurmdbd may record a new job seconds after sbatch returns (accounting lags).
-ACCOUNTING_LAG_S = 120.0
-
-
-class SchedulerError(ScaleforgeError):
-    """The scheduler could not be asked (squeue failed): a run's job state is unknown."""
+__all__ = [
+    "FINAL_STATES", "TRAINER_STATES", "DirState", "JobRecord", "RunEntry", "RunState",
+    "SchedulerError", "entries_from_plan", "entries_from_specs", "prepare_run_dir", "read_job",
+    "read_run_dir", "run_states", "wait_for_runs", "write_job",
+]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -70,9 +56,13 @@ class RunEntry:
     """Accelerators per node; 0 for CPU ranks."""
     time_min: int = 60
     """Wall-clock limit per job in minutes (a longer run continues in its continuation jobs)."""
+    after: tuple[Path, ...] = ()
+    """Run directories of the plan's runs this run starts from (`checkpoint.init_from`): it is
+    launched only after they completed."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
+        object.__setattr__(self, "after", tuple(Path(p) for p in self.after))
         if self.nodes < 1 or self.ranks % self.nodes:
             raise ConfigError(
                 f"run {self.name}: {self.ranks} ranks cannot be spread evenly over {self.nodes} nodes"
@@ -98,56 +88,17 @@ class RunEntry:
     @property
     def spec_path(self) -> Path:
         """The RunSpec YAML the trainer is started with."""
-        return self.run_dir / SPEC_FILE
-
-
-@dataclass(kw_only=True, frozen=True)
-class JobRecord:
-    """What an executor recorded about a run's submission (job.json)."""
-
-    executor: str
-    """`local` or `slurm`."""
-    job_ids: tuple[str, ...] = ()
-    """Slurm: the first job id then the continuation jobs' ids (array tasks as `ARRAY_TASK`)."""
-    submitted_at: float = 0.0
-    """Unix time of the submission."""
-    host: str = ""
-    """Host that submitted (local: the host the run executes on)."""
-    pid: int = 0
-    """Local: pid of the `orchestrate submit` process that runs the queue."""
-    pid_started: float = 0.0
-    """Local: that process's start time, so a recycled pid is not mistaken for it."""
-    ended_at: float = 0.0
-    """Local: when the executor saw the run end (0 while queued or running)."""
-    exit_code: int | None = None
-    """Local: the trainer's last exit code."""
-    attempts: int = 0
-    """Local: launches so far (1 + requeues)."""
+        return rundir.spec_path(self.run_dir)
 
     @property
-    def job(self) -> str:
-        """The id shown to users: the first Slurm job, or `local:<pid>`."""
-        if self.executor == "slurm":
-            return self.job_ids[0] if self.job_ids else "?"
-        return f"local:{self.pid}"
+    def after_names(self) -> tuple[str, ...]:
+        """The names of the runs in `after` (`<name>-<run_id>` directories)."""
+        return tuple(run_name(p) for p in self.after)
 
 
-@dataclass(kw_only=True, frozen=True)
-class DirState:
-    """What a run directory says about its run."""
-
-    exists: bool = False
-    """The run directory exists."""
-    status: dict = field(default_factory=dict)
-    """status.json as written by the trainer (empty if absent or unreadable)."""
-    step: int = 0
-    """Last completed step (status.json, else the last metrics line)."""
-    total_steps: int | None = None
-    """Steps the run trains for."""
-    last_loss: float | None = None
-    """Last training loss."""
-    latest_checkpoint: str | None = None
-    """The checkpoint `checkpoints/latest` names (None: no complete checkpoint)."""
+def run_name(run_dir: str | Path) -> str:
+    """The run name of a `<name>-<run_id>` directory."""
+    return Path(run_dir).name.rsplit("-", 1)[0]
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -167,9 +118,14 @@ class RunState:
     job: str = ""
     """Job id shown (first Slurm job, or local:<pid>), empty if never submitted."""
     job_state: str = ""
-    """The scheduler's state of the recorded job (a Slurm state name; PENDING, RUNNING, GONE or EXIT n locally)."""
+    """The executor's word for the recorded job (a Slurm state name; PENDING, RUNNING, GONE or
+    EXIT n locally; ? when the executor could not be asked)."""
     record: JobRecord | None = None
     """The recorded submission."""
+    waits_for: tuple[str, ...] = ()
+    """Runs this one starts from that have not completed yet (it launches after them)."""
+    why: str = ""
+    """For `unknown`: why the executor could not tell."""
 
     @property
     def action(self) -> str:
@@ -203,12 +159,17 @@ def entries_from_specs(
 
 
 def entries_from_plan(plan_path: str | Path, *, target: bool = False, time_min: int | None = None,
-                      only: Iterable[str] = ()) -> list[RunEntry]:
-    """Entries for a plan's ladder (and its target when `target`), filtered to `only` names."""
+                      only: Iterable[str] = (), growth: bool = False) -> list[RunEntry]:
+    """Entries for a plan's ladder (and its target when `target`, its growth stages when `growth`),
+    filtered to `only` names. A run whose checkpoint.init_from names another run directory of the
+    plan waits for that run (`RunEntry.after`)."""
     from scaleforge.orchestrator import planfile
 
     plan = planfile.load_plan(plan_path)
-    runs = list(plan.ladder) + ([plan.target] if target else [])
+    growth_runs = list(getattr(plan, "growth", ()) or ())
+    runs = list(plan.ladder) + ([plan.target] if target else []) + (growth_runs if growth else [])
+    every = {planfile.run_dir(plan, plan_path, r).resolve(): planfile.run_dir(plan, plan_path, r)
+             for r in (*plan.ladder, plan.target, *growth_runs)}
     gpu = plan.cluster.kind == "gpu"
     out = []
     for run in runs:
@@ -220,9 +181,11 @@ def entries_from_plan(plan_path: str | Path, *, target: bool = False, time_min: 
         ranks = run.spec.parallel.world_size
         nodes = max(1, int(run.nodes))
         limit = time_min if time_min is not None else _time_limit_min(run.gpu_hours, ranks)
+        run_dir = planfile.run_dir(plan, plan_path, run)
         out.append(RunEntry(
-            name=run.name, spec=run.spec, run_dir=planfile.run_dir(plan, plan_path, run), nodes=nodes,
+            name=run.name, spec=run.spec, run_dir=run_dir, nodes=nodes,
             gpus_per_node=ranks // nodes if gpu else 0, time_min=limit,
+            after=_sources(run.spec, run_dir, every),
         ))
     _check_unique(out)
     only = list(only)
@@ -236,6 +199,17 @@ def entries_from_plan(plan_path: str | Path, *, target: bool = False, time_min: 
             )
         out = [e for e in out if e.name in only]
     return out
+
+
+def _sources(spec: RunSpec, run_dir: Path, plan_dirs: dict[Path, Path]) -> tuple[Path, ...]:
+    """The plan run directory `checkpoint.init_from` names (relative to the run's own directory, as
+    the trainer reads it there), if it names one."""
+    source = str(getattr(spec.checkpoint, "init_from", "") or "")
+    if not source:
+        return ()
+    path = Path(source)
+    path = (path if path.is_absolute() else run_dir / path).resolve()
+    return (plan_dirs[path],) if path in plan_dirs else ()
 
 
 def _time_limit_min(gpu_hours: float, ranks: int) -> int:
@@ -256,7 +230,7 @@ def _check_unique(entries: list[RunEntry]) -> None:
 def prepare_run_dir(entry: RunEntry) -> None:
     """Create the run directory and write run.yaml (refusing a directory that holds another run)."""
     entry.run_dir.mkdir(parents=True, exist_ok=True)
-    (entry.run_dir / LOG_DIR).mkdir(exist_ok=True)
+    rundir.log_dir(entry.run_dir).mkdir(exist_ok=True)
     if entry.spec_path.exists():
         try:
             old = from_dict(RunSpec, load_yaml_file(entry.spec_path))
@@ -266,217 +240,46 @@ def prepare_run_dir(entry: RunEntry) -> None:
             raise ConfigError(
                 f"{entry.run_dir} holds run {run_id(old)}, not {entry.run_id}: move that directory away"
             )
-    _write_atomic(entry.spec_path, spec_to_yaml(entry.spec))
-
-
-# ----------------------------------------------------------------------------------------------
-# job records
-
-
-def read_job(run_dir: str | Path) -> JobRecord | None:
-    """The recorded submission, or None (never submitted, or an unreadable file)."""
-    path = Path(run_dir) / JOB_FILE
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not isinstance(data, dict) or data.get("executor") not in ("local", "slurm"):
-        return None
-    data["job_ids"] = tuple(str(j) for j in data.get("job_ids", ()))
-    known = JobRecord.__dataclass_fields__
-    return JobRecord(**{k: v for k, v in data.items() if k in known})
-
-
-def write_job(run_dir: str | Path, record: JobRecord) -> None:
-    """Record a submission in job.json (atomically)."""
-    body = {k: getattr(record, k) for k in JobRecord.__dataclass_fields__}
-    body["job_ids"] = list(record.job_ids)
-    _write_atomic(Path(run_dir) / JOB_FILE, json.dumps(body, indent=1) + "\n")
-
-
-def local_record(**kwargs: Any) -> JobRecord:
-    """A local JobRecord for this process on this host."""
-    return JobRecord(executor="local", host=socket.gethostname(), pid=os.getpid(),
-                     pid_started=_process_start(os.getpid()) or 0.0, submitted_at=time.time(),
-                     **kwargs)
-
-
-# ----------------------------------------------------------------------------------------------
-# reading a run directory
-
-
-def read_run_dir(run_dir: str | Path) -> DirState:
-    """status.json, the last metrics line and checkpoints/latest of one run directory."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        return DirState()
-    status = _read_json(run_dir / STATUS_FILE)
-    step, last_loss = _last_train_line(run_dir / METRICS_FILE)
-    if isinstance(status.get("step"), int):
-        step = status["step"]
-    if isinstance(status.get("last_loss"), (int, float)):
-        last_loss = float(status["last_loss"])
-    total = status.get("total_steps")
-    latest = None
-    latest_file = run_dir / "checkpoints" / "latest"
-    try:
-        name = latest_file.read_text().strip()
-        if name and (run_dir / "checkpoints" / name).is_dir():
-            latest = name
-    except OSError:
-        if latest_file.is_symlink() and latest_file.resolve().is_dir():
-            latest = latest_file.resolve().name
-    return DirState(exists=True, status=status, step=step,
-                    total_steps=total if isinstance(total, int) else None,
-                    last_loss=last_loss, latest_checkpoint=latest)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _last_train_line(path: Path) -> tuple[int, float | None]:
-    """(step, loss) of the last training line; reads only the file's tail."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            f.seek(max(0, size - 65536))
-            lines = f.read().decode(errors="replace").splitlines()
-    except OSError:
-        return 0, None
-    for line in reversed(lines):
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a torn last line or the cut first line of the tail
-        if isinstance(rec, dict) and "loss" in rec and isinstance(rec.get("step"), int):
-            return rec["step"], float(rec["loss"])
-    return 0, None
-
-
-# ----------------------------------------------------------------------------------------------
-# scheduler states
-
-
-def parse_slurm_table(text: str) -> dict[str, str]:
-    """`JOBID|STATE` lines (squeue or sacct) -> {job id: state}; array ranges are expanded."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 2 or not parts[0] or "." in parts[0]:
-            continue  # job steps (`123.batch`) carry no state of their own
-        jid, state = parts[0], parts[1].split()[0].rstrip("+") if parts[1].split() else ""
-        for one in _expand_job_id(jid):
-            out[one] = state
-    return out
-
-
-def _expand_job_id(jid: str) -> list[str]:
-    # `12_[0-3,5%2]` (a pending array) -> 12_0 .. 12_3, 12_5
-    if "_[" not in jid:
-        return [jid]
-    base, rest = jid.split("_[", 1)
-    rest = rest.rstrip("]").split("%")[0]
-    out = []
-    for part in rest.split(","):
-        lo, _, hi = part.partition("-")
-        if lo.isdigit() and (not hi or hi.isdigit()):
-            out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
-    return out
-
-
-Runner = Callable[[list[str]], subprocess.CompletedProcess]
-
-
-def _run(cmd: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
-
-
-def slurm_job_states(job_ids: Iterable[str], *, runner: Runner = _run) -> dict[str, str]:
-    """States of many Slurm jobs in one squeue call (+ one sacct call for those squeue no longer has).
-
-    squeue answers from slurmctld's memory (pending and running jobs, always current); sacct answers
-    from accounting, which may be disabled or lag behind. A job neither knows is left out: the caller
-    decides from the submit time (see `ACCOUNTING_LAG_S`).
-    """
-    ids = sorted({str(j) for j in job_ids if j})
-    if not ids:
-        return {}
-    bases = sorted({j.split("_")[0] for j in ids})
-    if shutil.which("squeue") is None:
-        raise SchedulerError("squeue is not on PATH: run `orchestrate submit/status` where Slurm's "
-                             "client commands are installed (or use --executor local)")
-    sq = runner(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
-    if sq.returncode != 0 and "Invalid job id" not in (sq.stderr or ""):
-        raise SchedulerError(f"squeue failed: {(sq.stderr or sq.stdout).strip()[:300]} "
-                             "(is SLURM_CONF set and the cluster up?)")
-    states = parse_slurm_table(sq.stdout if sq.returncode == 0 else "")
-    missing = [j for j in ids if j not in states]
-    if missing:
-        acct = runner(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
-                       ",".join(sorted({j.split("_")[0] for j in missing}))])
-        if acct.returncode == 0:  # accounting disabled or slurmdbd down: squeue's answer stands
-            for jid, state in parse_slurm_table(acct.stdout).items():
-                states.setdefault(jid, state)
-    return {j: states[j] for j in ids if j in states}
-
-
-def _process_start(pid: int) -> float | None:
-    try:
-        import psutil
-
-        return psutil.Process(pid).create_time()
-    except Exception:  # noqa: BLE001 - no such process, or psutil missing
-        return None
-
-
-def local_job_alive(record: JobRecord) -> bool | None:
-    """Whether the local executor that recorded `record` still runs it (None: another host)."""
-    if record.host != socket.gethostname():
-        return None
-    if record.ended_at:
-        return False
-    started = _process_start(record.pid)
-    return started is not None and abs(started - record.pid_started) < 1.0
+    rundir.write_atomic(entry.spec_path, spec_to_yaml(entry.spec))
 
 
 # ----------------------------------------------------------------------------------------------
 # states
 
 
-def run_states(entries: list[RunEntry], *, runner: Runner = _run, now: float | None = None,
+def run_states(entries: list[RunEntry], *, runner: Runner = run_command, now: float | None = None,
                tolerant: bool = False) -> list[RunState]:
-    """The state of every entry: run directories first, then one batched scheduler query.
+    """The state of every entry: run directories first, then one batched query per executor.
 
-    With `tolerant`, a scheduler that cannot be asked leaves those runs `unknown` instead of raising
-    (`status` shows what it can; `submit` must not guess, so it raises).
+    Without `tolerant`, a run left `unknown` because its executor could not be asked raises
+    SchedulerError (`submit` must not guess); with it, `status` shows `unknown`.
     """
     now = time.time() if now is None else now
     dirs = [read_run_dir(e.run_dir) for e in entries]
     records = [read_job(e.run_dir) if d.exists else None for e, d in zip(entries, dirs)]
-    to_ask = [
-        j for d, r in zip(dirs, records)
-        if r is not None and r.executor == "slurm" and d.status.get("state") not in FINAL_STATES
-        for j in r.job_ids
-    ]
-    sched: dict[str, str] | None = {}
-    if to_ask:
-        try:
-            sched = slurm_job_states(to_ask, runner=runner)
-        except SchedulerError:
-            if not tolerant:
-                raise
-            sched = None
-    return [_state(e, d, r, sched, now) for e, d, r in zip(entries, dirs, records)]
+    # a finished run's directory is the whole answer: its executor is not asked
+    asked = [r if d.state not in FINAL_STATES else None for d, r in zip(dirs, records)]
+    jobs = job_states(asked, now=now, runner=runner)
+    states = [_state(e, d, r, j) for e, d, r, j in zip(entries, dirs, records, jobs)]
+    if not tolerant:
+        unknown = [s for s in states if s.state == "unknown"]
+        if unknown:
+            raise SchedulerError(f"the state of run {unknown[0].entry.name} is unknown "
+                                 f"({unknown[0].why or 'no executor could tell'})")
+    return _with_waits(states)
+
+
+def _with_waits(states: list[RunState]) -> list[RunState]:
+    out = []
+    for st in states:
+        waits = tuple(run_name(p) for p in st.entry.after if read_run_dir(p).state != "completed")
+        out.append(replace(st, waits_for=waits) if waits and st.action != "skip" else st)
+    return out
 
 
 def wait_for_runs(entries: list[RunEntry], *, timeout_s: float | None = None, poll_s: float = 10.0,
-                  echo: Callable[[str], None] = print, runner: Runner = _run) -> list[RunState]:
+                  echo: Callable[[str], None] = print, runner: Runner = run_command
+                  ) -> list[RunState]:
     """Poll until no run is queued or running (one batched scheduler query per poll).
 
     Prints each state change; returns the final states. Raises SchedulerError after `timeout_s`.
@@ -484,80 +287,50 @@ def wait_for_runs(entries: list[RunEntry], *, timeout_s: float | None = None, po
     deadline = None if timeout_s is None else time.time() + timeout_s
     seen: dict[str, str] = {}
     while True:
-        states = run_states(entries, runner=runner)
+        states = run_states(entries, runner=runner, tolerant=True)
         for st in states:
             shown = f"{st.state} {st.step}/{st.total_steps}"
             if seen.get(st.entry.name, "").split()[:1] != shown.split()[:1]:
                 job = " ".join(x for x in (st.job, st.job_state) if x)
                 echo(f"{st.entry.name}: {shown}" + (f" (job {job})" if st.job else ""))
             seen[st.entry.name] = shown
-        if not any(st.state in ("queued", "running") for st in states):
+        if not any(st.state in ("queued", "running", "unknown") for st in states):
             return states
         if deadline is not None and time.time() > deadline:
             raise SchedulerError(f"runs still queued or running after {timeout_s:.0f} s: "
                                  + ", ".join(s.entry.name for s in states
-                                             if s.state in ("queued", "running")))
+                                             if s.state in ("queued", "running", "unknown")))
         time.sleep(poll_s)
 
 
-def _state(entry: RunEntry, d: DirState, record: JobRecord | None, sched: dict[str, str] | None,
-           now: float) -> RunState:
+def _state(entry: RunEntry, d: DirState, record: JobRecord | None, job: JobState | None) -> RunState:
     base = dict(entry=entry, step=d.step, total_steps=d.total_steps or entry.spec.train.steps,
                 last_loss=d.last_loss, record=record, job=record.job if record else "")
-    written = d.status.get("state")
+    written = d.state
     if written in FINAL_STATES:
         return RunState(state=written, **base)
-    if sched is None and record is not None and record.executor == "slurm":
-        return RunState(state="unknown", job_state="?", **base)
-    active, job_state, jid = _job_activity(record, sched or {}, now)
-    base["job"] = jid
-    if active is None:
-        # a local run recorded on another host: its directory is all we know
-        return RunState(state=written or "unknown", job_state=job_state, **base)
-    if active:
-        running = job_state in ("RUNNING", "COMPLETING")
-        return RunState(state="running" if running else "queued", job_state=job_state, **base)
+    if record is None or job is None:
+        return RunState(state=_from_dir(written, d, None), **base)
+    base["job"] = job.job or base["job"]
+    if job.kind == UNKNOWN:
+        return RunState(state="unknown", job_state=job.label or "?", why=job.why, **base)
+    if job.kind == ACTIVE:
+        if written == "failed":
+            # the trainer already failed (a rank died, a node was lost): its job is only ending
+            return RunState(state="failed", job_state=job.label, **base)
+        return RunState(state="running" if job.running else "queued", job_state=job.label, **base)
+    return RunState(state=_from_dir(written, d, record), job_state=job.label, **base)
+
+
+def _from_dir(written: str | None, d: DirState, record: JobRecord | None) -> str:
+    """The state of a run no job holds, from what its directory says."""
     if written == "running":
         # status.json says running but no job holds the run: killed without a chance to save
-        return RunState(state="interrupted", job_state=job_state, **base)
+        return "interrupted"
     if written in TRAINER_STATES:
-        return RunState(state=written, job_state=job_state, **base)
-    never_launched = record is not None and record.executor == "local" and not record.attempts
-    if record is not None and not never_launched and d.step == 0 and d.latest_checkpoint is None:
+        return written
+    never_launched = record is None or (record.executor == "local" and not record.attempts)
+    if not never_launched and d.step == 0 and d.latest_checkpoint is None:
         # submitted, never started training, and the job is gone (cancelled, or it failed at start)
-        return RunState(state="failed", job_state=job_state, **base)
-    return RunState(state="new" if d.step == 0 else "interrupted", job_state=job_state, **base)
-
-
-def _job_activity(record: JobRecord | None, sched: dict[str, str], now: float
-                  ) -> tuple[bool | None, str, str]:
-    """(active?, shown job state, shown job id) of a recorded submission."""
-    if record is None:
-        return False, "", ""
-    if record.executor == "local":
-        alive = local_job_alive(record)
-        if alive is None:
-            return None, f"on {record.host}", record.job
-        if alive:
-            return True, "RUNNING" if record.attempts else "PENDING", record.job
-        return False, "GONE" if record.exit_code is None else f"EXIT {record.exit_code}", record.job
-    last, last_id = "", record.job
-    for jid in record.job_ids:
-        state = sched.get(jid)
-        if state is None:
-            if now - record.submitted_at < ACCOUNTING_LAG_S:
-                return True, "SUBMITTED", jid  # not visible yet: accounting lags behind sbatch
-            continue
-        if state in SLURM_ACTIVE:
-            # the first active job of the chain: the running one, or the next to run
-            return True, state, jid
-        if not last or state != "CANCELLED":
-            # continuations cancelled because the job before them ended well say nothing new
-            last, last_id = state, jid
-    return False, last or "GONE", last_id
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        return "failed"
+    return "new" if d.step == 0 else "interrupted"

@@ -4,7 +4,13 @@ Launches a plan's runs, idempotently: each run's state is read from its run dire
 jobs it recorded are looked up in one batched scheduler query. A finished run (completed, diverged) is
 skipped, a run whose job is still pending or running is skipped, an interrupted, preempted or failed
 run is resumed from its last checkpoint, and a new run is started. Submitting twice queues nothing the
-second time. Torch-free.
+second time.
+
+The state of each run's job comes from its executor (`executors.job_states`); when the executor
+cannot be asked (squeue or sacct failing, psutil missing), `submit` retries with backoff, then stops
+with a one-line error and launches nothing. A run that starts from another run of the plan
+(`checkpoint.init_from`, a growth stage) is launched after it: locally once it completed, on Slurm
+with `--dependency=afterok` on its source's jobs. Torch-free.
 """
 
 from __future__ import annotations
@@ -25,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="launch only these runs (by name)")
     parser.add_argument("--target", action="store_true",
                         help="also launch the plan's target run (after `orchestrate refit`)")
+    parser.add_argument("--growth", action="store_true",
+                        help="also launch the plan's growth stages, each after the stage it starts "
+                             "from has completed")
     parser.add_argument("--time-min", type=int, default=None, metavar="MIN",
                         help="per-job time limit in minutes (default: twice the plan's estimate "
                              "+ 10)")
@@ -52,6 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scaleforge.orchestrator import runs
+    from scaleforge.orchestrator.executors import retry
 
     if args.max_requeues < 0:
         raise ConfigError(f"--max-requeues must be >= 0, got {args.max_requeues}")
@@ -61,16 +71,28 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--cores must be >= 1, got {args.cores}")
     only = [n for item in args.only for n in item.split(",") if n]
     entries = runs.entries_from_plan(args.plan, target=args.target, time_min=args.time_min,
-                                     only=only)
+                                     only=only, growth=args.growth)
     options = _slurm_options(args) if args.executor == "slurm" else None
-    states = runs.run_states(entries)
+    if options is not None:
+        from scaleforge.orchestrator.executors.slurm import check_cluster_fits
+
+        check_cluster_fits(entries, options.partition)
+    states = retry(lambda: runs.run_states(entries), what="asking the executor for job states",
+                   echo=print)
     launch = []
+    launching = {st.entry.name for st in states if st.action != "skip"}
     for st in states:
         verb = {"skip": "skip", "start": "start", "resume": "resume"}[st.action]
         why = st.state + (f", job {st.job} {st.job_state}" if st.job and st.job_state else "")
         step = f" from step {st.step}" if st.action == "resume" else ""
-        print(f"{st.entry.name}: {verb}{step} ({why})")
+        waits = f", waits for {', '.join(st.waits_for)}" if st.waits_for else ""
+        print(f"{st.entry.name}: {verb}{step} ({why}){waits}")
         if st.action != "skip":
+            stuck = [n for n, s in _sources(st, states) if s is None and n not in launching]
+            if stuck:
+                raise ConfigError(
+                    f"run {st.entry.name} starts from {stuck[0]}, which is not completed and not "
+                    f"part of this submission: submit {stuck[0]} too (drop --only, or add --growth)")
             launch.append(st.entry)
     if not launch:
         print("nothing to launch")
@@ -104,6 +126,12 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{n} (exit {c})" for n, c in sorted(bad.items())))
         return 1
     return 0
+
+
+def _sources(st, states) -> list[tuple[str, object]]:
+    """(name, its RunState or None) for each not-completed source of `st`."""
+    by_name = {s.entry.name: s for s in states}
+    return [(n, by_name.get(n)) for n in st.waits_for]
 
 
 def _slurm_options(args: argparse.Namespace):

@@ -144,16 +144,8 @@ def launch_torchrun(spec_path: str, out: Path, overrides: list[str], nproc: int)
 
 def _run_exit_code(out: Path, code: int) -> int:
     # torchrun reports any failed rank as 1; a preempted run must still exit with the requeue code.
-    import json
+    from scaleforge import rundir
 
-    status = out / "status.json"
-    if code != 0 and status.exists():
-        try:
-            state = json.loads(status.read_text()).get("state")
-        except (OSError, ValueError):
-            return code
-        if state == "preempted":
-            from scaleforge.pretrain import signals
-
-            return signals.REQUEUE_EXIT_CODE
+    if code != 0 and rundir.read_status(out).get("state") == "preempted":
+        return rundir.REQUEUE_EXIT_CODE
     return code

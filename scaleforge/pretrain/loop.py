@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from scaleforge import rundir
 from scaleforge.config import run_id, spec_to_yaml
 from scaleforge.errors import ConfigError
 from scaleforge.pretrain import metrics as metrics_mod
@@ -164,8 +165,8 @@ def train(spec: Any, run_dir: Path) -> int:
     state = "failed"
     try:
         if rank0:
-            metrics_mod.truncate_after(run_dir / "metrics.jsonl", step)
-            metrics_mod.write_atomic(run_dir / "run.yaml", spec_to_yaml(spec))
+            metrics_mod.truncate_after(rundir.metrics_path(run_dir), step)
+            metrics_mod.write_atomic(rundir.spec_path(run_dir), spec_to_yaml(spec))
         log.status("running", step)
         state, step = _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step)
     finally:

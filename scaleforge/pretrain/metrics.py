@@ -8,55 +8,22 @@ tokens_per_s, plus the family's own metrics, each under one key namespaced by th
 from __future__ import annotations
 
 import json
-import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from scaleforge import rundir
+from scaleforge.rundir import read_metrics, write_atomic  # noqa: F401  (the trainer's names for them)
 
 STATES = ("running", "completed", "failed", "preempted", "diverged")
 TRAIN_KEYS = ("step", "tokens", "flops", "loss", "lr", "grad_norm", "tokens_per_s")
 EVAL_KEYS = ("step", "tokens", "flops", "eval_loss")
 
 
-def write_atomic(path: Path, text: str) -> None:
-    """Write `text` to `path` so a reader sees the old file or the new one, never a torn one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def truncate_after(path: str | Path, step: int) -> None:
-    """Drop every line of a metrics.jsonl with step > `step` (a resume from `step` re-logs them).
-
-    A torn last line (the process died mid-write) is dropped too, so every step appears once.
-    """
-    path = Path(path)
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if record.get("step", 0) <= step:
-            kept.append(line)
-    write_atomic(path, "".join(f"{line}\n" for line in kept))
-
-
-def read_metrics(path: str | Path) -> list[dict]:
-    """All records of a metrics.jsonl (torn lines skipped)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
+    """Drop every line of a metrics.jsonl with step > `step` (a resume from `step` re-logs them)."""
+    rundir.truncate_metrics_after(path, step)
 
 
 class RunLog:
@@ -102,7 +69,7 @@ class RunLog:
         if not self.enabled:
             return
         if self._metrics is None:
-            self._metrics = open(self.run_dir / "metrics.jsonl", "a", buffering=1)
+            self._metrics = open(rundir.metrics_path(self.run_dir), "a", buffering=1)
         self._metrics.write(json.dumps({k: record[k] for k in keys}) + "\n")
         tb = self._tensorboard()
         for key in keys:
@@ -125,7 +92,7 @@ class RunLog:
             "last_eval_loss": self.last_eval_loss,
             "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
-        write_atomic(self.run_dir / "status.json", json.dumps(body, indent=1) + "\n")
+        rundir.write_status(self.run_dir, body)
 
     def close(self) -> None:
         if self._metrics is not None:

@@ -27,8 +27,7 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-REQUEUE_EXIT_CODE = 75
-"""Exit code after a signal-triggered save: EX_TEMPFAIL of sysexits.h ("try again later")."""
+from scaleforge.rundir import REQUEUE_EXIT_CODE  # noqa: F401  (owned by the run directory: 75)
 
 HANDLED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 """Signals that request a save-and-exit at the next step boundary."""

@@ -1,0 +1,105 @@
+"""Executors and the one interface through which they report job states. Torch-free.
+
+`job_states(records)` answers, for the job records of many runs, whether each recorded job still
+holds or waits for resources. It asks each executor once for all of its records (Slurm: one squeue
+and at most one sacct call, whatever the number of runs; local: the process table). An executor
+that cannot be asked (squeue failing, slurmctld down, psutil missing) reports `unknown` for its
+records, never "gone": `status` shows unknown, `submit` retries (`retry`) and then refuses.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence, TypeVar
+
+from scaleforge.errors import ScaleforgeError
+from scaleforge.rundir import JobRecord
+
+ACTIVE, ENDED, UNKNOWN = "active", "ended", "unknown"
+
+BACKOFF_S = (1.0, 2.0, 4.0)
+"""Waits between the attempts of a scheduler command (4 attempts in 7 s): a busy slurmctld answers
+`Socket timed out` for a few seconds under load, which a retry rides out."""
+
+
+class SchedulerError(ScaleforgeError):
+    """The scheduler could not be asked or refused a command (after retries)."""
+
+
+@dataclass(kw_only=True, frozen=True)
+class JobState:
+    """One run's job as its executor sees it."""
+
+    kind: str
+    """`active` (pending or running), `ended`, or `unknown` (the executor could not be asked)."""
+    label: str = ""
+    """The executor's own word: a Slurm state (PENDING, RUNNING, FAILED, NODE_FAIL...), GONE, or
+    `EXIT n` for a local run."""
+    job: str = ""
+    """The job id shown (the chain's active job, else its last one)."""
+    why: str = ""
+    """For `unknown`: why the executor could not tell."""
+
+    @property
+    def running(self) -> bool:
+        """Active and holding resources (not only waiting)."""
+        return self.kind == ACTIVE and self.label in ("RUNNING", "COMPLETING")
+
+
+Runner = Callable[[list[str]], subprocess.CompletedProcess]
+
+
+def run_command(cmd: list[str]) -> subprocess.CompletedProcess:
+    """Run a scheduler client command (60 s limit: slurmctld answers within seconds when healthy)."""
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except FileNotFoundError:
+        return subprocess.CompletedProcess(cmd, 127, "", f"{cmd[0]}: command not found")
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]}: no answer within 60 s")
+
+
+def job_states(records: Sequence[JobRecord | None], *, now: float | None = None,
+               runner: Runner = run_command) -> list[JobState | None]:
+    """The job state of each record (None for None), one batched query per executor."""
+    now = time.time() if now is None else now
+    out: list[JobState | None] = [None] * len(records)
+    by_kind: dict[str, list[int]] = {}
+    for i, rec in enumerate(records):
+        if rec is not None:
+            by_kind.setdefault(rec.executor, []).append(i)
+    for kind, idx in by_kind.items():
+        if kind == "slurm":
+            from scaleforge.orchestrator.executors import slurm as module
+        else:
+            from scaleforge.orchestrator.executors import local as module
+        try:
+            states = module.query_states([records[i] for i in idx], now=now, runner=runner)
+        except SchedulerError as exc:
+            states = [JobState(kind=UNKNOWN, label="?", job=records[i].job, why=str(exc))
+                      for i in idx]
+        for i, state in zip(idx, states):
+            out[i] = state
+    return out
+
+
+T = TypeVar("T")
+
+
+def retry(call: Callable[[], T], *, what: str, backoff: Sequence[float] | None = None,
+          echo: Callable[[str], None] | None = None) -> T:
+    """`call()`, retried after each wait of `backoff` while it raises SchedulerError; then the last
+    error, as one line naming `what` and the attempts."""
+    waits = BACKOFF_S if backoff is None else tuple(backoff)
+    for attempt, wait in enumerate((*waits, None), start=1):
+        try:
+            return call()
+        except SchedulerError as exc:
+            if wait is None:
+                raise SchedulerError(f"{what} failed {attempt} times: {exc}") from None
+            if echo is not None:
+                echo(f"{what}: {exc}; retrying in {wait:g} s")
+            time.sleep(wait)
+    raise AssertionError("unreachable")

@@ -14,24 +14,78 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Sequence
 
+from scaleforge import rundir
 from scaleforge.orchestrator import runs
+from scaleforge.orchestrator.executors import ACTIVE, ENDED, UNKNOWN, JobState, SchedulerError
 from scaleforge.orchestrator.runs import RunEntry
+from scaleforge.rundir import JobRecord
 
 Command = Callable[[RunEntry], list[str]]
+LOG_NAME = "local.log"
 
 
 def requeue_exit_code() -> int:
     """The trainer's "saved, start me again" exit code."""
-    from scaleforge.pretrain.signals import REQUEUE_EXIT_CODE
+    return int(rundir.REQUEUE_EXIT_CODE)
 
-    return int(REQUEUE_EXIT_CODE)
+
+# ----------------------------------------------------------------------------------------------
+# job states (the executors' state interface)
+
+
+def process_start(pid: int) -> float | None:
+    """Start time of process `pid`, None if there is none. SchedulerError without psutil: the
+    process table cannot be read, which says nothing about the run."""
+    try:
+        import psutil
+    except ImportError:
+        raise SchedulerError("psutil is not installed, so the process table cannot be read "
+                             "(pip install psutil)") from None
+    try:
+        return psutil.Process(pid).create_time()
+    except (psutil.NoSuchProcess, psutil.ZombieProcess):
+        return None
+    except psutil.Error as exc:
+        raise SchedulerError(f"cannot read process {pid}: {exc}") from None
+
+
+def local_record(**kwargs: Any) -> JobRecord:
+    """A local JobRecord for this process on this host."""
+    return JobRecord(executor="local", host=socket.gethostname(), pid=os.getpid(),
+                     pid_started=process_start(os.getpid()) or 0.0, submitted_at=time.time(),
+                     **kwargs)
+
+
+def query_states(records: Sequence[JobRecord], *, now: float, runner: Any = None) -> list[JobState]:
+    """Whether the `orchestrate submit` process that recorded each run still runs it.
+
+    A run recorded on another host, or a process table that cannot be read, is `unknown`.
+    """
+    host = socket.gethostname()
+    out = []
+    for rec in records:
+        if rec.host != host:
+            out.append(JobState(kind=UNKNOWN, label=f"on {rec.host}", job=rec.job,
+                                why=f"it runs on {rec.host}; ask there"))
+        elif rec.ended_at:
+            label = "GONE" if rec.exit_code is None else f"EXIT {rec.exit_code}"
+            out.append(JobState(kind=ENDED, label=label, job=rec.job))
+        else:
+            started = process_start(rec.pid)
+            if started is not None and abs(started - rec.pid_started) < 1.0:
+                out.append(JobState(kind=ACTIVE, label="RUNNING" if rec.attempts else "PENDING",
+                                    job=rec.job))
+            else:
+                out.append(JobState(kind=ENDED, label="GONE", job=rec.job))
+    return out
 
 
 def train_command(entry: RunEntry) -> list[str]:
@@ -45,7 +99,7 @@ class _Slot:
     entry: RunEntry
     proc: subprocess.Popen
     attempts: int
-    record: runs.JobRecord
+    record: JobRecord
 
 
 def run_local(
@@ -67,9 +121,9 @@ def run_local(
     code_requeue = requeue_exit_code() if requeue_code is None else requeue_code
     for entry in entries:
         runs.prepare_run_dir(entry)
-    records = {e.name: runs.local_record() for e in entries}
+    records = {e.name: local_record() for e in entries}
     for entry in entries:
-        runs.write_job(entry.run_dir, records[entry.name])
+        rundir.write_job(entry.run_dir, records[entry.name])
 
     queue = list(entries)
     running: list[_Slot] = []
@@ -88,6 +142,11 @@ def run_local(
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         while queue or running:
+            for entry, source in _blocked_for_good(queue, running):
+                queue.remove(entry)
+                results[entry.name] = 1
+                records[entry.name] = _finish(entry, records[entry.name], None)
+                echo(f"{entry.name}: not started: it starts from {source}, which did not complete")
             if not stopping["n"]:
                 for entry in _startable(queue, running, cores):
                     queue.remove(entry)
@@ -110,7 +169,7 @@ def run_local(
                 results[slot.entry.name] = code
                 records[slot.entry.name] = _finish(slot.entry, slot.record, code)
                 echo(f"{slot.entry.name}: {_describe(code, code_requeue)} "
-                     f"(log: {slot.entry.run_dir / runs.LOG_DIR / 'local.log'})")
+                     f"(log: {rundir.log_dir(slot.entry.run_dir) / LOG_NAME})")
             if queue or running:
                 time.sleep(poll_s)
     finally:
@@ -119,10 +178,29 @@ def run_local(
     return results
 
 
+def _source_done(path: Path) -> bool:
+    return rundir.read_status(path).get("state") == "completed"
+
+
+def _blocked_for_good(queue: list[RunEntry], running: list[_Slot]) -> list[tuple[RunEntry, str]]:
+    """Queued runs whose source run (checkpoint.init_from) is neither queued, running nor completed:
+    it ended without completing, so they can never start."""
+    pending = {e.run_dir for e in queue} | {s.entry.run_dir for s in running}
+    out = []
+    for entry in queue:
+        for source in entry.after:
+            if source not in pending and not _source_done(source):
+                out.append((entry, runs.run_name(source)))
+                break
+    return out
+
+
 def _startable(queue: list[RunEntry], running: list[_Slot], cores: int) -> list[RunEntry]:
     free = cores - sum(s.entry.ranks for s in running)
     picked = []
     for entry in queue:
+        if not all(_source_done(p) for p in entry.after):
+            continue  # a growth stage starts only from its source's completed run
         if entry.ranks <= free:
             picked.append(entry)
             free -= entry.ranks
@@ -133,12 +211,12 @@ def _startable(queue: list[RunEntry], running: list[_Slot], cores: int) -> list[
     return picked
 
 
-def _launch(entry: RunEntry, record: runs.JobRecord, attempt: int, command: Command,
+def _launch(entry: RunEntry, record: JobRecord, attempt: int, command: Command,
             echo: Callable[[str], None]) -> _Slot:
     env = dict(os.environ)
     # one core per rank: several runs share the machine, so no rank may start a full OpenMP pool
     env.setdefault("OMP_NUM_THREADS", "1")
-    log_path = entry.run_dir / runs.LOG_DIR / "local.log"
+    log_path = rundir.log_dir(entry.run_dir) / LOG_NAME
     with open(log_path, "a") as log:
         log.write(f"=== attempt {attempt} at {time.strftime('%Y-%m-%dT%H:%M:%S')} ===\n")
         log.flush()
@@ -146,14 +224,14 @@ def _launch(entry: RunEntry, record: runs.JobRecord, attempt: int, command: Comm
         proc = subprocess.Popen(command(entry), stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL, env=env, start_new_session=True)
     record = replace(record, attempts=attempt)
-    runs.write_job(entry.run_dir, record)
+    rundir.write_job(entry.run_dir, record)
     echo(f"{entry.name}: started ({entry.ranks} rank{'s' if entry.ranks > 1 else ''}, pid {proc.pid})")
     return _Slot(entry=entry, proc=proc, attempts=attempt, record=record)
 
 
-def _finish(entry: RunEntry, record: runs.JobRecord, code: int | None) -> runs.JobRecord:
+def _finish(entry: RunEntry, record: JobRecord, code: int | None) -> JobRecord:
     record = replace(record, ended_at=time.time(), exit_code=code)
-    runs.write_job(entry.run_dir, record)
+    rundir.write_job(entry.run_dir, record)
     return record
 
 
@@ -179,7 +257,7 @@ def _describe(code: int, requeue_code: int) -> str:
 
 def log_tail(run_dir: Path, lines: int = 20) -> str:
     """The last lines of a run's local log (for error messages)."""
-    path = Path(run_dir) / runs.LOG_DIR / "local.log"
+    path = rundir.log_dir(run_dir) / LOG_NAME
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
     except OSError:

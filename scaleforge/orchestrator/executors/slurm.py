@@ -39,9 +39,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
+from scaleforge import rundir
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import runs
-from scaleforge.orchestrator.runs import JobRecord, RunEntry, SchedulerError
+from scaleforge.orchestrator.executors import (
+    ACTIVE, ENDED, UNKNOWN, JobState, Runner, SchedulerError, retry, run_command,
+)
+from scaleforge.orchestrator.runs import RunEntry
+from scaleforge.rundir import JobRecord
 
 # Slurm names (partition, account, qos) and job names: no shell or sbatch metacharacters.
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -92,6 +97,116 @@ def _check_path(what: str, path: Any) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
+# job states (the executors' state interface): one squeue and at most one sacct call per query
+
+# Slurm job states in which a job still holds or waits for resources (squeue's and sacct's names).
+SLURM_ACTIVE = frozenset({
+    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED",
+    "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "SPECIAL_EXIT",
+    "STOPPED",
+})
+# A job missing from both squeue and sacct this long after submission is taken as gone; before that,
+# as pending: slurmdbd may record a new job seconds after sbatch returns (accounting lags).
+ACCOUNTING_LAG_S = 120.0
+
+
+def parse_slurm_table(text: str) -> dict[str, str]:
+    """`JOBID|STATE` lines (squeue or sacct) -> {job id: state}; array ranges are expanded."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) < 2 or not parts[0] or "." in parts[0]:
+            continue  # job steps (`123.batch`) carry no state of their own
+        jid, state = parts[0], parts[1].split()[0].rstrip("+") if parts[1].split() else ""
+        for one in _expand_job_id(jid):
+            out[one] = state
+    return out
+
+
+def _expand_job_id(jid: str) -> list[str]:
+    # `12_[0-3,5%2]` (a pending array) -> 12_0 .. 12_3, 12_5
+    if "_[" not in jid:
+        return [jid]
+    base, rest = jid.split("_[", 1)
+    rest = rest.rstrip("]").split("%")[0]
+    out = []
+    for part in rest.split(","):
+        lo, _, hi = part.partition("-")
+        if lo.isdigit() and (not hi or hi.isdigit()):
+            out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
+    return out
+
+
+def slurm_job_states(job_ids: list[str], *, runner: Runner = run_command
+                     ) -> tuple[dict[str, str], str | None]:
+    """States of many Slurm jobs: one squeue call, plus one sacct call for those squeue no longer
+    has. Returns ({job id: state}, why sacct could not answer or None).
+
+    squeue answers from slurmctld's memory (pending and running jobs, always current): its failure is
+    a SchedulerError. sacct answers from accounting, which may be disabled, down or lagging.
+    """
+    ids = sorted({str(j) for j in job_ids if j})
+    if not ids:
+        return {}, None
+    bases = sorted({j.split("_")[0] for j in ids})
+    sq = runner(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
+    if sq.returncode != 0 and "Invalid job id" not in (sq.stderr or ""):
+        raise SchedulerError(f"squeue failed: {_first_line(sq)} (is SLURM_CONF set and the "
+                             "cluster up?)")
+    states = parse_slurm_table(sq.stdout if sq.returncode == 0 else "")
+    missing = [j for j in ids if j not in states]
+    sacct_error = None
+    if missing:
+        acct = runner(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
+                       ",".join(sorted({j.split("_")[0] for j in missing}))])
+        if acct.returncode == 0:
+            for jid, state in parse_slurm_table(acct.stdout).items():
+                states.setdefault(jid, state)
+        else:
+            sacct_error = f"sacct failed: {_first_line(acct)}"
+    return {j: states[j] for j in ids if j in states}, sacct_error
+
+
+def _first_line(proc: subprocess.CompletedProcess) -> str:
+    text = (proc.stderr or proc.stdout or f"exit {proc.returncode}").strip()
+    return (text.splitlines() or [""])[0][:300]
+
+
+def query_states(records: list[JobRecord], *, now: float, runner: Runner = run_command
+                 ) -> list[JobState]:
+    """The state of each record's job chain: its first active job, else its last ended one.
+
+    A chain squeue does not hold whose jobs sacct cannot name (slurmdbd down) is `unknown`; with
+    accounting disabled for good ("accounting storage is disabled"), squeue, which holds every
+    active job, is the answer and the chain has ended.
+    """
+    states, sacct_error = slurm_job_states([j for r in records for j in r.job_ids], runner=runner)
+    gone_for_good = sacct_error is not None and "accounting storage is disabled" in sacct_error
+    return [_chain_state(r, states, now, None if gone_for_good else sacct_error) for r in records]
+
+
+def _chain_state(record: JobRecord, sched: dict[str, str], now: float, sacct_error: str | None
+                 ) -> JobState:
+    last, last_id, unseen = "", record.job, False
+    for jid in record.job_ids:
+        state = sched.get(jid)
+        if state is None:
+            if now - record.submitted_at < ACCOUNTING_LAG_S:
+                return JobState(kind=ACTIVE, label="SUBMITTED", job=jid)  # accounting lags sbatch
+            unseen = True
+            continue
+        if state in SLURM_ACTIVE:
+            # the first active job of the chain: the running one, or the next to run
+            return JobState(kind=ACTIVE, label=state, job=jid)
+        if not last or state != "CANCELLED":
+            # continuations cancelled because the job before them ended well say nothing new
+            last, last_id = state, jid
+    if unseen and sacct_error:
+        return JobState(kind=UNKNOWN, label="?", job=last_id, why=sacct_error)
+    return JobState(kind=ENDED, label=last or "GONE", job=last_id)
+
+
+# ----------------------------------------------------------------------------------------------
 # inside the job: one srun task = one rank
 
 
@@ -125,16 +240,16 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
     job = _job_id_from_env()
     if task.continuation:
         state = _status(run_dir).get("state")
-        if state in runs.FINAL_STATES or state == "failed":
+        if state in rundir.FINAL_STATES or state == "failed":
             return {"run_dir": str(run_dir), "state": state, "job": job, "skipped": True}
     noted: list[int] = []
     # Replace submitit's handlers: its USR2 handler would requeue through scontrol immediately. The
     # trainer (this task's child, signalled by Slurm too) saves; we only wait for it.
     for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
         signal.signal(sig, lambda s, _f: noted.append(s))
-    log_path = run_dir / runs.LOG_DIR / f"slurm-{job}.rank{rank}.log"
+    log_path = rundir.log_dir(run_dir) / f"slurm-{job}.rank{rank}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [task.python or sys.executable, "-m", "scaleforge.pretrain", str(run_dir / runs.SPEC_FILE),
+    cmd = [task.python or sys.executable, "-m", "scaleforge.pretrain", str(rundir.spec_path(run_dir)),
            "--out", str(run_dir)]
     with open(log_path, "a") as log:
         log.write(f"=== job {job} rank {rank} on {socket.gethostname()} "
@@ -163,9 +278,7 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
 
 
 def _requeue_exit_code() -> int:
-    from scaleforge.pretrain.signals import REQUEUE_EXIT_CODE
-
-    return int(REQUEUE_EXIT_CODE)
+    return int(rundir.REQUEUE_EXIT_CODE)
 
 
 def _job_id_from_env() -> str:
@@ -176,11 +289,7 @@ def _job_id_from_env() -> str:
 
 
 def _status(run_dir: Path) -> dict:
-    try:
-        data = json.loads((run_dir / runs.STATUS_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
+    return rundir.read_status(run_dir)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -195,6 +304,40 @@ def cluster_gpus() -> bool:
         raise SchedulerError(f"sinfo failed: {out.stderr.strip()[:300]} (is SLURM_CONF set and the "
                              "cluster up? `slurm/dev-cluster up` starts one on this machine)")
     return "gpu" in out.stdout
+
+
+def cluster_nodes(partition: str | None = None, *, runner: Runner = run_command) -> int:
+    """Nodes of the partition (the default one when None) that are not down: what one job may span."""
+    cmd = ["sinfo", "-h", "-N", "-o", "%N|%P|%t"]
+    out = runner(cmd)
+    if out.returncode != 0:
+        raise SchedulerError(f"sinfo failed: {_first_line(out)} (is SLURM_CONF set and the cluster "
+                             "up? `slurm/dev-cluster up` starts one on this machine)")
+    nodes = set()
+    for line in out.stdout.splitlines():
+        name, _, rest = line.strip().partition("|")
+        part, _, state = rest.partition("|")
+        default = part.endswith("*")
+        if (part.rstrip("*") == partition) if partition else default:
+            if not state.rstrip("*~#!%$@^-").startswith(("down", "drain", "fail")):
+                nodes.add(name)
+    return len(nodes)
+
+
+def check_cluster_fits(entries: list[RunEntry], partition: str | None = None, *,
+                       runner: Runner = run_command) -> None:
+    """Refuse, before anything is submitted, a run spanning more nodes than the cluster has."""
+    if not entries:
+        return
+    widest = max(entries, key=lambda e: e.nodes)
+    if widest.nodes == 1:
+        return
+    have = retry(lambda: cluster_nodes(partition, runner=runner), what="sinfo")
+    if widest.nodes > have:
+        where = f"partition {partition}" if partition else "the default partition"
+        raise ConfigError(
+            f"run {widest.name} needs {widest.nodes} nodes but {where} has {have} up: plan for "
+            f"{have} node(s) (`orchestrate plan --cluster FILE` with nodes: {have}) or add nodes")
 
 
 def check_submittable(entries: list[RunEntry], *, has_gpus: bool) -> None:
@@ -276,7 +419,7 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
         for e, jid in zip(group, first):
             record = JobRecord(executor="slurm", job_ids=(jid,), submitted_at=time.time(),
                                host=socket.gethostname())
-            runs.write_job(e.run_dir, record)
+            rundir.write_job(e.run_dir, record)
             records[e.name] = record
             echo(f"{e.name}: job {jid} ({e.nodes} node{'s' if e.nodes > 1 else ''}, "
                  f"{e.ranks} rank{'s' if e.ranks > 1 else ''}, {e.time_min} min)")
@@ -289,7 +432,7 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
                 task = TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python)
                 job = _sbatch(f"a continuation of {e.name}", lambda: ex.submit(task))
                 record = replace(record, job_ids=(*record.job_ids, job.job_id))
-                runs.write_job(e.run_dir, record)
+                rundir.write_job(e.run_dir, record)
             records[e.name] = record
             if options.max_requeues:
                 echo(f"{e.name}: continuation jobs {', '.join(record.job_ids[1:])} "
