@@ -107,6 +107,12 @@ class TrainSpec:
             )
 
 
+SHARD_LEVELS = ("none", "optimizer", "grads", "full")
+"""`parallel.shard`: what data-parallel ranks split among themselves (docs/memory.md)."""
+RENAMED_KEYS = {"parallel.distributed_optimizer": "parallel.shard (none | optimizer | grads | full)"}
+"""Keys that were replaced, with what replaced them (named in the refusal of the old key)."""
+
+
 @dataclass(kw_only=True, frozen=True)
 class ParallelSpec:
     """The parallel layout: world size = tp * pp * dp (expert parallelism lives inside dp)."""
@@ -122,10 +128,25 @@ class ParallelSpec:
     ep: int = 1
     """Expert-parallel size for MoE models (must divide dp and the experts; checked with the layout,
     after `--nproc` has set dp)."""
-    distributed_optimizer: bool = True
-    """Shard optimizer states across data-parallel ranks (ZeRO-1) when dp > 1."""
+    shard: str = "optimizer"
+    """What the data-parallel ranks shard: `none` (plain DDP), `optimizer` (megatron's distributed
+    optimizer, ZeRO-1; the same as `none` at dp=1), `grads` (optimizer states and gradients, ZeRO-2)
+    or `full` (also the weights, ZeRO-3); `grads` and `full` run megatron's Megatron-FSDP and need
+    dp > 1 (checked with the layout, after `--nproc` has set dp)."""
     recompute: str = "none"
     """Activation recomputation: `none`, `selective` or `full`."""
+    activation_offload: float = 0.0
+    """MEMO-style offload of saved activations to host memory (any device): the fraction alpha of
+    the other saved tensors' tokens that is copied (the rest is recomputed); each layer's input and
+    attention output are always copied. 0 turns it off; needs recompute=none."""
+    offload_layers: int = 0
+    """megatron's own activation offload (`cpu_offloading`; needs a GPU with Transformer Engine):
+    the number of transformer layers whose activations go to host memory; 0 turns it off. Needs
+    pp=1 and recompute=none (megatron's restrictions)."""
+    optimizer_offload: float = 0.0
+    """Fraction of the optimizer states (and their update) held in host memory by megatron's
+    HybridDeviceOptimizer; 0 turns it off. Needs a GPU with Transformer Engine and a sharded
+    optimizer (shard != none)."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "ep"):
@@ -136,11 +157,53 @@ class ParallelSpec:
             raise ConfigError(
                 f"parallel.recompute must be none, selective or full, got {self.recompute!r}"
             )
+        if self.shard not in SHARD_LEVELS:
+            raise ConfigError(
+                f"parallel.shard must be one of {', '.join(SHARD_LEVELS)}, got {self.shard!r}"
+            )
+        for name in ("activation_offload", "optimizer_offload"):
+            value = getattr(self, name)
+            if not 0 <= value <= 1:  # also NaN
+                raise ConfigError(f"parallel.{name} must be a fraction in [0, 1], got {value!r}")
+        if self.offload_layers < 0:
+            raise ConfigError(f"parallel.offload_layers must be >= 0, got {self.offload_layers}")
+        if self.activation_offload and self.offload_layers:
+            raise ConfigError(
+                "parallel.activation_offload and parallel.offload_layers are two ways to offload "
+                "the same activations; set one of them to 0"
+            )
+        if self.activation_offload and self.recompute != "none":
+            raise ConfigError(
+                f"parallel.activation_offload recomputes what it does not copy; it needs "
+                f"parallel.recompute=none (got {self.recompute}), or set activation_offload=0"
+            )
+        if self.offload_layers and self.pp > 1:
+            raise ConfigError(
+                f"parallel.offload_layers needs parallel.pp=1 (megatron's cpu_offloading has no "
+                f"pipeline support; got pp={self.pp}); use parallel.activation_offload instead"
+            )
+        if self.offload_layers and self.recompute != "none":
+            raise ConfigError(
+                f"parallel.offload_layers needs parallel.recompute=none (megatron's cpu_offloading "
+                f"does not work with recomputation; got {self.recompute})"
+            )
+        if self.optimizer_offload and self.shard == "none":
+            raise ConfigError(
+                "parallel.optimizer_offload needs a sharded optimizer (megatron's "
+                "HybridDeviceOptimizer runs inside the distributed optimizer); set parallel.shard "
+                "to optimizer, grads or full"
+            )
 
     @property
     def world_size(self) -> int:
         """Total ranks this layout needs."""
         return self.tp * self.pp * self.dp
+
+    @property
+    def distributed_optimizer(self) -> bool:
+        """Whether megatron's distributed optimizer holds the optimizer states: shard is not `none`
+        and dp > 1 (Megatron-FSDP always runs with it), or optimizer offload asks for it."""
+        return self.shard != "none" and (self.dp > 1 or self.optimizer_offload > 0)
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -257,6 +320,10 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         data["model"] = model_from_dict(data["model"])
     names = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(names))
+    for name in unknown:
+        key = f"{where}.{name}" if where else name
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"{key} was replaced by {RENAMED_KEYS[key]}; use that key instead")
     if unknown:
         key = f"{where}.{unknown[0]}" if where else unknown[0]
         raise ConfigError(f"unknown config field '{key}'; known fields: {', '.join(names)}")
@@ -386,6 +453,8 @@ def apply_overrides(spec: RunSpec, overrides: list[str] | tuple[str, ...]) -> Ru
 def _set_path(data: dict, key: str, value: Any) -> None:
     parts = key.split(".")
     node = data
+    if key in RENAMED_KEYS:
+        raise ConfigError(f"--set {key}: replaced by {RENAMED_KEYS[key]}; use that key instead")
     for i, part in enumerate(parts):
         if not isinstance(node, dict) or part not in node:
             raise ConfigError(f"--set {key}: no such field '{'.'.join(parts[: i + 1])}'")

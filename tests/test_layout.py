@@ -73,8 +73,10 @@ def test_search_gpt3_on_eight_nodes():
 
 
 def test_search_refuses_too_small_a_cluster():
-    cluster = dataclasses.replace(DEFAULT_CLUSTER, nodes=4)
-    with pytest.raises(LayoutError, match="does not fit on 32 GPUs of 80 GB"):
+    # 175e9 parameters on 8 GPUs: even sharded and offloaded, bf16 weights + fp32 gradients are
+    # 6 bytes x 175e9 / 8 = 131 GB per GPU
+    cluster = dataclasses.replace(DEFAULT_CLUSTER, nodes=1)
+    with pytest.raises(LayoutError, match="does not fit on 8 GPUs of 80 GB.*with every memory lever"):
         L.search_layout(GPT3, seq_len=2048, batch_target=1536, cluster=cluster)
 
 
@@ -96,7 +98,7 @@ def test_search_respects_megatron_divisibility():
     odd_vocab = dataclasses.replace(GPT3, vocab_size=50257)  # GPT-2's vocabulary: odd, tp must be 1
     with pytest.raises(LayoutError, match="tp stops at 1 because model.vocab_size=50257"):
         L.search_layout(odd_vocab, seq_len=2048, batch_target=1536,
-                        cluster=dataclasses.replace(DEFAULT_CLUSTER, nodes=8))
+                        cluster=dataclasses.replace(DEFAULT_CLUSTER, nodes=1))
     padded = dataclasses.replace(GPT3, vocab_size=50304)  # padded to a multiple of 128
     lay = L.search_layout(padded, seq_len=2048, batch_target=1536,
                           cluster=dataclasses.replace(DEFAULT_CLUSTER, nodes=8))
@@ -107,7 +109,83 @@ def test_offload_terms():
     base = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
     half = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, optimizer_offload=0.5)
     assert base.states - half.states == 3_725_568 * 12 / 4 * 0.5
-    swapped = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, activation_offload=True)
+    assert half.host == 3_725_568 * 12 / 4 * 0.5
+    swapped = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, activation_offload=0.5)
     assert swapped.activations == 65_536 * 44 * 2  # two of four layers stay resident
+    # the other two go to the host: input (2 s b h) + attention output (2 s b h) + half the rest
+    assert swapped.host == 2 * (4 * 65_536 + 0.5 * (44 - 4) * 65_536)
+    megatron = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, offload_layers=3)
+    assert megatron.activations == 65_536 * 44 and megatron.host == 3 * 65_536 * 44
     with pytest.raises(LayoutError, match="pp=1"):
-        L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, activation_offload=True)
+        L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, activation_offload=0.5)
+
+
+def test_shard_levels_bytes_per_parameter():
+    # bf16 weights 2, fp32 gradients 4, fp32 master + Adam 12; fp32 mode 4 / 4 / 8
+    assert [L.state_bytes_per_param(s, 8) for s in L.SHARD_LEVELS] == [18, 2 + 4 + 1.5, 2 + 2, 2.25]
+    assert [L.state_bytes_per_param(s, 8, fp32=True) for s in L.SHARD_LEVELS] == [16, 9, 5.5, 2]
+    assert L.state_bytes_per_param("optimizer", 1) == 18 == L.megatron_state_bytes(1)
+    assert L.state_bytes_per_param("optimizer", 4) == L.megatron_state_bytes(4)
+    assert L.state_bytes_per_param("full", 8, optimizer_offload=1.0) == 6 / 8
+
+
+def test_full_shard_memory_counts_gathered_layers():
+    n = 3_725_568
+    widest = max(layer.params for layer in SMALL.layer_kinds())
+    full = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, shard="full")
+    assert full.states == n * 18 / 4 + 2 * widest * (2 + 4)
+    grads = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, shard="grads")
+    assert grads.states == n * (2 + 16 / 4) + 2 * widest * 4
+    assert L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4,
+                            shard="none").states == n * 18
+
+
+def test_memo_alpha_by_hand():
+    # fullest layer: input + attention output 4 s b h bytes, the rest (44 - 4) s b h
+    sbh = 128 * 2 * 256
+    io, other = 4 * sbh, 40 * sbh
+    kw = dict(seq_len=128, micro_batch=2, host_bytes=1e30)
+    alpha = L.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=(io + 0.25 * other) / 1e9, **kw)
+    assert alpha == pytest.approx(0.25)
+    assert L.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=1.0, **kw) == 1.0
+    assert L.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=io / 2e9, **kw) is None
+    # host memory binds: (n - 2) = 2 layers of copies
+    bound = L.memo_alpha(SMALL, seq_len=128, micro_batch=2, link_bytes_per_s=1e12, layer_seconds=1.0,
+                         host_bytes=2 * (io + 0.5 * other))
+    assert bound == pytest.approx(0.5)
+
+
+def _levers_index(layout) -> int:
+    names = [lever.name for lever in L.LEVERS]
+    return names.index(layout.levers.split(" (")[0].split(":")[0]) if layout.levers else 0
+
+
+def test_search_turns_levers_on_in_order_only_when_needed():
+    model = DenseConfig(layers=36, hidden=4608, heads=36, kv_heads=36, ffn_hidden=12288,
+                        vocab_size=50304)
+    seen = []
+    for gb in (80, 40, 32, 28, 24, 22):
+        cluster = dataclasses.replace(DEFAULT_CLUSTER, nodes=1, gpu_memory_gb=gb)
+        try:
+            lay = L.search_layout(model, seq_len=2048, batch_target=512, cluster=cluster)
+        except LayoutError:
+            break
+        assert lay.memory.total <= cluster.memory_bytes
+        index = _levers_index(lay)
+        lever = L.LEVERS[index]
+        assert (lay.shard, lay.recompute in lever.recomputes) == (lever.shard, True)
+        assert bool(lay.activation_offload) == lever.activation_offload
+        # nothing cheaper fits: every earlier lever, at every tp, pp and micro-batch, is over
+        if index:
+            assert "at best without it" in lay.levers
+        seen.append(index)
+    assert seen == sorted(seen) and seen[0] == 0 and seen[-1] > 0, seen
+
+
+def test_layout_summary_records_the_levers():
+    lay = L.search_layout(SMALL, seq_len=2048, batch_target=64, cluster=DEFAULT_CLUSTER)
+    summary = lay.summary()
+    assert {k: summary[k] for k in ("shard", "recompute", "activation_offload",
+                                    "optimizer_offload", "levers")} == {
+        "shard": "optimizer", "recompute": "none", "activation_offload": 0.0,
+        "optimizer_offload": 0.0, "levers": ""}

@@ -24,7 +24,7 @@ LAYOUTS = {
     "tp2": ["parallel.tp=2"],
     "tp2_sp": ["parallel.tp=2", "parallel.sp=true"],
     "pp2": ["parallel.pp=2"],  # grad_accum = 8 / (2 x 1) = 4 micro-batches through 1F1B
-    "dp2": ["parallel.distributed_optimizer=true"],
+    "dp2": ["parallel.shard=optimizer"],
 }
 
 

@@ -60,6 +60,12 @@ class Cluster:
     """Free-text description of the intra/inter-node links (informational)."""
     flash_attention: bool = True
     """Attention kernels keep no s x s score matrix (drops Korthikanti's 5as/h activation term)."""
+    host_memory_gb: float = 2000.0
+    """Host (CPU) memory of one node in GB, for offloaded optimizer states and activations (a DGX
+    H100 has 2 TB)."""
+    host_link_gb_s: float = 64.0
+    """Device-to-host bandwidth of one accelerator in GB/s, one direction (PCIe Gen5 x16: 128 GB/s
+    both ways); MEMO's alpha hides the activation copies behind compute at this rate."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -72,6 +78,8 @@ class Cluster:
         _number("peak_tflops", self.peak_tflops)
         _number("mfu", self.mfu)
         _number("memory_headroom", self.memory_headroom)
+        _number("host_memory_gb", self.host_memory_gb, allow_zero=True)
+        _number("host_link_gb_s", self.host_link_gb_s, allow_zero=True)
         if self.mfu > 1 or self.memory_headroom > 1:
             raise ConfigError("cluster.mfu and cluster.memory_headroom must be at most 1")
         if self.kind == "gpu" and self.gpu_memory_gb == 0:

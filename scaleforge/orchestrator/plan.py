@@ -155,10 +155,7 @@ def plan_run(
     evaluation = base.eval
     if "eval.every" not in user_keys:  # twenty points on the eval-loss curve
         evaluation = dataclasses.replace(evaluation, every=max(1, math.ceil(hp.steps / 20)))
-    parallel = ParallelSpec(
-        tp=layout.tp, pp=layout.pp, dp=layout.dp, sp=layout.sp, recompute=layout.recompute,
-        distributed_optimizer=base.parallel.distributed_optimizer, ep=layout.ep,
-    )
+    parallel = layout.parallel_spec(base.parallel)  # layout, shard, recompute and offload
     spec = dataclasses.replace(
         base, name=name, model=model, data=dataclasses.replace(base.data, seq_len=seq_len),
         train=train, parallel=parallel, checkpoint=checkpoint, eval=evaluation,

@@ -8,6 +8,16 @@ from rich.table import Table
 from scaleforge.orchestrator.planfile import Plan, PlannedRun
 
 
+def _memory_levers(p) -> str:
+    """shard level, recomputation and offload fractions in a few characters (`full/full/a0.5/o0.3`)."""
+    parts = [p.shard, p.recompute]
+    if p.activation_offload:
+        parts.append(f"a{p.activation_offload:g}")
+    if p.optimizer_offload:
+        parts.append(f"o{p.optimizer_offload:g}")
+    return "/".join(parts)
+
+
 def _row(run: PlannedRun) -> list[str]:
     spec = run.spec
     m, p, t = spec.model, spec.parallel, spec.train
@@ -19,6 +29,7 @@ def _row(run: PlannedRun) -> list[str]:
         f"{run.D / run.N:.1f}",
         m.summary(),
         f"{p.tp}/{p.pp}/{p.dp}",
+        _memory_levers(p),
         str(run.gpus),
         str(t.global_batch),
         str(t.steps),
@@ -37,7 +48,8 @@ def plan_table(plan: Plan) -> Table:
         f"({plan.cluster.nodes} x {plan.cluster.gpus_per_node} {unit}s), law: {plan.law.name} "
         f"({plan.law.source})"
     )
-    for header in ("run", "C", "N", "D", "D/N", "LxH", "tp/pp/dp", f"{unit}s", "batch", "steps",
+    for header in ("run", "C", "N", "D", "D/N", "LxH", "tp/pp/dp",
+                   "shard/recompute/offload", f"{unit}s", "batch", "steps",
                    "lr", "mem GB", f"{unit}-h", "epochs"):
         table.add_column(header, justify="left" if header == "run" else "right")
     for run in plan.ladder:
@@ -55,6 +67,9 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     notes = getattr(plan.target.spec.model, "plan_notes", None)  # a family's own table (ParScale)
     for line in notes(plan.law.params, plan.budget) if notes else ():
         console.print(line, markup=False, highlight=False)
+    for run in [*plan.ladder, plan.target]:  # the memory levers a run needed, and why
+        if run.layout.get("levers"):
+            console.print(f"{run.name}: {run.layout['levers']}", markup=False, highlight=False)
     t = plan.target
     ladder_hours = sum(r.gpu_hours for r in plan.ladder)
     console.print(

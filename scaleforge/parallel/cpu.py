@@ -73,6 +73,7 @@ def install() -> bool:
     _redirect_megatron_rng()
     _define_missing_te_gemm()
     _int_alltoall_splits()
+    _cpu_fsdp_mesh()
     _INSTALLED = True
     return True
 
@@ -220,3 +221,43 @@ def _int_alltoall_splits() -> None:
         return original(tensor, as_numpy=as_numpy, record_stream=record_stream)
 
     token_dispatcher.maybe_move_tensor_to_cpu = to_cpu
+
+
+def _cpu_fsdp_mesh() -> None:
+    # Megatron-FSDP's adapter builds its DeviceMesh with device_type="cuda"
+    # (mcore_fsdp_adapter.py:251/265/276); DTensor then asserts CUDA. The same mesh over the gloo
+    # groups with device_type "cpu" runs (parallel.shard grads/full, within 2.4e-7 of one process).
+    try:
+        from megatron.core.distributed.fsdp import mcore_fsdp_adapter as adapter
+    except ImportError:
+        return
+    mesh_cls = adapter.DeviceMesh
+
+    class _CpuDeviceMesh:
+        @staticmethod
+        def from_group(group, device_type, *args, **kwargs):
+            return mesh_cls.from_group(group, "cpu" if device_type == "cuda" else device_type,
+                                       *args, **kwargs)
+
+    adapter.DeviceMesh = _CpuDeviceMesh
+
+    # MegatronFSDP.__init__ compares its device with `torch.device(f"cuda:{current_device()}")`
+    # (megatron_fsdp.py:184) even when given one; "cuda:cpu" is no device string. During the
+    # constructor the index is 0 (the comparison only logs); the model is placed on the device the
+    # wrapper is given (torch.device("cpu"), pretrain/model_build.py).
+    from megatron.core.distributed.fsdp.src.megatron_fsdp import megatron_fsdp
+
+    import torch
+
+    init = megatron_fsdp.MegatronFSDP.__init__
+
+    @functools.wraps(init)
+    def cpu_init(self, *args, **kwargs):
+        current = torch.cuda.current_device
+        torch.cuda.current_device = lambda: 0
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            torch.cuda.current_device = current
+
+    megatron_fsdp.MegatronFSDP.__init__ = cpu_init

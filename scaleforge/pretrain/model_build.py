@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from scaleforge.arch.registry import builder_module
+from scaleforge.errors import ConfigError
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -68,31 +69,96 @@ def runtime_config(spec: Any) -> dict[str, Any]:
     elif par.recompute == "full":
         runtime.update(recompute_granularity="full", recompute_method="uniform",
                        recompute_num_layers=1)
+    if par.offload_layers:  # Transformer Engine's offload context (GPU; check_runtime)
+        runtime.update(cpu_offloading=True, cpu_offloading_num_layers=par.offload_layers,
+                       cpu_offloading_activations=True, cpu_offloading_weights=False)
     return runtime
 
 
+FSDP_STRATEGY = {"grads": "optim_grads", "full": "optim_grads_params"}
+"""Megatron-FSDP's `data_parallel_sharding_strategy` for each `parallel.shard` level it runs."""
+
+
+def check_runtime(spec: Any) -> None:
+    """The layout options that need a GPU with Transformer Engine: one ConfigError line before
+    anything is built (the spec itself validated them against each other)."""
+    par = spec.parallel
+    wanted = [name for name in ("offload_layers", "optimizer_offload") if getattr(par, name)]
+    if not wanted:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            f"parallel.{wanted[0]} needs a CUDA GPU with Transformer Engine (megatron's "
+            "cpu_offloading and HybridDeviceOptimizer); set it to 0, or use "
+            "parallel.activation_offload, which runs on any device"
+        )
+    from megatron.core.extensions import transformer_engine as te_ext
+
+    if not getattr(te_ext, "HAVE_TE", False):
+        raise ConfigError(
+            f"parallel.{wanted[0]} needs Transformer Engine (pip install "
+            "'transformer-engine[pytorch]'); set it to 0 or install it"
+        )
+    if par.offload_layers >= spec.model.layers:
+        raise ConfigError(
+            f"parallel.offload_layers={par.offload_layers} must be below model.layers="
+            f"{spec.model.layers} (megatron keeps the last layer on the GPU)"
+        )
+
+
+def ddp_config(spec: Any) -> Any:
+    """megatron's DistributedDataParallelConfig for `parallel.shard`."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    par = spec.parallel
+    if par.shard in FSDP_STRATEGY:
+        return DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True,
+            use_distributed_optimizer=True,
+            use_megatron_fsdp=True,
+            data_parallel_sharding_strategy=FSDP_STRATEGY[par.shard],
+            # the fused division is ReduceOp.PREMUL_SUM, which gloo lacks; NCCL has it
+            gradient_reduce_div_fusion=torch.cuda.is_available(),
+        )
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True, use_distributed_optimizer=par.distributed_optimizer,
+    )
+
+
+def wrap(spec: Any, config: Any, model: Any) -> Any:
+    """The data-parallel wrapper: megatron's DDP, or Megatron-FSDP for shard grads/full."""
+    ddp = ddp_config(spec)
+    if not ddp.use_megatron_fsdp:
+        from megatron.core.distributed import DistributedDataParallel
+
+        return DistributedDataParallel(config=config, ddp_config=ddp, module=model)
+    from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+
+    # Megatron-FSDP builds `cuda:{current_device()}` unless told the device (megatron_fsdp.py:184)
+    device = None if torch.cuda.is_available() else torch.device("cpu")
+    return FullyShardedDataParallel(config=config, ddp_config=ddp, module=model, device=device)
+
+
 def build(spec: Any) -> Built:
-    """Model chunk, DDP wrapper and optimizer for this rank."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    """Model chunk, DDP (or Megatron-FSDP) wrapper and optimizer for this rank."""
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
+    check_runtime(spec)
     builder = builder_module(spec.model.arch)
     model = builder.build_model(
         spec.model, seq_len=spec.data.seq_len, seed=spec.seed, runtime=runtime_config(spec)
     )
     config = model.config
     dtype = precision(spec)
-    distributed_optimizer = spec.parallel.distributed_optimizer and spec.parallel.dp > 1
-    ddp = DistributedDataParallel(
-        config=config,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
-            use_distributed_optimizer=distributed_optimizer,
-        ),
-        module=model,
-    )
-    train = spec.train
+    ddp = wrap(spec, config, model)
+    par, train = spec.parallel, spec.train
+    offload = dict(
+        optimizer_cpu_offload=True, optimizer_offload_fraction=par.optimizer_offload,
+        # the HybridDeviceOptimizer needs the precision-aware path (fp32 master weights in TE's
+        # FusedAdam), and overlaps its host copies with the GPU step
+        use_precision_aware_optimizer=True, overlap_cpu_optimizer_d2h_h2d=True,
+    ) if par.optimizer_offload else {}
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam",  # torch AdamW (decoupled weight decay) without apex/TE
@@ -105,7 +171,8 @@ def build(spec: Any) -> Built:
             clip_grad=train.grad_clip,
             bf16=dtype == torch.bfloat16,
             params_dtype=dtype,
-            use_distributed_optimizer=distributed_optimizer,
+            use_distributed_optimizer=ddp.ddp_config.use_distributed_optimizer,
+            **offload,
         ),
         [ddp],
     )
