@@ -1,0 +1,290 @@
+"""The REWIRE configuration: one frozen value, validated on construction, read from YAML.
+
+Torch-free. `load_config` reads the file with `yaml.safe_load` and builds the parts with the
+project's strict dict->dataclass conversion (unknown keys and wrong types are refused by name).
+Checks that need the file system or the network (a model directory, an endpoint, the pool store)
+run in `pipeline.validate`, before anything is written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from scaleforge.errors import ConfigError
+
+BACKENDS = ("local", "http")
+PROMPTS = ("direct", "guided")
+DIGEST_EXCLUDE = ("endpoint", "timeout_s", "retries", "threads")
+
+
+@dataclass(kw_only=True, frozen=True)
+class TextSet:
+    """A set of documents: a slice of a token store's split, or text files.
+
+    Exactly one of `store` and `path` is given. Documents are taken at indices
+    `start, start + stride, ...` (`count` of them, 0: all there are) and each is cut to its first
+    `max_chars` characters, back to the last whitespace (0: whole documents).
+    """
+
+    store: str = ""
+    """A token store (a path, or `bundled`): its documents are decoded with its own tokenizer."""
+    path: str = ""
+    """Text files instead of a store: a .txt/.md file, a .jsonl file (`text` field) or a directory."""
+    split: str = "train"
+    """The store split to read (train or validation)."""
+    start: int = 0
+    """Index of the first document taken."""
+    count: int = 0
+    """Documents taken (0: every document from `start` on, at the stride)."""
+    stride: int = 1
+    """Step between the indices of taken documents."""
+    max_chars: int = 0
+    """Cut each document to at most this many characters, at a word boundary (0: no cut)."""
+
+    def __post_init__(self) -> None:
+        if bool(self.store) == bool(self.path):
+            raise ConfigError("a text set names exactly one of `store` and `path`")
+        if self.split not in ("train", "validation"):
+            raise ConfigError(f"split must be train or validation, got {self.split!r}")
+        for name in ("start", "count", "max_chars"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stride < 1:
+            raise ConfigError(f"stride must be >= 1, got {self.stride}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class FastTextConfig:
+    """Training settings of a fastText classifier (DCLM's quality classifier is a bigram model)."""
+
+    epochs: int = 5
+    """Passes over the training documents."""
+    lr: float = 0.1
+    """Learning rate."""
+    word_ngrams: int = 2
+    """Word n-gram length (DCLM: 2)."""
+    dim: int = 100
+    """Embedding dimension."""
+    min_count: int = 1
+    """Words seen fewer times are ignored."""
+    bucket: int = 2_000_000
+    """Hash buckets of the n-gram table (fastText's default; the model file holds bucket x dim
+    floats, 800 MB at the defaults: shrink both for small sets)."""
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "word_ngrams", "dim", "min_count", "bucket"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class ClassifyConfig:
+    """Stage 1: a quality classifier trained from named sets; scores every pool document."""
+
+    positives: tuple[TextSet, ...] = ()
+    """Documents of the quality wanted (DCLM: instruction data and top-voted explanations)."""
+    negatives: tuple[TextSet, ...] = ()
+    """Documents of ordinary quality (DCLM: random pool documents)."""
+    fasttext: FastTextConfig = field(default_factory=FastTextConfig)
+    """fastText training settings."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positives", tuple(self.positives))
+        object.__setattr__(self, "negatives", tuple(self.negatives))
+        if not self.positives:
+            raise ConfigError("classify.positives is empty: name at least one set of good documents")
+        if not self.negatives:
+            raise ConfigError("classify.negatives is empty: name at least one set of ordinary documents")
+
+
+@dataclass(kw_only=True, frozen=True)
+class RewriteConfig:
+    """Stage 2: every pool document rewritten by an instruct model."""
+
+    backend: str = "local"
+    """`local` (transformers in this process) or `http` (an OpenAI-compatible server)."""
+    model: str = "smollm2-135m-instruct"
+    """local: a Hugging Face causal-LM directory, or `smollm2-135m-instruct` (the packaged model);
+    http: the model name the server serves."""
+    endpoint: str = ""
+    """http: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    prompt: str = "direct"
+    """`direct` (reply with the rewrite only: for small models) or `guided` (reason as an expert,
+    then the improved text between tags: for capable models)."""
+    max_new_tokens: int = 256
+    """Generated tokens at most per document."""
+    temperature: float = 0.0
+    """Sampling temperature; 0 is greedy decoding (reproducible, what resume checks rely on)."""
+    top_p: float = 1.0
+    """Nucleus sampling mass (the paper: 0.9 at temperature 1.0)."""
+    repetition_penalty: float = 1.1
+    """Penalty on repeated tokens (1.0: none); sent to servers that accept it (vLLM, SGLang)."""
+    min_length_ratio: float = 0.5
+    """A rewrite with fewer words than this fraction of its source's is dropped as too short."""
+    batch_size: int = 4
+    """Documents per generation batch (fixed by document index, so a resumed shard batches alike)."""
+    shard_size: int = 64
+    """Documents per shard: the unit of a Slurm array task and of the done/failed markers."""
+    timeout_s: float = 600.0
+    """http: seconds before a request counts as failed."""
+    retries: int = 3
+    """http: retries of a failed request (exponential backoff) before its shard is marked failed."""
+    seed: int = 0
+    """Sampling seed (per batch: seed + first document index)."""
+    threads: int = 0
+    """local: torch CPU threads (0: torch's default)."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ConfigError(f"rewrite.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.prompt not in PROMPTS:
+            raise ConfigError(f"rewrite.prompt must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
+        if not self.model:
+            raise ConfigError("rewrite.model is empty: name a model directory or smollm2-135m-instruct")
+        if self.backend == "http" and not self.endpoint.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"rewrite.endpoint must be an http(s) URL for backend http, got {self.endpoint!r}"
+            )
+        for name in ("max_new_tokens", "batch_size", "shard_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"rewrite.{name} must be >= 1, got {getattr(self, name)}")
+        if self.shard_size % self.batch_size:
+            raise ConfigError(
+                f"rewrite.shard_size ({self.shard_size}) must be a multiple of rewrite.batch_size "
+                f"({self.batch_size}), so batches never straddle shards"
+            )
+        if not 0 <= self.temperature <= 5:
+            raise ConfigError(f"rewrite.temperature must be in [0, 5], got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"rewrite.top_p must be in (0, 1], got {self.top_p}")
+        if not self.repetition_penalty > 0:
+            raise ConfigError(f"rewrite.repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if not 0 <= self.min_length_ratio <= 10:
+            raise ConfigError(f"rewrite.min_length_ratio must be in [0, 10], got {self.min_length_ratio}")
+        if not self.timeout_s > 0:
+            raise ConfigError(f"rewrite.timeout_s must be > 0, got {self.timeout_s}")
+        if self.retries < 0 or self.seed < 0 or self.threads < 0:
+            raise ConfigError("rewrite.retries, rewrite.seed and rewrite.threads must be >= 0")
+
+    def sampling(self) -> dict:
+        """The sampling parameters, as recorded with the output."""
+        return {
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_p": self.top_p,
+            "repetition_penalty": self.repetition_penalty,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+
+
+@dataclass(kw_only=True, frozen=True)
+class FilterConfig:
+    """Stage 3: drop degenerate rewrites, then keep the top fraction by a second classifier."""
+
+    positives: tuple[TextSet, ...] = ()
+    """Positives of the rewrite classifier (empty: classify.positives, as the paper)."""
+    negatives: int = 0
+    """Random surviving rewrites used as negatives (0: as many as there are positives)."""
+    keep_fraction: float = 0.1
+    """Fraction of the surviving rewrites kept, by score (the paper: top 10%)."""
+    repetition: bool = True
+    """Apply the Gopher repetition rules (datatrove's GopherRepetitionFilter, its defaults)."""
+    fasttext: FastTextConfig = field(default_factory=FastTextConfig)
+    """fastText training settings of the rewrite classifier."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "positives", tuple(self.positives))
+        if not 0 < self.keep_fraction <= 1:
+            raise ConfigError(f"filter.keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if self.negatives < 0:
+            raise ConfigError(f"filter.negatives must be >= 0, got {self.negatives}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class MixConfig:
+    """Stage 4: the raw top fraction and the kept rewrites, at a token ratio, into a new store."""
+
+    raw_fraction: float = 0.1
+    """Fraction of the pool kept raw, by the quality score (the paper: top 10%, DCLM-Baseline)."""
+    raw_share: float = 0.5
+    """Share of raw tokens in the mix (the paper: 0.5; 0.6 was best at 3B). The larger side is cut,
+    lowest scores first, so that no document repeats."""
+    validation_fraction: float = 0.01
+    """Fraction of the mixed documents held out for validation (at least 4, as every store)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.raw_fraction <= 1:
+            raise ConfigError(f"mix.raw_fraction must be in (0, 1], got {self.raw_fraction}")
+        if not 0 <= self.raw_share <= 1:
+            raise ConfigError(f"mix.raw_share must be in [0, 1], got {self.raw_share}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ConfigError(f"mix.validation_fraction must be in [0, 1), got {self.validation_fraction}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class RewireConfig:
+    """REWIRE: classify a pool, rewrite it, filter the rewrites, mix them with the best raw text."""
+
+    pool: TextSet
+    """The documents to recycle: a slice of a token store (the mixed store uses its tokenizer)."""
+    classify: ClassifyConfig
+    """Stage 1: the quality classifier."""
+    rewrite: RewriteConfig = field(default_factory=RewriteConfig)
+    """Stage 2: the rewrites."""
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    """Stage 3: the rewrite filter."""
+    mix: MixConfig = field(default_factory=MixConfig)
+    """Stage 4: the mixed store."""
+    seed: int = 0
+    """Seed of the classifiers and of the random rewrite negatives."""
+
+    def __post_init__(self) -> None:
+        if not self.pool.store:
+            raise ConfigError("pool.store is empty: the pool is a token store (a path, or bundled)")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {self.seed}")
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (field order)."""
+        from scaleforge.config import to_dict
+
+        return _plain(to_dict(self))
+
+    def digest(self) -> str:
+        """sha256 of the canonical config minus how the rewrites are fetched (endpoint, timeout,
+        retries, threads), which leave the data unchanged: an output directory belongs to one digest."""
+        body = self.to_dict()
+        for key in DIGEST_EXCLUDE:
+            body["rewrite"].pop(key)
+        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if hasattr(value, "__dataclass_fields__"):
+        from scaleforge.config import to_dict
+
+        return _plain(to_dict(value))
+    return value
+
+
+def load_config(path: str | Path) -> RewireConfig:
+    """Read and validate a REWIRE YAML file; errors name the file and the field."""
+    from scaleforge.config import from_dict, load_yaml_file
+
+    data = load_yaml_file(path)
+    if not data:
+        raise ConfigError(f"{path}: the REWIRE config is empty; see examples/rewire-tiny.yaml")
+    try:
+        return from_dict(RewireConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None

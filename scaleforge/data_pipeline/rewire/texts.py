@@ -1,0 +1,89 @@
+"""Documents of a text set: a slice of a token store (decoded with its tokenizer) or text files."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from scaleforge.data_pipeline.rewire.config import TextSet
+from scaleforge.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class Doc:
+    """One document of a text set."""
+
+    id: int
+    """Its index in the store split (or in the files' document order)."""
+    text: str
+    """The text, cut to the set's `max_chars`."""
+
+
+def describe(ts: TextSet) -> str:
+    """A short name for messages: `store bundled[train]` or `path docs.jsonl`."""
+    return f"store {ts.store}[{ts.split}]" if ts.store else f"path {ts.path}"
+
+
+def read(ts: TextSet, where: str) -> list[Doc]:
+    """The documents of `ts`; an empty selection is a ConfigError naming `where`."""
+    if ts.store:
+        docs = _from_store(ts, where)
+    else:
+        docs = _from_files(ts, where)
+    docs = [d for d in docs if d.text.strip()]
+    if not docs:
+        raise ConfigError(
+            f"{where}: {describe(ts)} selects no non-empty document (start {ts.start}, count "
+            f"{ts.count}, stride {ts.stride}): widen the selection"
+        )
+    return docs
+
+
+def indices(ts: TextSet, available: int) -> range:
+    """The document indices a set takes from `available` documents."""
+    stop = available if ts.count == 0 else min(available, ts.start + ts.count * ts.stride)
+    return range(ts.start, max(ts.start, stop), ts.stride)
+
+
+def open_store(ts: TextSet, where: str):
+    """The token store of a store set (a DataError from the store names what is wrong)."""
+    from scaleforge.data_pipeline import store as store_mod
+
+    try:
+        return store_mod.open_store(ts.store)
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{where}.store: {exc}") from None
+
+
+def _from_store(ts: TextSet, where: str) -> list[Doc]:
+    st = open_store(ts, where)
+    tok = st.tokenizer()
+    n = st.num_documents(ts.split)
+    idx = list(indices(ts, n))
+    ids = [st.document(ts.split, i)[:-1].tolist() for i in idx]  # drop the separator
+    texts = tok.decode_batch(ids, skip_special_tokens=False)
+    return [Doc(id=i, text=cut(t, ts.max_chars)) for i, t in zip(idx, texts)]
+
+
+def _from_files(ts: TextSet, where: str) -> list[Doc]:
+    from scaleforge.data_pipeline import corpus
+
+    try:
+        sources = corpus.path_sources([ts.path])
+        texts = [text for _, _, text in corpus.iter_documents(sources)]
+    except ConfigError:
+        raise
+    except Exception as exc:
+        raise ConfigError(f"{where}.path: {exc}") from None
+    return [Doc(id=i, text=cut(texts[i], ts.max_chars)) for i in indices(ts, len(texts))]
+
+
+def cut(text: str, max_chars: int) -> str:
+    """The first `max_chars` characters of `text`, back to the last whitespace; stripped."""
+    text = text.strip()
+    if max_chars == 0 or len(text) <= max_chars:
+        return text
+    head = text[:max_chars]
+    space = max(head.rfind(" "), head.rfind("\n"))
+    return (head[:space] if space > max_chars // 2 else head).strip()
