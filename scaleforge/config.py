@@ -23,6 +23,11 @@ from scaleforge.arch.registry import config_class, known_archs
 from scaleforge.errors import ConfigError
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEVICE_KINDS = ("any", "cpu", "gpu")
+"""Values of `train.device`."""
+PRECISION_OF_KIND = {"cpu": "fp32", "gpu": "bf16"}
+"""What `train.precision: auto` resolves to on each kind of device (bf16 needs a GPU's tensor cores
+to pay; CPU kernels run fp32)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -81,7 +86,13 @@ class TrainSpec:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value (0 turns clipping off)."""
     precision: str = "auto"
-    """`auto` (fp32 on CPU, bf16 on GPU), `fp32` or `bf16`."""
+    """`auto`, `fp32` or `bf16`. `orchestrate plan` writes its cluster's (bf16 for `kind: gpu`, fp32
+    for `kind: cpu`) and the trainer resolves a remaining `auto` on its device the same way before
+    the run id is taken, so a CPU fp32 run and a GPU bf16 run of one YAML are different runs."""
+    device: str = "any"
+    """Kind of device the run must train on: `any`, `cpu` or `gpu`. The planner writes its cluster's
+    kind; the trainer refuses a run planned for the other kind (its precision and speed assumptions
+    would not hold)."""
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch", "micro_batch"):
@@ -100,6 +111,8 @@ class TrainSpec:
             raise ConfigError(f"train.decay_fraction must be in (0, 1], got {self.decay_fraction}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"train.precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.device not in DEVICE_KINDS:
+            raise ConfigError(f"train.device must be any, cpu or gpu, got {self.device!r}")
         if self.global_batch % self.micro_batch:
             raise ConfigError(
                 f"train.global_batch={self.global_batch} is not divisible by "
@@ -404,7 +417,11 @@ def load_yaml_file(path: str | Path) -> Any:
     if not path.is_file():
         raise ConfigError(f"{path}: no such file")
     try:
-        return yaml.safe_load(path.read_text())
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"{path}: not a YAML text file (byte {exc.start} is not UTF-8); pass the YAML file"
+        ) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -413,8 +430,17 @@ def load_yaml_file(path: str | Path) -> Any:
 
 
 def load_runspec(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunSpec:
-    """Load a RunSpec YAML file and apply `key.path=value` overrides."""
+    """Load a RunSpec YAML file and apply `key.path=value` overrides.
+
+    An empty file (or one holding only comments or `{}`) is refused rather than read as all defaults:
+    it is almost always the wrong file, and a run of defaults would silently train something else.
+    """
     data = load_yaml_file(path)
+    if data is None or data == {}:
+        raise ConfigError(
+            f"{path}: the RunSpec is empty; write at least name, model and train "
+            "(see examples/dense-tiny.yaml)"
+        )
     try:
         spec = from_dict(RunSpec, data)
     except ConfigError as exc:
@@ -464,6 +490,34 @@ def _set_path(data: dict, key: str, value: Any) -> None:
             node[part] = value
         else:
             node = node[part]
+
+
+def resolve_precision(spec: RunSpec, kind: str) -> RunSpec:
+    """`spec` with `train.precision: auto` resolved for a device of `kind` (`cpu` or `gpu`)."""
+    if kind not in PRECISION_OF_KIND:
+        raise ConfigError(f"device kind must be cpu or gpu, got {kind!r}")
+    if spec.train.precision != "auto":
+        return spec
+    train = dataclasses.replace(spec.train, precision=PRECISION_OF_KIND[kind])
+    return dataclasses.replace(spec, train=train)
+
+
+def check_device(spec: RunSpec, kind: str) -> None:
+    """Refuse a run planned for one kind of device (`train.device`) on the other."""
+    if spec.train.device not in ("any", kind):
+        raise ConfigError(
+            f"train.device is {spec.train.device} (the plan's cluster) but this machine is {kind}: "
+            f"train it on a {spec.train.device} machine, or re-plan with a {kind} cluster"
+        )
+
+
+def same_run(written: RunSpec, planned: RunSpec) -> bool:
+    """Whether `written` (a run directory's run.yaml) is the run `planned` describes: the same run
+    id, or the same once the trainer has resolved the planned spec's `precision: auto`."""
+    if run_id(written) == run_id(planned):
+        return True
+    kinds = [k for k, p in PRECISION_OF_KIND.items() if p == written.train.precision]
+    return any(run_id(resolve_precision(planned, k)) == run_id(written) for k in kinds)
 
 
 def run_id(spec: RunSpec) -> str:

@@ -139,26 +139,50 @@ class TokenSampler:
 
     # -- checkpointing -------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        """What defines the stream; a checkpoint keeps it and `load_state_dict` checks it."""
-        return {
+    def state_dict(self, position: int | None = None) -> dict:
+        """What defines the stream (and, given, the next global sample index): a checkpoint keeps it
+        and `load_state_dict` checks it on resume. Each store is named by path and identified by its
+        tokenizer hash and its content identity (sha256 over every chunk checksum)."""
+        state = {
             "seed": self.seed,
             "seq_len": self.seq_len,
             "split": self.split,
-            "stores": [s.identity for s in self.stores],
+            "stores": [
+                {"path": str(s.path), "tokenizer_sha256": s.tokenizer_sha256, "identity": s.identity}
+                for s in self.stores
+            ],
             "weights": list(self.weights),
             "mix_block": MIX_BLOCK,
         }
+        if position is not None:
+            state["position"] = int(position)
+        return state
 
-    def load_state_dict(self, state: dict) -> None:
-        """Raise DataError unless `state` describes this very stream (same stores, weights, seed...)."""
-        mine = self.state_dict()
-        theirs_ids = list(state.get("stores", []))
-        if theirs_ids != mine["stores"]:
+    def load_state_dict(self, state: dict, position: int | None = None) -> None:
+        """Raise DataError unless `state` describes this very stream, naming what changed: a store
+        rebuilt or replaced under its path (tokenizer or content), the stores, weights, seed,
+        seq_len, or the position the run resumes at."""
+        mine = self.state_dict(position)
+        theirs = list(state.get("stores", []))
+        if len(theirs) != len(mine["stores"]):
             raise DataError(
-                "the checkpoint's data stores differ from the configured ones (identities "
-                f"{[s[:12] for s in theirs_ids]} vs {[s[:12] for s in mine['stores']]}): "
-                "resume with the same data.stores, or start a new run"
+                f"the checkpoint was made with {len(theirs)} data stores, the run has "
+                f"{len(mine['stores'])}: resume with the same data.stores, or start a new run"
+            )
+        for old, new in zip(theirs, mine["stores"]):
+            if isinstance(old, str):  # an identity alone (older checkpoints)
+                old = {"path": "?", "tokenizer_sha256": "", "identity": old}
+            if old.get("identity") == new["identity"]:
+                continue
+            if old.get("tokenizer_sha256") and old["tokenizer_sha256"] != new["tokenizer_sha256"]:
+                what = (f"its tokenizer changed ({old['tokenizer_sha256'][:12]} -> "
+                        f"{new['tokenizer_sha256'][:12]})")
+            else:
+                what = f"its content changed (identity {old['identity'][:12]} -> {new['identity'][:12]})"
+            raise DataError(
+                f"the data stores differ from the checkpoint's: data store {new['path']} was rebuilt or "
+                f"replaced, {what}; restore the store the run trained on (checkpointed as "
+                f"{old.get('path')}), or start a new run"
             )
         for key in ("seed", "seq_len", "split", "mix_block"):
             if state.get(key) != mine[key]:
@@ -166,12 +190,17 @@ class TokenSampler:
                     f"the checkpoint's sampler {key} is {state.get(key)!r}, the run's is {mine[key]!r}: "
                     "resume with the same settings, or start a new run"
                 )
-        theirs = [float(w) for w in state.get("weights", [])]
+        old_w = [float(w) for w in state.get("weights", [])]
         ours = mine["weights"]
-        if len(theirs) != len(ours) or not np.allclose(theirs, ours, rtol=0, atol=1e-12):
+        if len(old_w) != len(ours) or not np.allclose(old_w, ours, rtol=0, atol=1e-12):
             raise DataError(
-                f"the checkpoint's mixture weights {theirs} differ from the run's {mine['weights']}: "
+                f"the checkpoint's mixture weights {old_w} differ from the run's {mine['weights']}: "
                 "resume with the same data.weights, or start a new run"
+            )
+        if position is not None and "position" in state and state["position"] != position:
+            raise DataError(
+                f"the checkpoint's sampler position is sample {state['position']}, the run resumes at "
+                f"{position}: resume with the same train.global_batch, or start a new run"
             )
 
 

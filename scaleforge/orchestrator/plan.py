@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from scaleforge.arch.registry import config_class, known_archs
-from scaleforge.config import ParallelSpec, RunSpec, apply_overrides, run_id
+from scaleforge.config import ParallelSpec, RunSpec, apply_overrides, resolve_precision, run_id
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import prior
 from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, Cluster, load_cluster
@@ -47,7 +47,7 @@ MIN_STEPS = 50
 PLANNED_KEYS = (
     "name", "data.seq_len", "train.steps", "train.global_batch", "train.micro_batch", "train.lr",
     "train.min_lr_ratio", "train.warmup_steps", "parallel.tp", "parallel.pp", "parallel.dp",
-    "parallel.sp", "parallel.recompute",
+    "parallel.sp", "parallel.recompute", "train.device",
 )
 """RunSpec keys the planner decides; `--set` may not change them (use the flags instead). The
 family's shape rule adds its own (`planned_fields` of its config: `model.layers`, ...)."""
@@ -99,6 +99,14 @@ def base_spec(arch: str = "dense", overrides: tuple[str, ...] | list[str] = ()) 
             raise ConfigError("--set model.arch: use --arch")
     spec = RunSpec(model=family())
     return apply_overrides(spec, [f"model.arch={arch}", *overrides])
+
+
+def for_cluster(spec: RunSpec, cluster: Cluster) -> RunSpec:
+    """`spec` bound to the cluster's kind of device: `train.device` set to it and a `precision: auto`
+    resolved for it (bf16 on gpu, fp32 on cpu), so the run id names what will be trained and the
+    trainer refuses the run on the other kind of machine."""
+    spec = resolve_precision(spec, cluster.kind)
+    return dataclasses.replace(spec, train=dataclasses.replace(spec.train, device=cluster.kind))
 
 
 def _variant(base: RunSpec, params: dict, budget: float, user_keys: frozenset) -> RunSpec:
@@ -188,6 +196,7 @@ def plan_target(
     if samples is None and law.source == "prior":
         samples = prior.prior_samples()
     base = _variant(base_spec(arch, overrides), law.params, budget, _keys(overrides))
+    base = for_cluster(base, cluster)
     seq_len = seq_len or _default_seq_len(cluster, base)
     params = law.params
     n_opt, _ = _optimum(base.model, params, budget)
@@ -266,7 +275,7 @@ def make_plan(
     base = base_spec(arch, overrides)
     seq_len = seq_len if seq_len is not None else _default_seq_len(cluster, base)
     user_keys = _keys(overrides)
-    base = _variant(base, law.params, budget, user_keys)
+    base = for_cluster(_variant(base, law.params, budget, user_keys), cluster)
     if growth_stages:
         from scaleforge.orchestrator.growth_ladder import check_stages
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable, Iterable
 
 from scaleforge import rundir
-from scaleforge.config import RunSpec, from_dict, load_yaml_file, run_id, spec_to_yaml
+from scaleforge.config import RunSpec, from_dict, load_yaml_file, run_id, same_run, spec_to_yaml
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator.executors import (
     ACTIVE, UNKNOWN, JobState, Runner, SchedulerError, job_states, run_command,
@@ -126,11 +126,16 @@ class RunState:
     """Runs this one starts from that have not completed yet (it launches after them)."""
     why: str = ""
     """For `unknown`: why the executor could not tell."""
+    job_active: bool = False
+    """A job of the run still holds or waits for resources (a failed run's job may be ending, or
+    requeued by Slurm after a node failure: it is not launched again until that job has gone)."""
 
     @property
     def action(self) -> str:
         """What `submit` does: `skip` (finished or queued), `start` (no checkpoint) or `resume`."""
         if self.state in FINAL_STATES or self.state in ("queued", "running", "unknown"):
+            return "skip"
+        if self.job_active:
             return "skip"
         return "start" if self.step == 0 else "resume"
 
@@ -236,7 +241,7 @@ def prepare_run_dir(entry: RunEntry) -> None:
             old = from_dict(RunSpec, load_yaml_file(entry.spec_path))
         except ConfigError as exc:
             raise ConfigError(f"{entry.spec_path} is not a valid RunSpec ({exc}); move it away") from None
-        if run_id(old) != entry.run_id:
+        if not same_run(old, entry.spec):  # `precision: auto` is resolved by the trainer
             raise ConfigError(
                 f"{entry.run_dir} holds run {run_id(old)}, not {entry.run_id}: move that directory away"
             )
@@ -317,7 +322,7 @@ def _state(entry: RunEntry, d: DirState, record: JobRecord | None, job: JobState
     if job.kind == ACTIVE:
         if written == "failed":
             # the trainer already failed (a rank died, a node was lost): its job is only ending
-            return RunState(state="failed", job_state=job.label, **base)
+            return RunState(state="failed", job_state=job.label, job_active=True, **base)
         return RunState(state="running" if job.running else "queued", job_state=job.label, **base)
     return RunState(state=_from_dir(written, d, record), job_state=job.label, **base)
 

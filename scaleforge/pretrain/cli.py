@@ -39,7 +39,7 @@ def resolve(spec_path: str, overrides: list[str], nproc: int | None) -> tuple[An
     from scaleforge.parallel.checks import check_layout, check_shape, dp_for_world
     from scaleforge.parallel.setup import env_from_launcher
 
-    spec = load_runspec(spec_path, overrides)
+    spec = _on_this_device(load_runspec(spec_path, overrides))
     if nproc is not None and nproc < 1:
         raise ConfigError(f"--nproc must be >= 1, got {nproc}")
     check_shape(spec)  # the model-shape checks first: they name the field to change
@@ -50,9 +50,26 @@ def resolve(spec_path: str, overrides: list[str], nproc: int | None) -> tuple[An
     overrides = list(overrides)
     if dp != spec.parallel.dp:
         overrides.append(f"parallel.dp={dp}")
-        spec = load_runspec(spec_path, overrides)
+        spec = _on_this_device(load_runspec(spec_path, overrides))
     check_layout(spec, world)
     return spec, overrides
+
+
+def device_kind() -> str:
+    """`gpu` when CUDA is usable here, else `cpu`."""
+    import torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
+
+def _on_this_device(spec: Any) -> Any:
+    """Refuse a run planned for the other kind of device; resolve `train.precision: auto` here, so
+    the run id (and run.yaml) name the precision actually trained."""
+    from scaleforge.config import check_device, resolve_precision
+
+    kind = device_kind()
+    check_device(spec, kind)
+    return resolve_precision(spec, kind)
 
 
 def check_stores(spec: Any) -> None:

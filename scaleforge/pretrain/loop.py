@@ -152,7 +152,7 @@ def train(spec: Any, run_dir: Path) -> int:
         train_sampler, val_sampler = open_samplers(spec)
         built = model_build.build(spec)
         hooks = _Hooks.install()
-        step = hooks.load(run_dir, built, spec)
+        step = hooks.load(run_dir, built, spec, train_sampler)
         # Read the data this run starts from (chunks are checksummed on first read): a damaged store
         # stops the run here, before the run directory changes.
         _rows(train_sampler, spec, step)
@@ -207,7 +207,7 @@ def _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step):
             log.eval(step=step, tokens=tokens, flops=flops_per_token * tokens, eval_loss=eval_loss)
             timer.lap()  # evaluation time is not training throughput
         if stop or last or (spec.checkpoint.every and step % spec.checkpoint.every == 0):
-            hooks.save(run_dir, step, built, spec)
+            hooks.save(run_dir, step, built, spec, train_sampler)
             timer.lap()
         log.status("running", step)
         if stop:
@@ -235,7 +235,7 @@ class _Hooks:
     def stop_requested(self) -> bool:
         return bool(self.signals.stop_requested())
 
-    def load(self, run_dir: Path, built, spec) -> int:
+    def load(self, run_dir: Path, built, spec, sampler) -> int:
         """Restore the latest checkpoint, if any (reads only); returns the step to continue from.
 
         Without one, a run with `checkpoint.init_from` starts from that run's last weights, adapted
@@ -246,15 +246,22 @@ class _Hooks:
         )
         if state is None and spec.checkpoint.init_from:
             from scaleforge.pretrain import grow
+        if state is not None:
+            # A store rebuilt or replaced under the same path would silently change the data: refuse
+            # (naming what changed) before anything in the run directory is written.
+            sampler.load_state_dict(
+                state["sampler_state"], position=int(state["step"]) * spec.train.global_batch
+            )
 
             grow.start_from(spec, built, run_dir)
         return 0 if state is None else int(state["step"])
 
-    def save(self, run_dir: Path, step: int, built, spec) -> None:
+    def save(self, run_dir: Path, step: int, built, spec, sampler) -> None:
         self.checkpoint.save(
             run_dir, step, model=built.model, optimizer=built.optimizer,
             scheduler_state={"step": step},
-            sampler_state={"consumed_samples": step * spec.train.global_batch},
+            sampler_state={"consumed_samples": step * spec.train.global_batch,
+                           **sampler.state_dict(position=step * spec.train.global_batch)},
             spec=spec,
         )
 
