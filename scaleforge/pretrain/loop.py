@@ -244,14 +244,14 @@ class _Hooks:
         state = self.checkpoint.load_latest(
             run_dir, model=built.model, optimizer=built.optimizer, spec=spec
         )
-        if state is None and spec.checkpoint.init_from:
-            from scaleforge.pretrain import grow
         if state is not None:
             # A store rebuilt or replaced under the same path would silently change the data: refuse
             # (naming what changed) before anything in the run directory is written.
             sampler.load_state_dict(
                 state["sampler_state"], position=int(state["step"]) * spec.train.global_batch
             )
+        if state is None and spec.checkpoint.init_from:
+            from scaleforge.pretrain import grow
 
             grow.start_from(spec, built, run_dir)
         return 0 if state is None else int(state["step"])
