@@ -21,6 +21,8 @@ VERBS: dict[str, tuple[str, str]] = {
     "fit": ("scaleforge.orchestrator.fit_cli", "fit a scaling law to a CSV table of runs"),
     "train": ("scaleforge.pretrain.cli", "train one run from a RunSpec YAML"),
     "grow": ("scaleforge.pretrain.grow", "a new run from a trained run's checkpoint with a changed shape (the family's growth rule)"),
+    "export": ("scaleforge.export.cli", "write a trained run's last checkpoint as a Hugging Face model directory"),
+    "rewire": ("scaleforge.data_pipeline.rewire.cli", "REWIRE: classify a pool, rewrite it with an instruct model, filter, mix into a new store"),
     "demo": ("scaleforge.orchestrator.demo", "the whole loop on this machine: plan, train, refit, forecast"),
 }
 

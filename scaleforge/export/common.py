@@ -1,0 +1,55 @@
+"""Tensor pieces every mapping shares: megatron's fused attention and SwiGLU projections split into
+the separate Hugging Face matrices (full TP=1 tensors; `gather.py` makes them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def split_qkv(qkv: Any, *, heads: int, kv_heads: int, head_dim: int) -> tuple[Any, Any, Any]:
+    """megatron's `linear_qkv.weight` [(heads + 2 kv_heads) head_dim, hidden] -> q, k, v weights.
+
+    megatron interleaves per query group: for each of the kv_heads groups, its heads / kv_heads query
+    heads, then its key head, then its value head. Query head j belongs to group j // (heads /
+    kv_heads) in both libraries (transformers' repeat_kv repeats each key head consecutively)."""
+    per = heads // kv_heads
+    hidden = qkv.shape[-1]
+    grouped = qkv.reshape(kv_heads, per + 2, head_dim, hidden)
+    q = grouped[:, :per].reshape(heads * head_dim, hidden)
+    k = grouped[:, per].reshape(kv_heads * head_dim, hidden)
+    v = grouped[:, per + 1].reshape(kv_heads * head_dim, hidden)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
+def split_gate_up(fc1: Any) -> tuple[Any, Any]:
+    """megatron's SwiGLU `linear_fc1.weight` [2 f, hidden] = [gate; up] -> (gate, up)."""
+    gate, up = fc1.chunk(2, dim=0)
+    return gate.contiguous(), up.contiguous()
+
+
+def attention(state: dict, src: str, dst: str, cfg: Any, *, q_name: str = "q_proj") -> dict:
+    """HF q/k/v/o projections under `dst` from the megatron attention under `src`."""
+    q, k, v = split_qkv(state[f"{src}.linear_qkv.weight"], heads=cfg.heads,
+                        kv_heads=cfg.kv_heads, head_dim=cfg.head_dim)
+    return {f"{dst}.{q_name}.weight": q, f"{dst}.k_proj.weight": k, f"{dst}.v_proj.weight": v,
+            f"{dst}.o_proj.weight": state[f"{src}.linear_proj.weight"]}
+
+
+def swiglu(state: dict, src: str, dst: str) -> dict:
+    """HF gate/up/down projections under `dst` from a megatron SwiGLU MLP under `src`."""
+    gate, up = split_gate_up(state[f"{src}.linear_fc1.weight"])
+    return {f"{dst}.gate_proj.weight": gate, f"{dst}.up_proj.weight": up,
+            f"{dst}.down_proj.weight": state[f"{src}.linear_fc2.weight"]}
+
+
+def embeddings(state: dict, cfg: Any, *, embed: str, head: str = "lm_head.weight") -> dict:
+    """Input table and output layer (the same tensor when tied, as transformers expects both keys)."""
+    table = state["embedding.word_embeddings.weight"]
+    out = table if cfg.tied_embeddings else state["output_layer.weight"]
+    return {embed: table, head: out}
+
+
+def rope(base: float) -> dict:
+    """transformers 5's rope settings for plain RoPE over the whole head (megatron's default,
+    rotate-half, not interleaved)."""
+    return {"rope_type": "default", "rope_theta": float(base)}
