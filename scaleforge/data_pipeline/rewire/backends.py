@@ -154,8 +154,11 @@ class HttpGenerator:
         import openai
 
         extra = {}
-        if cfg.repetition_penalty != 1.0:
+        if cfg.repetition_penalty != 1.0 and cfg.server == "vllm":
             extra["repetition_penalty"] = cfg.repetition_penalty  # vLLM/SGLang sampling extension
+        elif cfg.repetition_penalty != 1.0 and cfg.server == "transformers":
+            # `transformers serve` refuses unknown fields; it takes generation settings as JSON here.
+            extra["generation_config"] = json.dumps({"repetition_penalty": cfg.repetition_penalty})
         try:
             resp = self.client.chat.completions.create(
                 model=cfg.model, messages=messages, max_tokens=cfg.max_new_tokens,

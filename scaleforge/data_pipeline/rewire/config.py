@@ -16,8 +16,9 @@ from pathlib import Path
 from scaleforge.errors import ConfigError
 
 BACKENDS = ("local", "http")
+SERVERS = ("vllm", "transformers", "openai")
 PROMPTS = ("direct", "guided")
-DIGEST_EXCLUDE = ("endpoint", "timeout_s", "retries", "threads")
+DIGEST_EXCLUDE = ("endpoint", "server", "timeout_s", "retries", "threads")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -113,6 +114,10 @@ class RewriteConfig:
     http: the model name the server serves."""
     endpoint: str = ""
     """http: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    server: str = "vllm"
+    """http: how the repetition penalty travels, which the OpenAI API lacks: `vllm` (also SGLang: a
+    `repetition_penalty` request field), `transformers` (`transformers serve`: a `generation_config`
+    JSON field) or `openai` (no penalty: repetition_penalty must be 1.0)."""
     prompt: str = "direct"
     """`direct` (reply with the rewrite only: for small models) or `guided` (reason as an expert,
     then the improved text between tags: for capable models)."""
@@ -142,6 +147,13 @@ class RewriteConfig:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ConfigError(f"rewrite.backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.server not in SERVERS:
+            raise ConfigError(f"rewrite.server must be one of {', '.join(SERVERS)}, got {self.server!r}")
+        if self.backend == "http" and self.server == "openai" and self.repetition_penalty != 1.0:
+            raise ConfigError(
+                "rewrite.repetition_penalty must be 1.0 with rewrite.server openai (the OpenAI API has "
+                "no repetition penalty): set it to 1.0, or name the server (vllm, transformers)"
+            )
         if self.prompt not in PROMPTS:
             raise ConfigError(f"rewrite.prompt must be one of {', '.join(PROMPTS)}, got {self.prompt!r}")
         if not self.model:

@@ -102,3 +102,7 @@ def _lock(path: Path):
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+if __name__ == "__main__":  # `python -m scaleforge.data_pipeline.rewire.model_cache`: convert now
+    print(bundled_model_dir(print))

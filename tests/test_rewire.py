@@ -1,0 +1,370 @@
+"""REWIRE: config and bad input, the filter's drop reasons, the report's statistics, the local and
+HTTP backends (a real `transformers serve` process), kill-and-resume identity, the sbatch template."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from scaleforge.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATE = REPO / "scaleforge/data_pipeline/rewire/slurm/rewire-array.sh"
+
+
+# ----------------------------------------------------------------------------------------------
+# fixtures: a tiny pool (the conftest store of speeches), negatives from the King James Bible
+
+
+@pytest.fixture(scope="module")
+def kjv_jsonl(tmp_path_factory) -> Path:
+    from scaleforge.data_pipeline import corpus
+
+    kjv = corpus.bundled_sources()[2]
+    path = tmp_path_factory.mktemp("kjv") / "kjv.jsonl"
+    rows = []
+    for _key, text in kjv.documents():
+        rows.append(json.dumps({"text": text}))
+        if len(rows) == 12:
+            break
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def tiny_config(store: Path, negatives: Path, **rewrite) -> dict:
+    """Six 150-character speech openings, 2 per batch, 4 per shard, at most 40 new tokens."""
+    ft = {"dim": 16, "bucket": 4096, "epochs": 10, "lr": 0.5}
+    return {
+        "pool": {"store": str(store), "start": 0, "count": 6, "max_chars": 150},
+        "classify": {
+            "positives": [{"store": str(store), "start": 8, "count": 10, "max_chars": 300}],
+            "negatives": [{"path": str(negatives), "max_chars": 300}],
+            "fasttext": ft,
+        },
+        "rewrite": {"max_new_tokens": 40, "batch_size": 2, "shard_size": 4, "min_length_ratio": 0.3,
+                    "threads": 2, **rewrite},
+        "filter": {"keep_fraction": 0.5, "fasttext": ft},
+        "mix": {"raw_fraction": 0.5, "validation_fraction": 0.2},
+    }
+
+
+def write_config(path: Path, body: dict) -> Path:
+    path.write_text(yaml.safe_dump(body, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from scaleforge.data_pipeline.rewire.model_cache import bundled_model_dir
+
+    return bundled_model_dir()
+
+
+@pytest.fixture(scope="session")
+def local_gen(model_dir):
+    """SmolLM2-135M-Instruct from its cached safetensors copy, loaded once per session."""
+    from scaleforge.data_pipeline.rewire.backends import LocalGenerator
+
+    return LocalGenerator(model_dir, threads=2)
+
+
+def run_cli(*argv: str) -> tuple[int, str]:
+    proc = subprocess.run([sys.executable, "-m", "scaleforge.cli", *argv], capture_output=True,
+                          text=True, timeout=300, cwd=REPO)
+    return proc.returncode, proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------
+# config and bad input: one line, non-zero exit, nothing written
+
+
+def test_config_refuses_bad_fields(tiny_store, kjv_jsonl, tmp_path):
+    from scaleforge.data_pipeline.rewire.config import load_config
+
+    base = tiny_config(tiny_store, kjv_jsonl)
+    cases = [
+        ({"rewrite": {**base["rewrite"], "batch_size": 3}}, "multiple of rewrite.batch_size"),
+        ({"rewrite": {"backend": "http"}}, "rewrite.endpoint"),
+        ({"rewrite": {"backend": "http", "endpoint": "http://x/v1", "server": "openai"}}, "repetition_penalty"),
+        ({"filter": {"keep_fraction": 0}}, "filter.keep_fraction"),
+        ({"mix": {"raw_shares": 0.5}}, "unknown config field 'mix.raw_shares'"),
+        ({"pool": {"store": str(tiny_store), "path": "x"}}, "exactly one of"),
+    ]
+    for patch, needle in cases:
+        cfg = write_config(tmp_path / "c.yaml", {**base, **patch})
+        with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")) as err:
+            load_config(cfg)
+        assert "\n" not in str(err.value)
+    assert load_config(write_config(tmp_path / "ok.yaml", base)).rewrite.batch_size == 2
+
+
+def test_bad_input_one_line_nothing_written(tiny_store, kjv_jsonl, tmp_path):
+    base = tiny_config(tiny_store, kjv_jsonl)
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    cases = {
+        "model": ({**base, "rewrite": {**base["rewrite"], "model": str(tmp_path / "no-model")}},
+                  "rewrite.model"),
+        "endpoint": ({**base, "rewrite": {**base["rewrite"], "backend": "http", "server": "transformers",
+                                          "endpoint": f"http://127.0.0.1:{dead}/v1"}},
+                     "rewrite.endpoint: no OpenAI-compatible server answers"),
+        "empty_pool": ({**base, "pool": {"store": str(tiny_store), "start": 10_000, "count": 4}},
+                       "pool: store"),
+        "one_class": ({**base, "classify": {**base["classify"],
+                                            "negatives": base["classify"]["positives"]}}, "one class"),
+        "missing_store": ({**base, "pool": {"store": str(tmp_path / "nostore")}}, "pool.store"),
+    }
+    for name, (body, needle) in cases.items():
+        out = tmp_path / f"out-{name}"
+        rc, err = run_cli("rewire", str(write_config(tmp_path / f"{name}.yaml", body)), "--out", str(out))
+        assert rc != 0, name
+        lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and needle in lines[0], (name, err[-500:])
+        assert not out.exists(), name
+    # An existing directory that is not a REWIRE output is never written into.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "keep.txt").write_text("x")
+    rc, err = run_cli("rewire", str(write_config(tmp_path / "f.yaml", base)), "--out", str(foreign))
+    assert rc != 0 and "not a REWIRE output" in err
+    assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
+
+
+def test_verb_module_imports_nothing_heavy():
+    code = ("import sys, scaleforge.cli as c; c.build_parser('rewire'); "
+            "heavy = [m for m in ('torch', 'transformers', 'fasttext', 'datatrove', 'zarr') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=REPO)
+
+
+# ----------------------------------------------------------------------------------------------
+# filter and report statistics
+
+
+def test_filter_drops_by_reason(tiny_store, kjv_jsonl, tmp_path):
+    from scaleforge.data_pipeline.rewire import filter as filter_mod
+    from scaleforge.data_pipeline.rewire.config import load_config
+
+    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tiny_store, kjv_jsonl)))
+    source = ("The Congress met in December and heard the President report on the state of the Union, "
+              "its finances, its army and navy, and its dealings with foreign nations.")
+    good = ("In December the Congress gathered to hear the President describe the condition of the "
+            "Union: the public finances, the army and the navy, and relations with other nations abroad.")
+    loop = "The Union is strong and the army is strong. " * 8
+    replies = [{"id": 0, "reply": good}, {"id": 1, "reply": loop}, {"id": 2, "reply": "Yes."},
+               {"id": 3, "reply": "   "}]
+    rows = filter_mod.screen(replies, {i: source for i in range(4)}, cfg)
+    reasons = [r["dropped"] for r in rows]
+    assert reasons[0] is None and rows[0]["text"] == good
+    assert reasons[1].startswith("repetition:") and reasons[2] == "too_short" and reasons[3] == "empty"
+    guided = dataclasses.replace(cfg, rewrite=dataclasses.replace(cfg.rewrite, prompt="guided"))
+    tagged = f"<reasoning>plan</reasoning><improved_document>{good}</improved_document>"
+    rows = filter_mod.screen([{"id": 0, "reply": tagged}, {"id": 1, "reply": f"<improved_document>{good}"}],
+                             {0: source, 1: source}, guided)
+    assert rows[0]["text"] == good and rows[1]["dropped"] == "no_tags"
+
+
+def test_report_statistics_match_independent_formulas():
+    from scaleforge.data_pipeline.rewire import filter as filter_mod
+    from scaleforge.data_pipeline.rewire import report
+
+    raw = [0.9, 0.1, 0.5, 0.7, 0.3, 0.5]
+    rew = [0.2, 0.4, 0.9, 0.8, 0.1, 0.6]
+
+    def ranks(x):  # average ranks of ties, by hand
+        order = sorted(range(len(x)), key=lambda i: x[i])
+        r = [0.0] * len(x)
+        i = 0
+        while i < len(x):
+            j = i
+            while j + 1 < len(x) and x[order[j + 1]] == x[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                r[order[k]] = (i + j) / 2 + 1
+            i = j + 1
+        return np.array(r)
+
+    expected = float(np.corrcoef(ranks(raw), ranks(rew))[0, 1])  # Spearman = Pearson of ranks
+    assert report.spearman(raw, rew) == pytest.approx(expected, abs=1e-6)
+    assert report.spearman([1, 1, 1], [1, 2, 3]) is None
+    ids = list(range(6))
+    raw_top = filter_mod.top(list(zip(ids, raw)), 0.5)  # 0.9 (0), 0.7 (3), then 0.5: id 2 before 5
+    assert raw_top == [0, 3, 2]
+    ov = report.overlap(raw_top, [2, 3, 4, 1])
+    assert ov == {"raw_top": 3, "rewrite_top": 4, "common_sources": 2, "fraction_of_rewrite_top": 0.5}
+
+
+# ----------------------------------------------------------------------------------------------
+# the whole pipeline with SmolLM2: kill mid-rewrite, rerun, identical report and store
+
+
+def _tree_bytes(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_kill_and_resume_gives_identical_report_and_store(tiny_store, kjv_jsonl, local_gen, tmp_path):
+    from scaleforge.data_pipeline import store as store_mod
+    from scaleforge.data_pipeline.rewire import files, mix, pipeline
+    from scaleforge.data_pipeline.rewire.config import load_config
+    from scaleforge.orchestrator.plan import pool_tokens
+
+    cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_store, kjv_jsonl))
+    cfg = load_config(cfg_path)
+    ref = tmp_path / "ref"
+    pipeline.run(cfg, ref, generator=local_gen, echo=lambda _m: None)
+
+    # A separate process is killed (SIGKILL) as soon as its first batch is committed.
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "scaleforge.cli", "rewire", str(cfg_path), "--out",
+                             str(killed)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = files.shard_batches(killed, 0) / "batch-000000000.jsonl"
+    deadline = time.time() + 240
+    while not first.is_file() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert first.is_file(), "the killed run committed no batch"
+    assert not (killed / files.REPORT).exists() and not files.shard_file(killed, 1).exists()
+
+    pipeline.run(cfg, killed, generator=local_gen, echo=lambda _m: None)
+    assert (killed / files.REPORT).read_bytes() == (ref / files.REPORT).read_bytes()
+    assert _tree_bytes(killed / files.MIXED) == _tree_bytes(ref / files.MIXED)
+    # Every batch was generated exactly once over both attempts (none repeated, none skipped).
+    logged = [ln.split(" batch ")[1].split(":")[0] for ln in (killed / files.LOG).read_text().splitlines()
+              if " batch " in ln]
+    assert sorted(logged, key=int) == ["0", "2", "4"]
+
+    report = json.loads((ref / files.REPORT).read_text())
+    replies = [r for s in (0, 1) for r in files.read_jsonl(files.shard_file(ref, s))]
+    assert [r["id"] for r in replies] == list(range(6))
+    assert report["rewrite"]["documents"] == 6
+    assert report["rewrite"]["sampling"]["temperature"] == 0.0
+    assert "{document}" in report["rewrite"]["prompt"]["template"]
+    f = report["filter"]
+    assert f["survived"] + f["dropped_total"] == 6 and f["kept"] >= 1
+    # The mixed store: provenance per document, its texts are the pool's and the kept rewrites'.
+    st = store_mod.open_store(ref / files.MIXED)
+    st.verify()
+    pool = {p["id"]: p["text"] for p in files.read_jsonl(ref / "classify" / "pool.jsonl")}
+    rewrites = {r["id"]: r["text"] for r in files.read_jsonl(ref / "filter" / "rewrites.jsonl") if r.get("kept")}
+    tok = st.tokenizer()
+    n_raw = n_rew = 0
+    for split in ("train", "validation"):
+        kinds, sources = mix.read_provenance(ref / files.MIXED, split)
+        assert len(kinds) == st.num_documents(split)
+        for i, (kind, src) in enumerate(zip(kinds, sources)):
+            text = tok.decode(st.document(split, i)[:-1].tolist(), skip_special_tokens=False)
+            assert text == (rewrites[int(src)] if kind else pool[int(src)])
+            n_rew += int(kind)
+            n_raw += 1 - int(kind)
+    assert (n_raw, n_rew) == (report["mix"]["raw_documents"], report["mix"]["rewritten_documents"])
+    # The planner takes the mixed store as data: its unique tokens are the train tokens (no repeats).
+    assert pool_tokens((str(ref / files.MIXED),)) == st.num_tokens("train") == report["mix"]["train_tokens"]
+
+
+# ----------------------------------------------------------------------------------------------
+# the HTTP backend against a real OpenAI-compatible server: `transformers serve`
+
+
+@pytest.fixture(scope="module")
+def served(model_dir):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"}
+    exe = Path(sys.executable).with_name("transformers")
+    proc = subprocess.Popen([str(exe), "serve", str(model_dir), "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import httpx
+
+    deadline = time.time() + 180
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None:
+            pytest.fail("transformers serve exited while starting")
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("transformers serve did not become healthy in 180 s")
+    yield f"http://127.0.0.1:{port}/v1"
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@pytest.mark.slow
+def test_http_backend_matches_local_and_retries_failed_shards(tiny_store, kjv_jsonl, model_dir, local_gen,
+                                                              served, tmp_path):
+    from scaleforge.data_pipeline.rewire import files, pipeline, prompts
+    from scaleforge.data_pipeline.rewire.backends import BackendError, HttpGenerator
+    from scaleforge.data_pipeline.rewire.config import load_config
+
+    body = tiny_config(tiny_store, kjv_jsonl, backend="http", server="transformers",
+                       model=str(model_dir), endpoint=served, timeout_s=0.05, retries=1)
+    body["pool"]["count"] = 4
+    body["filter"]["repetition"] = False
+    cfg = load_config(write_config(tmp_path / "http.yaml", body))
+
+    # Greedy replies through the server equal the local backend's (one request per batch).
+    docs = [p["text"] for p in [{"text": "And God said, Let there be light: and there was light."},
+                                {"text": "The state of the Union is strong; we have reduced the deficit."}]]
+    one = dataclasses.replace(cfg.rewrite, timeout_s=120.0, batch_size=1, shard_size=1)
+    reqs = [prompts.messages("direct", d) for d in docs]
+    http = HttpGenerator(one).generate(reqs, one, 0)
+    local = [local_gen.generate([r], one, 0)[0] for r in reqs]
+    assert [g.text for g in http] == [g.text for g in local]
+    assert all(g.text for g in http)
+
+    # Requests that time out are retried, then the shard is marked failed: an error, no report.
+    out = tmp_path / "out"
+    with pytest.raises(BackendError, match="shard"):
+        pipeline.run(cfg, out, echo=lambda _m: None)
+    assert files.shard_failed(out, 0).is_file() and not (out / files.REPORT).exists()
+    # A rerun with a workable timeout (same data config: same OUT) retries the failed shard.
+    fixed = dataclasses.replace(cfg, rewrite=dataclasses.replace(cfg.rewrite, timeout_s=120.0))
+    report = pipeline.run(fixed, out, echo=lambda _m: None)
+    assert not files.shard_failed(out, 0).exists()
+    assert report["rewrite"]["documents"] == 4
+    assert report["rewrite"]["generator"] == {"backend": "http", "model": str(model_dir)}
+    assert json.loads((out / files.REPORT).read_text()) == report
+
+
+# ----------------------------------------------------------------------------------------------
+# the cluster template (written and checked here; it runs on a GPU cluster)
+
+
+def test_sbatch_template_is_valid():
+    from scaleforge.cli import build_parser
+
+    text = TEMPLATE.read_text()
+    subprocess.run(["bash", "-n", str(TEMPLATE)], check=True)
+    assert "#SBATCH --array=" in text and "#SBATCH --gpus-per-node=" in text
+    assert "vllm serve" in text and "sglang.launch_server" in text and "/health" in text
+    # The command each array task runs parses as the verb's arguments.
+    start = text.index("\norchestrate rewire") + 1
+    command = text[start:].split("\n\n")[0].replace("\\\n", " ")
+    for var, value in {"$CONFIG": "c.yaml", "$OUT": "out", "$SHARD": "3", "$PORT": "20003"}.items():
+        command = command.replace(var, value)
+    args = build_parser("rewire").parse_args(shlex.split(command)[2:])
+    assert (args.stage, args.shard, args.endpoint) == ("rewrite", 3, "http://127.0.0.1:20003/v1")
