@@ -50,3 +50,6 @@ def train_records(spec: str | Path, out: Path, nproc: int, overrides: list[str])
     proc = subprocess.run(cmd, env=rank_env(1), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+
+
+from slurm_cluster import cluster  # noqa: E402,F401  (the session's Slurm dev cluster, one per session)

@@ -10,8 +10,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from scaleforge import cli, rundir
 from scaleforge.orchestrator import executors, runs
 from scaleforge.orchestrator.executors import local

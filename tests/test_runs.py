@@ -21,7 +21,7 @@ from scaleforge.orchestrator.executors import slurm as slurm_ex
 
 
 def tiny_spec(name: str, *, seed: int = 1234, steps: int = 20, store: str | Path = "bundled",
-              dp: int = 1) -> RunSpec:
+              dp: int = 1, tp: int = 1) -> RunSpec:
     """A few-second dense model (the trainer's smallest sensible shape)."""
     return from_dict(RunSpec, {
         "name": name, "seed": seed,
@@ -29,20 +29,23 @@ def tiny_spec(name: str, *, seed: int = 1234, steps: int = 20, store: str | Path
                   "ffn_hidden": 128, "vocab_size": 512},
         "data": {"stores": [str(store)], "seq_len": 32},
         "train": {"steps": steps, "global_batch": 4 * dp, "micro_batch": 2, "warmup_steps": 2},
-        "parallel": {"dp": dp},
+        "parallel": {"dp": dp, "tp": tp},
         "checkpoint": {"every": 5}, "eval": {"every": 0},
     })
 
 
-def write_plan(path: Path, specs: list[RunSpec], *, runs_dir: str = "runs") -> Path:
-    """A plan.yaml whose ladder is `specs` (the last spec is also the target), as `plan` writes it."""
+def write_plan(path: Path, specs: list[RunSpec], *, runs_dir: str = "runs",
+               nodes: dict[str, int] | None = None) -> Path:
+    """A plan.yaml whose ladder is `specs` (the last spec is also the target), as `plan` writes it;
+    `nodes` gives the nodes of named runs (1 otherwise)."""
 
     def planned(spec: RunSpec, cls=planfile.PlannedRun, **extra):
         n = spec.model.num_params()
         d = spec.tokens_per_step * spec.train.steps
         return cls(name=spec.name, run_id=run_id(spec), budget=6.0 * n * d, N=n,
                    N_non_embedding=n, D=d, flops_per_token=6.0 * n, flops=6.0 * n * d,
-                   epochs=0.1, gpus=spec.parallel.world_size, nodes=1, gpu_hours=0.01, spec=spec,
+                   epochs=0.1, gpus=spec.parallel.world_size, nodes=(nodes or {}).get(spec.name, 1),
+                   gpu_hours=0.01, spec=spec,
                    **extra)
 
     target = replace(specs[-1], name="target", seed=99)

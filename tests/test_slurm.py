@@ -1,6 +1,6 @@
 """Against a real Slurm: the dev cluster (slurm/dev-cluster), submitit jobs, preemption and requeue.
 
-The module starts its own cluster under a temporary root on free ports and stops it at the end.
+The session's cluster (tests/slurm_cluster.py: two nodes) runs under a temporary root on free ports.
 Needs root and the Debian packages (`make slurm-packages`); about 3-4 minutes on 2 cores.
 """
 
@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -21,68 +19,12 @@ import pytest
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import runs
 from scaleforge.orchestrator.executors import slurm as slurm_ex
+from slurm_cluster import DEV_CLUSTER, REPO
 from test_runs import tiny_spec, write_plan
 
 pytestmark = pytest.mark.slurm
 
-REPO = Path(__file__).resolve().parents[1]
-DEV_CLUSTER = REPO / "slurm" / "dev-cluster"
 CLIENTS = ("sbatch", "squeue", "sacct", "sinfo", "scancel", "srun")  # no scontrol: see below
-
-
-def _free_port_base() -> int:
-    for _ in range(50):
-        base = random.randrange(20000, 40000, 4)
-        try:
-            for port in range(base, base + 4):
-                with socket.socket() as s:
-                    s.bind(("0.0.0.0", port))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no four free consecutive ports found")
-
-
-def _daemon_pids(root: Path) -> list[int]:
-    out = []
-    for pidfile in (root / "run").glob("*.pid"):
-        try:
-            pid = int(pidfile.read_text().strip())
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, ValueError, IndexError):
-            continue
-        if state not in ("Z", "X"):
-            out.append(pid)
-    return out
-
-
-@pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
-    """A running dev cluster; yields its root. SLURM_CONF is set for this process meanwhile."""
-    if os.geteuid() != 0:
-        pytest.skip("the dev cluster's daemons run as root")
-    root = tmp_path_factory.mktemp("slurm")
-    base = _free_port_base()
-    t0 = time.perf_counter()
-    up = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(root), "--port", str(base)],
-                        capture_output=True, text=True, timeout=300)
-    assert up.returncode == 0, up.stderr
-    print(f"dev cluster up in {time.perf_counter() - t0:.1f} s")
-    export = up.stdout.strip().splitlines()[-1]
-    assert export == f"export SLURM_CONF={root}/etc/slurm.conf"
-    old = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = f"{root}/etc/slurm.conf"
-    try:
-        yield root
-    finally:
-        down = subprocess.run([str(DEV_CLUSTER), "down", "--root", str(root)],
-                              capture_output=True, text=True, timeout=120)
-        if old is None:
-            os.environ.pop("SLURM_CONF", None)
-        else:
-            os.environ["SLURM_CONF"] = old
-        assert down.returncode == 0, down.stderr
-        assert _daemon_pids(root) == []  # `down` leaves no daemon running
 
 
 @pytest.fixture
@@ -155,9 +97,28 @@ def _all_jobs() -> set[str]:
 def test_cluster_status_and_accounting(cluster):
     st = subprocess.run([str(DEV_CLUSTER), "status", "--root", str(cluster)], capture_output=True,
                         text=True, check=True)
-    for daemon in ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd"):
+    for daemon in ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd.sf1", "slurmd.sf2"):
         assert f"{daemon}: running" in st.stdout
-    assert "idle" in st.stdout
+    # two nodes, each with half the declared CPUs, both at the address Slurm records (NodeAddr)
+    nodes = [line.split() for line in st.stdout.splitlines() if line.startswith("node: ")]
+    assert [(n[1], n[2], n[4]) for n in nodes] == [("sf1", "idle", "NodeAddr=127.0.0.1"),
+                                                   ("sf2", "idle", "NodeAddr=127.0.0.1")]
+    assert nodes[0][3] == nodes[1][3]
+    ports = [int(line.split("Port=")[1].split()[0]) for line in
+             (cluster / "etc" / "slurm.conf").read_text().splitlines() if line.startswith("NodeName=")]
+    base = int((cluster / "etc" / "port-base").read_text())
+    assert ports == [base + 4, base + 5]
+    # bad node counts: one line each, the running cluster untouched
+    for bad, word in (("0", "positive integer"), (str(len(os.sched_getaffinity(0)) + 1), "cores"),
+                      ("1", "stop it (down) before changing --nodes")):
+        out = subprocess.run([str(DEV_CLUSTER), "up", "--nodes", bad, "--root", str(cluster)],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode != 0 and word in out.stderr and len(out.stderr.splitlines()) == 1
+    # srun over both nodes: node ids and node-local ranks from Slurm
+    srun = subprocess.run(["srun", "-N2", "--ntasks-per-node=2", "bash", "-c",
+                           "echo $SLURM_PROCID $SLURM_NODEID $SLURM_LOCALID $SLURMD_NODENAME"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    assert sorted(srun.stdout.split("\n")[:-1]) == ["0 0 0 sf1", "1 0 1 sf1", "2 1 0 sf2", "3 1 1 sf2"]
     # `up` on a running cluster changes nothing and prints the same export line
     t0 = time.perf_counter()
     again = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(cluster)], capture_output=True,
@@ -288,8 +249,10 @@ def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_pat
 
 def test_second_submit_while_queued_queues_nothing(cluster, tmp_path, tiny_store, client_path):
     """Runs whose jobs are still pending are not queued again (the recorded job is asked for)."""
-    hold = subprocess.run(["sbatch", "--parsable", "-c", "16", "-o", "/dev/null", "--wrap",
-                           "sleep 60"], capture_output=True, text=True, check=True).stdout.strip()
+    # every CPU of both nodes taken, so the runs stay pending
+    hold = subprocess.run(["sbatch", "--parsable", "-N2", "--ntasks-per-node=1", "-c", "8", "-o",
+                           "/dev/null", "--wrap", "sleep 60"], capture_output=True, text=True,
+                          check=True).stdout.strip()
     try:
         plan = write_plan(tmp_path / "plan.yaml", [tiny_spec("q", steps=2, store=tiny_store),
                                                    tiny_spec("r", steps=2, store=tiny_store)])

@@ -1,8 +1,10 @@
 """`orchestrate status PLAN`: one table row per run of a plan (ladder and target).
 
 Columns: run, arch, N (parameters), D (training tokens), state, step/total, last loss, job. States
-come from each run directory first and then one batched scheduler query (see `runs.run_states`); if
-the scheduler cannot be asked, Slurm runs that are not finished show `unknown`. Torch-free.
+come from each run directory first and then one batched query per executor (see `runs.run_states`:
+one squeue and at most one sacct call for all Slurm runs); if an executor cannot be asked, its runs
+that are not finished show `unknown` and the command still exits 0. A growth stage whose source has
+not completed shows `waits for NAME`. Torch-free.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
             "last_loss": st.last_loss,
             "job": st.job,
             "job_state": st.job_state,
+            "waits_for": list(st.waits_for),
             "run_dir": str(st.entry.run_dir),
         })
     if args.json:
@@ -68,6 +71,8 @@ def print_table(rows: list[dict], *, title: str = "") -> None:
         name = row["run"] + (" *" if row["role"] == "target" else "")
         loss = "" if row["last_loss"] is None else f"{row['last_loss']:.4f}"
         job = row["job"] + (f" {row['job_state']}" if row["job"] and row["job_state"] else "")
+        if row.get("waits_for"):
+            job = (job + " " if job else "") + f"waits for {', '.join(row['waits_for'])}"
         table.add_row(name, row["arch"], _si(row["N"]), _si(row["D"]),
                       f"[{style}]{row['state']}[/{style}]" if style else row["state"],
                       f"{row['step']}/{row['total_steps'] or '?'}", loss, job)

@@ -16,6 +16,7 @@ with `--dependency=afterok` on its source's jobs. Torch-free.
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from scaleforge.errors import ConfigError
 
@@ -51,6 +52,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default 120)")
     slurm.add_argument("--no-array", action="store_true",
                        help="one job per run instead of arrays of same-shaped runs")
+    slurm.add_argument("--throttle", type=int, default=32, metavar="N",
+                       help="at most N tasks of one array run at once (default 32)")
+    slurm.add_argument("--hold", action="store_true",
+                       help="submit the jobs held: nothing starts before `scontrol release`")
     slurm.add_argument("--wait", action="store_true",
                        help="then wait until none of the plan's runs is queued or running (exit 1 "
                             "if any did not complete)")
@@ -61,7 +66,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from scaleforge.orchestrator import runs
-    from scaleforge.orchestrator.executors import retry
 
     if args.max_requeues < 0:
         raise ConfigError(f"--max-requeues must be >= 0, got {args.max_requeues}")
@@ -77,6 +81,20 @@ def run(args: argparse.Namespace) -> int:
         from scaleforge.orchestrator.executors.slurm import check_cluster_fits
 
         check_cluster_fits(entries, options.partition)
+    if args.executor != "slurm":
+        return _submit(args, entries, options)
+    with _submit_lock(entries):
+        code = _submit(args, entries, options)
+    if code or not args.wait or args.dry_run:
+        return code
+    final = runs.wait_for_runs(entries)
+    return 0 if all(st.state == "completed" for st in final) else 1
+
+
+def _submit(args: argparse.Namespace, entries: list, options) -> int:
+    from scaleforge.orchestrator import runs
+    from scaleforge.orchestrator.executors import retry
+
     states = retry(lambda: runs.run_states(entries), what="asking the executor for job states",
                    echo=print)
     launch = []
@@ -96,9 +114,6 @@ def run(args: argparse.Namespace) -> int:
             launch.append(st.entry)
     if not launch:
         print("nothing to launch")
-        if args.wait and args.executor == "slurm" and not args.dry_run:
-            final = runs.wait_for_runs(entries)
-            return 0 if all(st.state == "completed" for st in final) else 1
         return 0
     if args.dry_run:
         if options is not None:
@@ -111,12 +126,11 @@ def run(args: argparse.Namespace) -> int:
     if args.executor == "slurm":
         from scaleforge.orchestrator.executors.slurm import submit_slurm
 
-        submit_slurm(launch, options)
+        queued = {st.entry.run_dir: st.record for st in states
+                  if st.record is not None and st.state in ("queued", "running")}
+        submit_slurm(launch, options, sources=queued)
         print(f"submitted {len(launch)} run(s); `orchestrate status {args.plan}` shows their states")
-        if not args.wait:
-            return 0
-        final = runs.wait_for_runs(entries)
-        return 0 if all(st.state == "completed" for st in final) else 1
+        return 0
     from scaleforge.orchestrator.executors.local import run_local
 
     codes = run_local(launch, cores=args.cores, max_requeues=args.max_requeues)
@@ -139,4 +153,25 @@ def _slurm_options(args: argparse.Namespace):
 
     return SlurmOptions(partition=args.partition, account=args.account, qos=args.qos,
                         max_requeues=args.max_requeues, signal_delay_s=args.signal_delay,
-                        cpus_per_task=args.cpus_per_task, array=not args.no_array)
+                        cpus_per_task=args.cpus_per_task, array=not args.no_array,
+                        throttle=args.throttle, hold=args.hold)
+
+
+@contextlib.contextmanager
+def _submit_lock(entries: list):
+    """One `submit` at a time per runs directory: a second one waits until the first has recorded
+    its jobs, then sees them queued (no run is queued twice)."""
+    import fcntl
+
+    folders = sorted({e.run_dir.parent for e in entries})
+    handles = []
+    try:
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+            handle = open(folder / ".submit.lock", "a")
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            handles.append(handle)
+        yield
+    finally:
+        for handle in handles:
+            handle.close()

@@ -70,6 +70,30 @@ def first_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
+PG_TIMEOUT_ENV = "SCALEFORGE_PG_TIMEOUT_S"
+PG_TIMEOUT_S = 600.0
+"""A collective waiting longer than this fails instead of hanging: a rank on a lost node never
+answers, and gloo's own default would wait 30 minutes. 10 minutes (megatron's default
+distributed-timeout) covers the longest legitimate wait, a checkpoint save on a slow file system."""
+
+
+def process_group_timeout(environ: dict[str, str] | None = None) -> Any:
+    """The process group's timeout: $SCALEFORGE_PG_TIMEOUT_S seconds, else PG_TIMEOUT_S."""
+    from datetime import timedelta
+
+    env = os.environ if environ is None else environ
+    raw = env.get(PG_TIMEOUT_ENV, "")
+    try:
+        seconds = float(raw) if raw else PG_TIMEOUT_S
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        from scaleforge.errors import ConfigError
+
+        raise ConfigError(f"{PG_TIMEOUT_ENV}={raw!r}: use a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -104,6 +128,7 @@ def init_distributed(spec: Any, environ: dict[str, str] | None = None) -> RankEn
             init_method=f"tcp://{rank_env.master_addr}:{port}",
             rank=rank_env.rank,
             world_size=rank_env.world_size,
+            timeout=process_group_timeout(),
         )
     par = spec.parallel
     if not parallel_state.model_parallel_is_initialized():

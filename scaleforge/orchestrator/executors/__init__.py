@@ -9,6 +9,7 @@ records, never "gone": `status` shows unknown, `submit` retries (`retry`) and th
 
 from __future__ import annotations
 
+import os
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,7 +22,22 @@ ACTIVE, ENDED, UNKNOWN = "active", "ended", "unknown"
 
 BACKOFF_S = (1.0, 2.0, 4.0)
 """Waits between the attempts of a scheduler command (4 attempts in 7 s): a busy slurmctld answers
-`Socket timed out` for a few seconds under load, which a retry rides out."""
+`Socket timed out` for a few seconds under load, which a retry rides out. $SCALEFORGE_RETRY_BACKOFF_S
+(comma-separated seconds) replaces it."""
+BACKOFF_ENV = "SCALEFORGE_RETRY_BACKOFF_S"
+
+
+def _backoff() -> tuple[float, ...]:
+    raw = os.environ.get(BACKOFF_ENV, "")
+    if not raw:
+        return BACKOFF_S
+    try:
+        waits = tuple(float(x) for x in raw.split(",") if x.strip())
+    except ValueError:
+        waits = (-1.0,)
+    if any(not 0 <= w < 3600 for w in waits):
+        raise SchedulerError(f"{BACKOFF_ENV}={raw!r}: use comma-separated seconds, each 0-3600")
+    return waits
 
 
 class SchedulerError(ScaleforgeError):
@@ -92,7 +108,7 @@ def retry(call: Callable[[], T], *, what: str, backoff: Sequence[float] | None =
           echo: Callable[[str], None] | None = None) -> T:
     """`call()`, retried after each wait of `backoff` while it raises SchedulerError; then the last
     error, as one line naming `what` and the attempts."""
-    waits = BACKOFF_S if backoff is None else tuple(backoff)
+    waits = _backoff() if backoff is None else tuple(backoff)
     for attempt, wait in enumerate((*waits, None), start=1):
         try:
             return call()

@@ -1,32 +1,42 @@
 """Slurm executor through submitit: one job per run, or one array for runs of the same shape.
 
-Launcher model: one srun task per rank (`tasks_per_node` = ranks per node). Each task runs
-`TrainTask`, which starts `python -m scaleforge.pretrain RUN.yaml --out DIR` as that rank (it reads
-SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID), so every rank receives Slurm's signals itself: Slurm signals
-every process of a job step, not only the task's first one.
+Launcher model: one srun task per rank (`tasks_per_node` = ranks per node, ranks numbered node by
+node, so tensor parallelism stays inside a node). Each task runs `TrainTask`, which starts
+`python -m scaleforge.pretrain RUN.yaml --out DIR` as that rank (it reads SLURM_PROCID/SLURM_NTASKS
+and the node-local SLURM_LOCALID), so every rank receives Slurm's signals itself: Slurm signals every
+process of a job step on every node, not only the task's first one. The rendezvous (MASTER_ADDR) is
+the job's first node's address as Slurm records it (NodeAddr, `rendezvous_address`), never its
+name resolved: node names need not resolve. srun runs with `--kill-on-bad-exit=1`: a rank that fails
+(a crash, or a peer lost with its node) ends every rank of the step, and the trainer's process-group
+timeout bounds any wait on a peer that vanished without closing its sockets.
 
 Preemption and time limits. Jobs are submitted with `--signal=USR2@<signal_delay_s>` (submitit's
 preemption signal) and `--requeue`. On USR2 or SIGTERM the trainer's own handler sets a stop flag that
 all ranks agree on at the next step, saves a checkpoint and exits with its requeue code. `TrainTask`
 replaces submitit's USR2 handler (which would run `scontrol requeue` from the node at once, before the
-trainer has saved) with one that only notes the signal, and turns the requeue exit into a failed job.
+trainer has saved) with one that only notes the signal, and turns rank 0's requeue exit into a failed
+job (the other ranks end cleanly, so --kill-on-bad-exit does not cut rank 0's last writes short).
 
 The requeue itself needs no Slurm command on the compute nodes (`scontrol` is often only on login
 nodes, submitit#1601): at submission, each run also gets `max_requeues` continuation jobs, job k with
 `--dependency=afternotok:J0:...:J(k-1) --kill-on-invalid-dep=yes`. A continuation starts only when all
 jobs before it failed (saved-and-stopped, preempted, timed out or node failure), resumes from
-checkpoints/latest, and is cancelled by Slurm as soon as one before it completes. A continuation that
-finds the run finished or failed (status.json) returns at once, so a crash is not retried.
-Array runs get per-task continuations (`afternotok:ARRAY_TASK`), so each run resumes on its own.
+checkpoints/latest, and is cancelled by Slurm as soon as one before it completes. A continuation (or
+a job Slurm requeued itself) that finds the run finished or failed (status.json) returns at once, so
+a crash is not retried behind the user's back. Runs in an array get continuation arrays, one per
+level, each after the array before it ended (`afterany`): two sbatch calls queue a 200-run ladder
+with one continuation each, and a task whose run finished returns at once.
+
+Job states: `query_states` answers for every record in one squeue and at most one sacct call.
 
 Everything that reaches a shell or an `#SBATCH` line is checked here or quoted by submitit (shlex):
 run names are restricted by the RunSpec; partition, account and paths are checked below.
 Torch-free (submitit is imported when jobs are submitted).
 """
 
+
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -75,6 +85,11 @@ class SlurmOptions:
     """CPU cores per rank (OMP_NUM_THREADS is set to it)."""
     array: bool = True
     """Submit runs of the same shape (nodes, ranks per node, GPUs) as one job array."""
+    throttle: int = 32
+    """At most this many tasks of one array run at once (`--array=0-N%throttle`): a ladder of
+    hundreds of runs does not flood the queue's running slots."""
+    hold: bool = False
+    """Submit held (`sbatch --hold`): nothing starts until `scontrol release`."""
     python: str = field(default_factory=lambda: sys.executable)
     """Python interpreter on the compute nodes (the same environment as here by default)."""
 
@@ -85,6 +100,8 @@ class SlurmOptions:
                 raise ConfigError(f"slurm {name}={value!r}: use letters, digits, '.', '_' or '-'")
         if self.max_requeues < 0 or self.signal_delay_s < 0 or self.cpus_per_task < 1:
             raise ConfigError("slurm max_requeues and signal_delay_s must be >= 0, cpus_per_task >= 1")
+        if self.throttle < 1:
+            raise ConfigError(f"--throttle must be >= 1, got {self.throttle}")
         _check_path("python", self.python)
 
 
@@ -220,6 +237,9 @@ class TrainTask:
     """A continuation job: returns at once if the run already finished or failed."""
     python: str = ""
     """Interpreter for the trainer (default: the one running this task)."""
+    after: tuple[str, ...] = ()
+    """Run directories this run starts from (checkpoint.init_from): it trains only once they
+    completed, and returns at once otherwise."""
 
     def __call__(self) -> dict:
         return run_task(self)
@@ -238,10 +258,18 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
     run_dir = Path(task.run_dir)
     rank = int(os.environ.get("SLURM_PROCID", "0"))
     job = _job_id_from_env()
-    if task.continuation:
+    restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
+    if task.continuation or restarted:
+        # a continuation, or a job Slurm requeued (after a node failure): a failed run is resumed
+        # by `orchestrate submit`, not retried behind the user's back
         state = _status(run_dir).get("state")
         if state in rundir.FINAL_STATES or state == "failed":
             return {"run_dir": str(run_dir), "state": state, "job": job, "skipped": True}
+    waiting = [p for p in task.after if _status(Path(p)).get("state") != "completed"]
+    if waiting:
+        # its source did not complete (a dependency Slurm cancelled, then this continuation ran)
+        return {"run_dir": str(run_dir), "state": "waiting", "waits_for": waiting, "job": job,
+                "skipped": True}
     noted: list[int] = []
     # Replace submitit's handlers: its USR2 handler would requeue through scontrol immediately. The
     # trainer (this task's child, signalled by Slurm too) saves; we only wait for it.
@@ -251,8 +279,12 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
     log_path.parent.mkdir(parents=True, exist_ok=True)
     cmd = [task.python or sys.executable, "-m", "scaleforge.pretrain", str(rundir.spec_path(run_dir)),
            "--out", str(run_dir)]
+    env = dict(os.environ)
+    env.setdefault("MASTER_ADDR", rendezvous_address(env))
     with open(log_path, "a") as log:
-        log.write(f"=== job {job} rank {rank} on {socket.gethostname()} "
+        log.write(f"=== job {job} rank {rank} on {socket.gethostname()} node "
+                  f"{env.get('SLURMD_NODENAME', '?')} local rank {env.get('SLURM_LOCALID', '0')} "
+                  f"rendezvous {env['MASTER_ADDR']} "
                   f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')} ===\n")
         log.flush()
         # The trainer starts with the signals blocked and unblocks them once its handler is in
@@ -261,7 +293,7 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         try:
             proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL)
+                                    stdin=subprocess.DEVNULL, env=env)
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)
         code = proc.wait()
@@ -271,10 +303,31 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
                 "job": job}
     code_requeue = _requeue_exit_code() if requeue_code is None else requeue_code
     signals = ",".join(signal.Signals(s).name for s in noted) or "none seen by the task"
+    if code == code_requeue and rank != 0:
+        # Only rank 0 fails the job (which starts the continuation): srun --kill-on-bad-exit would
+        # end rank 0 the moment another rank exited non-zero, while rank 0 still writes status.json
+        # after the save's last barrier.
+        return {"run_dir": str(run_dir), "state": "preempted", "job": job, "rank": rank}
     if code == code_requeue:
         raise RunStopped(f"{run_dir.name}: saved at step {status.get('step')} and stopped "
                          f"(signals: {signals}); the next continuation job resumes it")
     raise RunFailed(f"{run_dir.name}: trainer exited with {code} (signals: {signals}); log: {log_path}")
+
+
+def rendezvous_address(env: dict[str, str], *, runner: Runner = run_command) -> str:
+    """The address of the job's first node as Slurm records it (its NodeAddr), for rank 0's store.
+
+    Node names need not resolve (on many clusters and on the dev cluster they do not), so the name
+    in SLURM_JOB_NODELIST is looked up in Slurm's node table (`sinfo -n NAME -o %o`, no scontrol:
+    compute nodes often lack it). Without an answer: the address srun was started from, which is the
+    batch host, the first node of the allocation (SLURM_LAUNCH_NODE_IPADDR).
+    """
+    from scaleforge.parallel.setup import first_host
+
+    first = first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_STEP_NODELIST", ""))
+    out = runner(["sinfo", "-h", "-N", "-n", first, "-o", "%o"])
+    addr = out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else ""
+    return addr or env.get("SLURM_LAUNCH_NODE_IPADDR") or first
 
 
 def _requeue_exit_code() -> int:
@@ -298,16 +351,15 @@ def _status(run_dir: Path) -> dict:
 
 def cluster_gpus() -> bool:
     """Whether any node of the cluster offers GPUs as a generic resource (gres)."""
-    out = subprocess.run(["sinfo", "-h", "-o", "%G"], capture_output=True, text=True, timeout=60,
-                         check=False)
+    out = run_command(["sinfo", "-h", "-o", "%G"])
     if out.returncode != 0:
-        raise SchedulerError(f"sinfo failed: {out.stderr.strip()[:300]} (is SLURM_CONF set and the "
+        raise SchedulerError(f"sinfo failed: {_first_line(out)} (is SLURM_CONF set and the "
                              "cluster up? `slurm/dev-cluster up` starts one on this machine)")
     return "gpu" in out.stdout
 
 
 def cluster_nodes(partition: str | None = None, *, runner: Runner = run_command) -> int:
-    """Nodes of the partition (the default one when None) that are not down: what one job may span."""
+    """Nodes of the partition (the default one when None): the most one job may span."""
     cmd = ["sinfo", "-h", "-N", "-o", "%N|%P|%t"]
     out = runner(cmd)
     if out.returncode != 0:
@@ -319,8 +371,7 @@ def cluster_nodes(partition: str | None = None, *, runner: Runner = run_command)
         part, _, state = rest.partition("|")
         default = part.endswith("*")
         if (part.rstrip("*") == partition) if partition else default:
-            if not state.rstrip("*~#!%$@^-").startswith(("down", "drain", "fail")):
-                nodes.add(name)
+            nodes.add(name)  # down or drained ones too: they are the cluster's, and come back
     return len(nodes)
 
 
@@ -336,7 +387,7 @@ def check_cluster_fits(entries: list[RunEntry], partition: str | None = None, *,
     if widest.nodes > have:
         where = f"partition {partition}" if partition else "the default partition"
         raise ConfigError(
-            f"run {widest.name} needs {widest.nodes} nodes but {where} has {have} up: plan for "
+            f"run {widest.name} needs {widest.nodes} nodes but {where} has {have}: plan for "
             f"{have} node(s) (`orchestrate plan --cluster FILE` with nodes: {have}) or add nodes")
 
 
@@ -369,7 +420,13 @@ def _parameters(e: RunEntry, options: SlurmOptions, job_name: str) -> dict:
         stderr_to_stdout=True,
         setup=[f"export OMP_NUM_THREADS={int(options.cpus_per_task)}", "export PYTHONUNBUFFERED=1"],
         additional_parameters={"requeue": True, "kill-on-invalid-dep": "yes"},
+        # one rank failing (a lost node, a crash) ends every rank of the step at once instead of
+        # leaving the others blocked in a collective
+        srun_args=["--kill-on-bad-exit=1"],
+        array_parallelism=options.throttle,
     )
+    if options.hold:
+        params["additional_parameters"]["hold"] = True
     if e.gpus_per_node:
         params["gpus_per_node"] = e.gpus_per_node
     for name in ("partition", "account", "qos"):
@@ -394,75 +451,165 @@ def _quote(path: str) -> str:
 
 
 def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *,
-                 echo: Callable[[str], None] = print) -> dict[str, JobRecord]:
-    """Submit every entry (first job + continuation chain); returns {run name: JobRecord}.
+                 echo: Callable[[str], None] = print,
+                 sources: dict[Path, JobRecord] | None = None) -> dict[str, JobRecord]:
+    """Submit every entry (first job + continuations); returns {run name: JobRecord}.
+
+    Runs of one shape form one array (`--array=0-N%throttle`) and their continuations one array per
+    level, each starting after the level before ended (`afterany`); a task whose run has finished
+    returns at once. A single run's continuation k starts only if jobs 0..k-1 all failed
+    (`afternotok`). A run that starts from another run (`RunEntry.after`) is a single job with
+    `--dependency=afterok:<each job of its source's chain>` (any one of them), unless its source has
+    completed. `sources` gives the records of sources queued by an earlier submission.
 
     Each run's job.json is written as soon as its first job is queued and rewritten as each
-    continuation is added, so an interrupted submission never leaves a queued run unrecorded.
+    continuation is added, so an interrupted submission never leaves a queued run unrecorded, and a
+    failed sbatch records nothing for the runs it did not queue.
     """
     options = options or SlurmOptions()
     if not entries:
         return {}
-    if shutil.which("sbatch") is None:
-        raise SchedulerError("sbatch is not on PATH: submit from a host with Slurm's client commands "
-                             "(or use --executor local)")
-    check_submittable(entries, has_gpus=cluster_gpus())
+    check_submittable(entries, has_gpus=retry(cluster_gpus, what="sinfo"))
     for e in entries:
         runs.prepare_run_dir(e)
+    known: dict[Path, JobRecord] = dict(sources or {})
     groups: dict[tuple, list[RunEntry]] = {}
     for e in entries:
-        groups.setdefault((e.run_dir.parent, *_shape(e)), []).append(e)
+        # a run that waits for another is a job of its own: a dependency holds a whole array
+        key = (e.run_dir.parent, *_shape(e), e.name if e.after else "")
+        groups.setdefault(key, []).append(e)
     records: dict[str, JobRecord] = {}
     for (parent, *_), group in groups.items():
         folder = parent / ".slurm"
-        first = _submit_first(group, folder, options)
+        depends = _dependency(group[0], known) if group[0].after else None
+        first = _submit_first(group, folder, options, depends)
         for e, jid in zip(group, first):
             record = JobRecord(executor="slurm", job_ids=(jid,), submitted_at=time.time(),
-                               host=socket.gethostname())
+                               host=socket.gethostname(), after=tuple(str(p) for p in e.after))
             rundir.write_job(e.run_dir, record)
-            records[e.name] = record
+            records[e.name] = known[e.run_dir] = record
             echo(f"{e.name}: job {jid} ({e.nodes} node{'s' if e.nodes > 1 else ''}, "
-                 f"{e.ranks} rank{'s' if e.ranks > 1 else ''}, {e.time_min} min)")
+                 f"{e.ranks} rank{'s' if e.ranks > 1 else ''}, {e.time_min} min)"
+                 + (f", after {depends}" if depends else ""))
+        if len(group) > 1 and options.array:
+            _array_continuations(group, folder, options, records)
+        else:
+            for e in group:
+                _single_continuations(e, folder, options, records)
         for e in group:
-            record = records[e.name]
-            for _ in range(options.max_requeues):
-                params = _parameters(e, options, f"sf-{e.name}")
-                params["dependency"] = "afternotok:" + ":".join(record.job_ids)
-                ex = _executor(folder, options, params)
-                task = TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python)
-                job = _sbatch(f"a continuation of {e.name}", lambda: ex.submit(task))
-                record = replace(record, job_ids=(*record.job_ids, job.job_id))
-                rundir.write_job(e.run_dir, record)
-            records[e.name] = record
-            if options.max_requeues:
-                echo(f"{e.name}: continuation jobs {', '.join(record.job_ids[1:])} "
-                     "(each starts only if every job before it was preempted or stopped)")
+            known[e.run_dir] = records[e.name]
     return records
 
 
+def _dependency(e: RunEntry, known: dict[Path, JobRecord]) -> str | None:
+    """`afterok:J0?afterok:J1...` over the job chains of e's not-yet-completed sources."""
+    parts = []
+    for source in e.after:
+        if rundir.read_status(source).get("state") == "completed":
+            continue
+        record = known.get(source)
+        if record is None or record.executor != "slurm" or not record.job_ids:
+            raise ConfigError(f"run {e.name} starts from {runs.run_name(source)}, which is neither "
+                              "completed nor queued on Slurm: submit it too")
+        parts.append("?".join(f"afterok:{j}" for j in record.job_ids))
+    if len(parts) > 1:
+        # `?` (any) and `,` (all) cannot be mixed: one growth source per stage is what plans make
+        raise ConfigError(f"run {e.name} starts from {len(parts)} runs that have not completed; "
+                          "submit it after all but one of them completed")
+    return parts[0] if parts else None
+
+
+def _single_continuations(e: RunEntry, folder: Path, options: SlurmOptions,
+                          records: dict[str, JobRecord]) -> None:
+    record = records[e.name]
+    for _ in range(options.max_requeues):
+        params = _parameters(e, options, f"sf-{e.name}")
+        params["dependency"] = "afternotok:" + ":".join(record.job_ids)
+        task = TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python,
+                         after=tuple(str(p) for p in e.after))
+        job = _sbatch(f"a continuation of {e.name}",
+                      lambda: _executor(folder, options, params).submit(task))
+        record = replace(record, job_ids=(*record.job_ids, job.job_id))
+        rundir.write_job(e.run_dir, record)
+    records[e.name] = record
+    if options.max_requeues:
+        echo_ids = ", ".join(record.job_ids[1:])
+        print(f"{e.name}: continuation jobs {echo_ids} (each starts only if every job before it "
+              "was preempted or stopped)")
+
+
+def _array_continuations(group: list[RunEntry], folder: Path, options: SlurmOptions,
+                         records: dict[str, JobRecord]) -> None:
+    longest = max(group, key=lambda e: e.time_min)
+    previous = records[group[0].name].job_ids[0].split("_")[0]
+    for level in range(options.max_requeues):
+        params = _parameters(longest, options, f"sf-{group[0].name}-x{len(group)}-c{level + 1}")
+        params["dependency"] = f"afterany:{previous}"
+        tasks = [TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python)
+                 for e in group]
+        jobs = _sbatch(f"continuation array {level + 1} of {group[0].name}..{group[-1].name}",
+                       lambda: _executor(folder, options, params).submit_array(tasks))
+        for e, job in zip(group, jobs):
+            records[e.name] = replace(records[e.name],
+                                      job_ids=(*records[e.name].job_ids, job.job_id))
+            rundir.write_job(e.run_dir, records[e.name])
+        previous = jobs[0].job_id.split("_")[0]
+    if options.max_requeues:
+        print(f"array {records[group[0].name].job_ids[0].split('_')[0]}: {options.max_requeues} "
+              "continuation array(s), each after the one before ended; a task whose run finished "
+              "returns at once")
+
+
+# sbatch refusing a job for what it asks (not for a failure to reach slurmctld): retrying is useless
+REFUSALS = ("More processors requested", "Requested node configuration is not available",
+            "Invalid", "invalid", "not permitted", "exceeds", "Job dependency problem")
+
+
 def _sbatch(what: str, submit: Callable[[], Any]) -> Any:
-    """Run a submitit submission; sbatch refusing it is a one-line SchedulerError."""
+    """Run a submitit submission, retried with backoff while sbatch is missing or cannot reach the
+    controller; a refusal, or the last failure, is a one-line SchedulerError."""
+
+    def once() -> Any:
+        if shutil.which("sbatch") is None:
+            raise SchedulerError("sbatch is not on PATH (submit from a host with Slurm's client "
+                                 "commands, or use --executor local)")
+        try:
+            return submit()
+        except Exception as exc:  # noqa: BLE001 - submitit wraps sbatch's failure in several types
+            lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()]
+            reason = (lines[-1] if lines else (str(exc).strip().splitlines() or ["?"])[-1])[:300]
+            if any(word in reason for word in REFUSALS):
+                raise _Refused(f"sbatch refused {what}: {reason}") from exc
+            raise SchedulerError(f"sbatch failed for {what}: {reason}") from exc
+
     try:
-        return submit()
-    except Exception as exc:  # noqa: BLE001 - submitit wraps sbatch's refusal in several types
-        lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()]
-        reason = (lines[-1] if lines else str(exc).strip().splitlines()[-1])[:300]
-        raise SchedulerError(f"sbatch refused {what}: {reason}") from exc
+        return retry(once, what="sbatch", echo=print)
+    except _Refused as exc:
+        raise SchedulerError(str(exc)) from None
 
 
-def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions) -> list[str]:
+class _Refused(Exception):
+    """sbatch refused the job itself (not retried)."""
+
+
+def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions,
+                  depends: str | None = None) -> list[str]:
     head = group[0]
-    tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python) for e in group]
+    tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python,
+                       after=tuple(str(p) for p in e.after)) for e in group]
     if len(group) > 1 and options.array:
         longest = max(group, key=lambda e: e.time_min)
-        ex = _executor(folder, options, _parameters(longest, options, f"sf-{head.name}-x{len(group)}"))
-        jobs = _sbatch(f"the array of {', '.join(e.name for e in group)}",
-                       lambda: ex.submit_array(tasks))
+        params = _parameters(longest, options, f"sf-{head.name}-x{len(group)}")
+        jobs = _sbatch(f"the array of {head.name}..{group[-1].name} ({len(group)} runs)",
+                       lambda: _executor(folder, options, params).submit_array(tasks))
         return [j.job_id for j in jobs]
     out = []
     for e, task in zip(group, tasks):
-        ex = _executor(folder, options, _parameters(e, options, f"sf-{e.name}"))
-        out.append(_sbatch(f"run {e.name}", lambda: ex.submit(task)).job_id)
+        params = _parameters(e, options, f"sf-{e.name}")
+        if depends:
+            params["dependency"] = depends
+        out.append(_sbatch(f"run {e.name}",
+                           lambda: _executor(folder, options, params).submit(task)).job_id)
     return out
 
 
