@@ -197,3 +197,27 @@ def test_submit_local_real_trainer_resumes_after_sigusr1(tmp_path, tiny_store):
     again = subprocess.run([sys.executable, "-m", "scaleforge.cli", "submit", str(plan)],
                            capture_output=True, text=True, env=env, check=True)
     assert "lr: skip (completed)" in again.stdout and "nothing to launch" in again.stdout
+
+
+def test_growth_stages_start_after_their_source(tmp_path, stand_in):
+    """A run whose checkpoint.init_from names another run of the batch starts only after that run
+    completed, even with cores free; if its source does not complete, it never starts."""
+    from dataclasses import replace
+
+    r0, r1, r2 = make_entries(tmp_path, [1, 1, 1])
+    r1 = replace(r1, after=(r0.run_dir,))
+    r2 = replace(r2, after=(r1.run_dir,))
+    codes = local.run_local([r2, r1, r0], cores=3, command=stand_in("ok", steps=2, dt=0.05),
+                            requeue_code=REQUEUE, echo=lambda _m: None, poll_s=0.02)
+    assert codes == {"r0": 0, "r1": 0, "r2": 0}
+    assert events(r0)[-1]["t"] <= events(r1)[0]["t"] and events(r1)[-1]["t"] <= events(r2)[0]["t"]
+
+    s0, s1 = make_entries(tmp_path / "again", [1, 1])
+    s1 = replace(s1, after=(s0.run_dir,))
+    lines = []
+    codes = local.run_local([s0, s1], cores=2, max_requeues=0,
+                            command=stand_in("always-requeue", 3, 0.01), requeue_code=REQUEUE,
+                            echo=lines.append, poll_s=0.02)
+    assert codes == {"r0": REQUEUE, "r1": 1}
+    assert not (s1.run_dir / "events.jsonl").exists()
+    assert "r1: not started: it starts from r0, which did not complete" in lines
