@@ -93,3 +93,38 @@ def test_replace_never_mutates():
     assert to_dict(spec) == before
     with pytest.raises(dataclasses.FrozenInstanceError):
         spec.seed = 3  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_empty_runspec_is_refused(tmp_path, text, capsys):
+    from scaleforge.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="the RunSpec is empty; write at least name, model and train"):
+        load_runspec(path)
+    out = tmp_path / "out"
+    assert main(["train", str(path), "--out", str(out), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is empty" in err and not out.exists()
+
+
+def test_binary_file_is_a_one_line_error(tmp_path, capsys):
+    from scaleforge.cli import main
+
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(ConfigError, match="not a YAML text file"):
+        load_runspec(path)
+    assert main(["train", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("precision", "fp16", "train.precision must be auto, fp32 or bf16"),
+    ("device", "tpu", "train.device must be any, cpu or gpu"),
+])
+def test_precision_and_device_are_validated(field, value, message):
+    with pytest.raises(ConfigError, match=message):
+        from_dict(RunSpec, {"train": {field: value}})

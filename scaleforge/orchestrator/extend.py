@@ -211,10 +211,5 @@ def extend_plan(plan, fit: dict, *, k: int, allowance: float | None = None):
     if not choice.picks:
         raise ConfigError(f"no candidate run fits the allowance of {allowance:.3g} FLOPs; raise --allowance")
     added = tuple(runs[j] for j in choice.picks)
-    notes = tuple(
-        f"--extend added {r.name}: expected target log-loss sd {math.sqrt(v):.4g} "
-        f"(was {math.sqrt(choice.variance_before):.4g})"
-        for r, v in zip(added, choice.variance_after)
-    )
-    new = dataclasses.replace(plan, ladder=(*plan.ladder, *added), warnings=(*plan.warnings, *notes))
+    new = dataclasses.replace(plan, ladder=(*plan.ladder, *added))
     return new, choice, runs

@@ -289,8 +289,13 @@ def _design(law: Law, data: Mapping[str, np.ndarray]) -> tuple[np.ndarray, np.nd
     return law.features({v: cols[v] for v in law.variables}), np.log(cols["L"])
 
 
-def fit(law: Law, data: Mapping[str, np.ndarray], options: FitOptions = FitOptions(), starts: np.ndarray | None = None) -> FitResult:
+def fit(law: Law, data: Mapping[str, np.ndarray], options: FitOptions = FitOptions(), starts: np.ndarray | None = None,
+        groups: np.ndarray | None = None) -> FitResult:
     """Fit `law` to `data` (variables named as in `law.variables`, losses under `L`).
+
+    `groups` (one label per point) makes the bootstrap resample whole groups: points of one run
+    (its final loss and its intermediate evaluations) share that run's noise, and resampling them
+    one by one would understate the uncertainty.
 
     Every start is optimised in float32 to a relative objective change of `SEARCH_FTOL`; the best
     `POLISH` distinct end points are then refined in float64 to `options.ftol`.
@@ -316,7 +321,7 @@ def fit(law: Law, data: Mapping[str, np.ndarray], options: FitOptions = FitOptio
     samples = np.zeros((0, tb.size))
     ci: dict[str, tuple[float, float]] = {}
     if options.bootstrap:
-        samples = bootstrap(law, x, y, tb, options)
+        samples = bootstrap(law, x, y, tb, options, groups)
         ci = intervals(law, samples, options.level)
     return FitResult(
         law=law.name,
@@ -333,11 +338,18 @@ def fit(law: Law, data: Mapping[str, np.ndarray], options: FitOptions = FitOptio
     )
 
 
-def bootstrap(law: Law, x: np.ndarray, y: np.ndarray, theta: np.ndarray, options: FitOptions) -> np.ndarray:
-    """(B, P) optima of B resamples of the points (with replacement), all refit at once from `theta`."""
+def bootstrap(law: Law, x: np.ndarray, y: np.ndarray, theta: np.ndarray, options: FitOptions,
+              groups: np.ndarray | None = None) -> np.ndarray:
+    """(B, P) optima of B resamples of the points (with replacement; of whole groups when `groups`
+    labels them), all refit at once from `theta`."""
     n = y.size
     rng = np.random.default_rng(options.seed)
-    counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(options.bootstrap)])
+    if groups is None:
+        counts = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(options.bootstrap)])
+    else:
+        _, label = np.unique(np.asarray(groups), return_inverse=True)
+        g = int(label.max()) + 1
+        counts = np.stack([np.bincount(rng.integers(0, g, g), minlength=g)[label] for _ in range(options.bootstrap)])
     evaluate = _objective(law, x, y, counts.astype(float), options.delta)
     start = np.repeat(theta[None], options.bootstrap, axis=0)
     out, f, _ = minimize_batched(evaluate, start, law.lower, law.upper, max_iter=options.max_iter, ftol=options.ftol)

@@ -57,12 +57,23 @@ family's shape rule adds its own (`planned_fields` of its config: `model.layers`
 # the law
 
 
-def prior_law() -> LawInfo:
-    """The documented prior: Epoch's refit of Chinchilla with its 95% intervals."""
+def prior_law(budget: float | None = None) -> LawInfo:
+    """The documented prior for a budget: below `prior.SMALL_BELOW` FLOPs the small-model prior
+    fitted to scaleforge's own CPU ladders, else Epoch's refit of Chinchilla; with 95% intervals."""
+    if budget is not None and budget < prior.SMALL_BELOW:
+        small = prior.small_prior()
+        return LawInfo(
+            name="chinchilla", params=small["params"], ci={k: list(v) for k, v in small["ci"].items()},
+            source="prior", path=prior.SMALL_PATH,
+        )
     return LawInfo(
         name="chinchilla", params=dict(prior.EPOCH_PARAMS),
         ci={k: list(v) for k, v in prior.EPOCH_CI.items()}, source="prior",
     )
+
+
+def _prior_samples(law: LawInfo) -> list[dict]:
+    return prior.small_prior()["samples"] if law.path == prior.SMALL_PATH else prior.prior_samples()
 
 
 def law_from_fit(path: str | Path) -> tuple[LawInfo, list[dict]]:
@@ -75,9 +86,9 @@ def law_from_fit(path: str | Path) -> tuple[LawInfo, list[dict]]:
     return law, fit["samples"]
 
 
-def _as_law(law: LawInfo | dict | None) -> LawInfo:
+def _as_law(law: LawInfo | dict | None, budget: float | None = None) -> LawInfo:
     if law is None:
-        return prior_law()
+        return prior_law(budget)
     if isinstance(law, LawInfo):
         return law
     return LawInfo(name="chinchilla", params=dict(law), ci={}, source="fit")
@@ -191,10 +202,10 @@ def plan_target(
     samples: list[dict] | None = None,
 ) -> tuple[TargetRun, list[str]]:
     """The target run at `budget` from a law (a LawInfo, a params dict, or None for the prior)."""
-    law = _as_law(law_params)
     _check_budget(budget)
+    law = _as_law(law_params, budget)
     if samples is None and law.source == "prior":
-        samples = prior.prior_samples()
+        samples = _prior_samples(law)
     base = _variant(base_spec(arch, overrides), law.params, budget, _keys(overrides))
     base = for_cluster(base, cluster)
     seq_len = seq_len or _default_seq_len(cluster, base)
@@ -271,7 +282,7 @@ def make_plan(
         raise ConfigError(f"--seq-len must be a positive integer, got {seq_len!r}")
     if size_span <= 1 and sizes > 1:
         raise ConfigError(f"--size-span must be > 1 with several sizes, got {size_span:g}")
-    law = law or prior_law()
+    law = law or prior_law(budget)
     base = base_spec(arch, overrides)
     seq_len = seq_len if seq_len is not None else _default_seq_len(cluster, base)
     user_keys = _keys(overrides)
@@ -294,23 +305,23 @@ def make_plan(
     skipped: list[float] = []
     for b in ladder_budgets(budget, ladder_min, ladder_max, budgets):
         n_opt, _ = _optimum(base.model, law.params, b)
-        seen: set[int] = set()
-        for n in ladder_sizes(n_opt, sizes, size_span):
-            try:
-                run, notes = plan_run(
-                    kind="ladder", budget=b, n_target=n, cluster=cluster, base=base,
-                    seq_len=seq_len, unique_tokens=unique_tokens, user_keys=user_keys,
-                )
-            except ConfigError as exc:  # a size below the smallest shape: drop it, say so
-                if "below the smallest" not in str(exc):
-                    raise
-                skipped.append(n)
-                continue
-            if run.N in seen:  # two targets rounded to one shape (tiny widths)
-                continue
-            seen.add(run.N)
-            ladder.append(run)
-            warnings.extend(notes)
+        runs, notes, below = _budget_sizes(
+            b, n_opt, sizes, size_span, cluster=cluster, base=base, seq_len=seq_len,
+            unique_tokens=unique_tokens, user_keys=user_keys,
+        )
+        skipped.extend(below)
+        ladder.extend(runs)
+        warnings.extend(notes)
+        want = min(sizes, MIN_PARABOLA_SIZES)
+        if len(runs) < want:
+            floor = f"{min(below):.3g}" if below else "none"
+            under = sum(1 for r in runs if r.N < n_opt)
+            warnings.append(
+                f"budget {b:.3g}: {len(runs)} sizes ({under} below its optimum N={n_opt:.3g}), fewer "
+                f"than the {want} a parabola needs: the smallest shape for vocab_size="
+                f"{base.model.vocab_size} floors the sizes (smallest size asked for: {floor}); "
+                "raise --ladder-min, lower model.vocab_size or widen --size-span"
+            )
     if not ladder:
         raise ConfigError(
             f"no ladder run fits budget {budget:.3g}: every size is below the smallest model; "
@@ -343,6 +354,43 @@ def make_plan(
         ladder=tuple(ladder),
         target=target, growth=growth, history=(), warnings=tuple(warnings),
     )
+
+
+MIN_PARABOLA_SIZES = 5
+"""Sizes a ladder budget needs, around its minimum, for its IsoFLOP parabola to be trusted."""
+NUDGE = 1.15
+"""Factor by which a size whose shape another size already took is moved to find a free shape."""
+
+
+def _budget_sizes(b, n_opt, sizes, span, **kw) -> tuple[list, list[str], list[float]]:
+    """The runs of one ladder budget: `sizes` distinct shapes log-spaced over n_opt / span ..
+    n_opt x span. At tiny widths two sizes can round to one shape; the second is then nudged (by
+    NUDGE, up to 4 times either way, staying within the span) to the nearest free shape. Returns
+    (runs, planning notes, sizes below the smallest shape)."""
+    runs, notes, below = [], [], []
+    seen: set[int] = set()
+    lo, hi = n_opt / span * (1 - 1e-9), n_opt * span * (1 + 1e-9)
+    for n in ladder_sizes(n_opt, sizes, span):
+        tries = [n] + [n * NUDGE ** (s * k) for k in range(1, 5) for s in (1, -1)]
+        for m in tries:
+            if not lo <= m <= hi and m != n:
+                continue
+            try:
+                run, more = plan_run(kind="ladder", budget=b, n_target=m, **kw)
+            except ConfigError as exc:  # a size below the smallest shape: drop it, say so
+                if "below the smallest" not in str(exc):
+                    raise
+                if m == n:
+                    below.append(n)
+                    break
+                continue
+            if run.N in seen:
+                continue
+            seen.add(run.N)
+            runs.append(run)
+            notes.extend(more)
+            break
+    return runs, notes, below
 
 
 def pool_tokens(stores: tuple[str, ...]) -> float | None:
@@ -387,7 +435,13 @@ def _epoch_warnings(runs: list[PlannedRun], unique_tokens: float) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--budget", required=True, metavar="C", help="target compute in FLOPs, e.g. 1e21")
+    add("plan_file", nargs="?", metavar="PLAN",
+        help="with --extend: the refitted plan.yaml to add runs to (written in place)")
+    add("--extend", default=None, metavar="K",
+        help="add K runs chosen to shrink the target loss's interval most (needs PLAN, after refit)")
+    add("--allowance", default=None, metavar="C",
+        help="with --extend: FLOPs the added runs may spend (default: one more IsoFLOP budget)")
+    add("--budget", metavar="C", help="target compute in FLOPs, e.g. 1e21")
     add("--arch", default="dense", help=f"architecture family (known: {', '.join(known_archs())})")
     add("--cluster", metavar="FILE", help="cluster YAML (default: 16 nodes of 8 x H100 80 GB)")
     add("--law", metavar="FILE", help="fit.json to plan from (default: the Chinchilla prior)")
@@ -411,9 +465,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.extend is not None or args.plan_file is not None:
+        return _run_extend(args)
+    if args.budget is None:
+        raise ConfigError("--budget is required (or PLAN --extend K to add runs to a refitted plan)")
     budget = _number("--budget", args.budget)
+    _check_budget(budget)
     cluster = load_cluster(args.cluster) if args.cluster else DEFAULT_CLUSTER
-    law, samples = law_from_fit(args.law) if args.law else (prior_law(), None)
+    law, samples = law_from_fit(args.law) if args.law else (prior_law(budget), None)
     plan = make_plan(
         budget, arch=args.arch, cluster=cluster, law=law, samples=samples,
         ladder_min=_number("--ladder-min", args.ladder_min),
@@ -445,6 +504,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"warning: {line}", file=sys.stderr)
     sys.stderr.flush()
     print(f"wrote {out}")
+    return 0
+
+
+def _run_extend(args: argparse.Namespace) -> int:
+    """`plan PLAN --extend K`: add the K runs that most shrink the target's interval, in place."""
+    from scaleforge.orchestrator import extend
+
+    if args.plan_file is None or args.extend is None:
+        raise ConfigError("use `orchestrate plan PLAN --extend K` (both PLAN and --extend)")
+    if args.budget is not None:
+        raise ConfigError("--extend keeps the plan's budget: drop --budget")
+    path = Path(args.plan_file)
+    plan = load_plan(path)
+    if plan.law.source != "fit" or not plan.law.path:
+        raise ConfigError(f"{path}: planned from the prior; run `orchestrate refit {path}` before --extend")
+    fit = prior.load_fit(plan.law.path)
+    fit["residuals"] = json.loads(Path(plan.law.path).read_text()).get("residuals") or []
+    allowance = _number("--allowance", args.allowance) if args.allowance is not None else None
+    new, choice, _ = extend.extend_plan(plan, fit, k=_integer("--extend", args.extend), allowance=allowance)
+    added = new.ladder[len(plan.ladder):]
+    before = math.sqrt(choice.variance_before)
+    print(f"target log-loss sd over the fit's bootstrap samples: {before:.4g}")
+    for run, var in zip(added, choice.variance_after):
+        print(f"  + {run.name}  N={run.N:.3g} D={run.D:.3g} FLOPs={run.flops:.3g}  "
+              f"expected sd {math.sqrt(var):.4g}")
+    print(f"{len(added)} runs, {choice.cost:.3g} FLOPs of the allowance")
+    save_plan(new, path)
+    print(f"wrote {path}")
     return 0
 
 

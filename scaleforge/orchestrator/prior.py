@@ -40,6 +40,94 @@ EPOCH_CI = {
 SAMPLES_FILE = Path(__file__).with_name("prior_samples.yaml")
 """400 bootstrap refits of Approach 3 on Epoch's 240 points (written by `write_samples`)."""
 
+SMALL_BELOW = 1e14
+"""Plans for budgets below this many FLOPs start from the small-model prior: about 50x the largest
+budget of the ladders it was fitted to (6e11), where Chinchilla's law, fitted from 7e7 parameters up,
+puts the compute-optimal model below the smallest shape of a 512-id vocabulary and predicts losses
+4x too high."""
+SMALL_DATA = Path(__file__).with_name("small_ladder.csv")
+"""The small-model prior's data: final losses of scaleforge's own CPU ladders on the bundled corpus
+(512-id BPE, 128-token samples, WSD), one row a run (`collect_small`)."""
+SMALL_FILE = Path(__file__).with_name("small_prior.yaml")
+"""Its fit: parameters, 95% intervals and bootstrap samples (`write_small`)."""
+SMALL_PATH = "small"
+"""`LawInfo.path` of the small-model prior (the Chinchilla one has an empty path)."""
+
+
+def small_prior() -> dict:
+    """The small-model prior: {params, ci, samples} fitted to `SMALL_DATA`."""
+    import yaml
+
+    loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+    data = yaml.load(SMALL_FILE.read_text(), Loader=loader)
+    return {
+        "params": {k: float(data["params"][k]) for k in PARAM_NAMES},
+        "ci": {k: tuple(float(v) for v in data["ci"][k]) for k in PARAM_NAMES},
+        "samples": [dict(zip(PARAM_NAMES, (float(v) for v in row))) for row in data["samples"]],
+    }
+
+
+def collect_small(plan_paths: list[str | Path]) -> Path:
+    """Append the points refit fits (each used run's final loss and its annealing-corrected
+    intermediate evaluations) of finished plans to SMALL_DATA."""
+    import csv
+
+    from scaleforge.orchestrator.planfile import load_plan
+    from scaleforge.orchestrator.refit import collect_plan, fit_points
+
+    rows = []
+    if SMALL_DATA.is_file():
+        with open(SMALL_DATA, newline="") as handle:
+            rows = [r for r in csv.DictReader(line for line in handle if not line.startswith("#"))]
+    have = {r["run"] for r in rows}
+    for path in plan_paths:
+        kept = [r for r in collect_plan(load_plan(path), path) if not r.excluded and Path(r.path).name not in have]
+        points, _ = fit_points(kept, True, [])
+        ids = {r.name: Path(r.path).name for r in kept}
+        for q in points:
+            rows.append({"run": ids[q.run], "kind": q.kind, "step": q.step, "N": f"{q.N:.0f}",
+                         "D": f"{q.D:.0f}", "L": f"{q.L:.5f}"})
+        have |= set(ids.values())
+    with open(SMALL_DATA, "w", newline="") as handle:
+        handle.write("# CPU ladders on the bundled corpus (512-id BPE, seq_len 128, WSD): refit's points, final\n")
+        handle.write("# eval losses and annealing-corrected intermediate evaluations; one run a directory name\n")
+        handle.write("# (python -m scaleforge.orchestrator.prior --collect PLAN.yaml ...; then --small)\n")
+        writer = csv.DictWriter(handle, fieldnames=["run", "kind", "step", "N", "D", "L"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return SMALL_DATA
+
+
+def write_small(count: int = 200, seed: int = 0) -> Path:
+    """Fit Approach 3 to SMALL_DATA with `count` bootstrap refits and write SMALL_FILE."""
+    import csv
+
+    import numpy as np
+
+    from scaleforge.orchestrator.fit import FitOptions, fit
+    from scaleforge.orchestrator.laws.chinchilla import LAW, published
+
+    with open(SMALL_DATA, newline="") as handle:
+        rows = list(csv.DictReader(line for line in handle if not line.startswith("#")))
+    data = {k: np.array([float(r[k]) for r in rows]) for k in ("N", "D", "L")}
+    groups = np.array([r["run"] for r in rows])  # resample whole runs
+    result = fit(LAW, data, FitOptions(bootstrap=count, seed=seed), groups=groups)
+    p = result.params
+    lines = [
+        f"# Approach 3 on the {len(rows)} points of {len(set(groups))} runs of {SMALL_DATA.name} "
+        f"with {count} bootstrap refits (whole runs resampled)",
+        "# (python -m scaleforge.orchestrator.prior --small).",
+        "params: {" + ", ".join(f"{k}: {p[k]:.6g}" for k in PARAM_NAMES) + "}",
+        "ci: {" + ", ".join(f"{k}: [{result.ci[k][0]:.6g}, {result.ci[k][1]:.6g}]" for k in PARAM_NAMES) + "}",
+        f"columns: [{', '.join(PARAM_NAMES)}]",
+        "samples:",
+    ]
+    for theta in result.samples:
+        q = published(theta)
+        lines.append("- [" + ", ".join(f"{q[k]:.6g}" for k in PARAM_NAMES) + "]")
+    SMALL_FILE.write_text("\n".join(lines) + "\n")
+    return SMALL_FILE
+
 
 def prior_samples() -> list[dict]:
     """The prior's bootstrap samples as parameter dicts: its joint (correlated) uncertainty.
@@ -175,4 +263,10 @@ def _finite(value) -> bool:
 if __name__ == "__main__":
     import sys
 
-    print(write_samples(sys.argv[1] if len(sys.argv) > 1 else "tests/data/chinchilla_fig4_epoch.csv"))
+    args = sys.argv[1:]
+    if args[:1] == ["--collect"]:
+        print(collect_small(args[1:]))
+    elif args[:1] == ["--small"]:
+        print(write_small())
+    else:
+        print(write_samples(args[0] if args else "tests/data/chinchilla_fig4_epoch.csv"))

@@ -69,6 +69,10 @@ class RunRecord:
     """Training lines as arrays: step, tokens, flops, loss, lr."""
     excluded: str = ""
     """Why the run is left out of the fits (empty: used)."""
+    train: object = None
+    """The run's TrainSpec (from run.yaml; None without one): its learning-rate schedule."""
+    evals: tuple = ()
+    """Evaluation lines as (step, tokens, eval_loss)."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -106,7 +110,8 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
         from scaleforge.config import load_runspec
 
         try:
-            rec = replace(rec, N=float(load_runspec(spec_file).model.law_variables()["N"]))
+            spec = load_runspec(spec_file)
+            rec = replace(rec, N=float(spec.model.law_variables()["N"]), train=spec.train)
         except Exception as exc:  # an unreadable run.yaml is reported, not fatal to the refit
             return replace(rec, excluded=f"run.yaml unreadable ({str(exc).splitlines()[0]})")
     status = rundir.read_status(run_dir)
@@ -116,6 +121,8 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
     if train:
         curve = {k: np.array([_number(r.get(k)) for r in train]) for k in ("step", "tokens", "flops", "loss", "lr")}
         rec = replace(rec, curve=curve, D=float(curve["tokens"][-1]), C=float(curve["flops"][-1]))
+    rec = replace(rec, evals=tuple((int(r["step"]), _number(r.get("tokens")), _number(r.get("eval_loss")))
+                                   for r in evals))
     losses = [_number(r.get("loss")) for r in train] + [_number(r.get("eval_loss")) for r in evals]
     if state == "diverged" or not all(math.isfinite(v) for v in losses):
         bad = next((v for v in losses if not math.isfinite(v)), None)
@@ -195,15 +202,39 @@ class Refit:
     """Run name -> fitted annealing-law parameters (runs with a curve long enough)."""
     holdout: dict | None = None
     """Approach 3 refit without the largest budget, scored on that budget's runs (None: too few)."""
+    points: tuple = ()
+    """The Point list Approach 3 was fitted to (finals and intermediate evaluations)."""
     warnings: tuple
     """One line each."""
 
 
-def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0) -> Refit:
+def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0,
+                intermediate: bool = True) -> Refit:
     from scaleforge.orchestrator import fit as fitter
     from scaleforge.orchestrator.laws import annealing, chinchilla, isoflop
 
     warnings = [f"excluded {r.name}: {r.excluded}" for r in records if r.excluded]
+    kept = usable(records)
+    points, curves = fit_points(kept, intermediate, warnings)
+    data = {k: np.array([getattr(q, k) for q in points]) for k in ("N", "D", "L")}
+    groups = np.array([q.run for q in points])
+    a3 = fitter.fit(chinchilla.LAW, data, fitter.FitOptions(bootstrap=bootstrap, seed=seed), groups=groups)
+    a2 = None
+    finals = {"N": np.array([r.N for r in kept]), "D": np.array([r.D for r in kept]), "L": np.array([r.L for r in kept])}
+    try:
+        a2 = isoflop.fit({"N": finals["N"], "C": np.array([r.budget for r in kept]), "L": finals["L"]})
+        warnings += [f"isoflop: {w}" for w in a2.warnings]
+    except FitError as exc:
+        warnings.append(f"isoflop (Approach 2) not fitted: {exc}")
+    holdout = rollout(kept, points)
+    return Refit(records=tuple(records), chinchilla=a3, isoflop=a2, annealing=curves, holdout=holdout,
+                 points=tuple(points), warnings=tuple(warnings))
+
+
+def usable(records: list[RunRecord]) -> list[RunRecord]:
+    """The runs a fit can use; too few is a FitError saying so."""
+    from scaleforge.orchestrator.laws import chinchilla
+
     kept = [r for r in records if not r.excluded]
     if not kept:
         causes = sorted({r.excluded.split(" (")[0] for r in records}) or ["no ladder runs"]
@@ -211,51 +242,124 @@ def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP,
     need = chinchilla.LAW.min_points
     if len(kept) < need:
         raise FitError(f"law chinchilla needs at least {need} usable runs, got {len(kept)} of {len(records)}: finish more ladder runs")
-    data = {"N": np.array([r.N for r in kept]), "D": np.array([r.D for r in kept]), "L": np.array([r.L for r in kept])}
-    a3 = fitter.fit(chinchilla.LAW, data, fitter.FitOptions(bootstrap=bootstrap, seed=seed))
-    a2 = None
-    try:
-        a2 = isoflop.fit({"N": data["N"], "C": np.array([r.budget for r in kept]), "L": data["L"]})
-        warnings += [f"isoflop: {w}" for w in a2.warnings]
-    except FitError as exc:
-        warnings.append(f"isoflop (Approach 2) not fitted: {exc}")
-    holdout = rollout(kept, data)
+    return kept
+
+
+def fit_points(kept: list[RunRecord], intermediate: bool, warnings: list[str]) -> tuple[list, dict]:
+    """(Approach-3 points, annealing-law parameters by run): each run's final loss, plus its
+    annealing-corrected intermediate evaluations when `intermediate`."""
+    from scaleforge.orchestrator import fit as fitter
+    from scaleforge.orchestrator.laws import annealing
+
     curves = {}
     for r in kept:
         s1, s2, loss = annealing_points(r)
         if loss.size >= annealing.LAW.min_points:
             try:
-                # A summary per run, not a planning input: a bounded effort (60 iterations).
+                # A per-run fit of a 4-parameter curve: a bounded effort (60 iterations).
                 curves[r.name] = fitter.fit(annealing.LAW, {"S1": s1, "S2": s2, "L": loss}, fitter.FitOptions(max_iter=60)).params
             except FitError as exc:
                 warnings.append(f"annealing law on {r.name} not fitted: {exc}")
-    return Refit(records=tuple(records), chinchilla=a3, isoflop=a2, annealing=curves, holdout=holdout, warnings=tuple(warnings))
+    points = [Point(run=r.name, N=r.N, D=r.D, L=r.L, kind="final", step=int(r.curve["step"][-1])) for r in kept]
+    if intermediate:
+        for r in kept:
+            points += intermediate_points(r, curves.get(r.name))
+    return points, curves
 
 
-def rollout(kept: list[RunRecord], data: dict[str, np.ndarray]) -> dict | None:
-    """Held-out check: fit Approach 3 without the largest budget's runs, predict their losses.
+@dataclass(kw_only=True, frozen=True)
+class Point:
+    """One (N, D, L) point of the Approach-3 fit."""
+
+    run: str
+    """The run it comes from."""
+    N: float
+    """The law's N."""
+    D: float
+    """Tokens trained at the point."""
+    L: float
+    """Loss: the run's final loss, or an annealing-corrected intermediate evaluation."""
+    kind: str
+    """`final`, or `intermediate` (an evaluation in the stable phase of a WSD run, shifted by the
+    run's fitted annealing law to the loss a run of that length would have reached)."""
+    step: int
+    """The step of the evaluation (the last step for `final`)."""
+
+
+INTERMEDIATE_FROM = 0.3
+"""Evaluations before this fraction of a run's steps are not used as points: the earliest part of
+training fits no scaling law (Choshen et al. 2024 drop it)."""
+
+
+def intermediate_points(r: RunRecord, law: dict | None) -> list[Point]:
+    """Extra (N, D, L) points from a WSD run's evaluations in its stable phase (methods 8.2, 8.5).
+
+    An evaluation at step s of the stable phase is not the loss of a run of s steps: that run would
+    have decayed its learning rate over its last `decay_fraction`. The run's own annealing law
+    L = L0 + A S1^-alpha - C S2 (Tissue et al. 2024) gives the difference between that schedule and
+    the one actually followed up to s; the point is the evaluation plus that difference. Without an
+    annealing fit, a schedule other than WSD, or no evaluations, there are none.
+    """
+    from scaleforge.orchestrator.laws import annealing
+    from scaleforge.pretrain.schedules import lr_at
+
+    train = r.train
+    if law is None or train is None or train.schedule != "wsd" or not r.evals:
+        return []
+    decay_start = train.steps - max(1, round(train.decay_fraction * train.steps))
+    out = []
+    for step, tokens, loss in r.evals:
+        if not (INTERMEDIATE_FROM * train.steps <= step <= decay_start and step < train.steps):
+            continue
+        if step <= train.warmup_steps + 1 or not (math.isfinite(tokens) and tokens > 0):
+            continue
+        short = replace(train, steps=step)
+        hyp = np.array([lr_at(i, short) for i in range(step)])
+        act = np.array([lr_at(i, train) for i in range(step)])
+        warm = min(train.warmup_steps, step - 1)
+        (s1h, s2h), (s1a, s2a) = (tuple(a[-1] for a in annealing.areas(x, warmup=warm)) for x in (hyp, act))
+        shift = float(annealing.loss(law, s1h, s2h) - annealing.loss(law, s1a, s2a))
+        out.append(Point(run=r.name, N=r.N, D=float(tokens), L=loss + shift, kind="intermediate", step=step))
+    return out
+
+
+def rollout(kept: list[RunRecord], points: list[Point], *, bootstrap: int = 0) -> dict | None:
+    """Held-out check: fit Approach 3 without the largest budget's runs, predict their final losses.
 
     The error on the held-out budget is what to expect, at best, from the extrapolation to the
-    target (Choshen et al. put the floor from seed noise at about 4%).
+    target (Choshen et al. put the floor from seed noise at about 4%). With `bootstrap`, each
+    prediction carries its 95% interval over the refits.
     """
     from scaleforge.orchestrator import fit as fitter
     from scaleforge.orchestrator.laws import chinchilla
 
-    budgets = np.array([r.budget for r in kept])
-    top = budgets.max()
-    train = budgets < top
-    if train.sum() < chinchilla.LAW.min_points or (~train).sum() == 0:
+    top = max(r.budget for r in kept)
+    held = [r for r in kept if r.budget >= top]
+    held_names = {r.name for r in held}
+    train_pts = [q for q in points if q.run not in held_names]
+    if len({q.run for q in train_pts}) < chinchilla.LAW.min_points or not held:
         return None
-    res = fitter.fit(chinchilla.LAW, {k: v[train] for k, v in data.items()})
-    pred = chinchilla.loss(res.params, data["N"][~train], data["D"][~train])
-    err = pred / data["L"][~train] - 1.0
-    return {
+    data = {k: np.array([getattr(q, k) for q in train_pts]) for k in ("N", "D", "L")}
+    res = fitter.fit(chinchilla.LAW, data, fitter.FitOptions(bootstrap=bootstrap),
+                     groups=np.array([q.run for q in train_pts]))
+    n, d, actual = (np.array([getattr(r, k) for r in held]) for k in ("N", "D", "L"))
+    pred = chinchilla.loss(res.params, n, d)
+    err = pred / actual - 1.0
+    out = {
         "budget": float(top),
-        "runs": [r.name for r, t in zip(kept, train) if not t],
+        "runs": [r.name for r in held],
         "params": res.params,
+        "predicted": [float(v) for v in pred],
+        "actual": [float(v) for v in actual],
         "rel_error": [float(v) for v in err],
         "mean_abs_rel_error": float(np.abs(err).mean()),
     }
+    if bootstrap and len(res.samples):
+        per = np.array([chinchilla.loss(chinchilla.published(t), n, d) for t in res.samples])
+        lo, hi = np.percentile(per, 2.5, axis=0), np.percentile(per, 97.5, axis=0)
+        out["interval"] = [[float(a), float(b)] for a, b in zip(lo, hi)]
+        out["inside"] = [bool(a <= v <= b) for a, b, v in zip(lo, hi, actual)]
+    return out
 
 
 def annealing_points(r: RunRecord, max_points: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -290,6 +394,10 @@ def fit_json(refit: Refit) -> dict:
         {"name": r.name, "N": r.N, "D": _json_num(r.D), "C": _json_num(r.C), "budget": r.budget, "L": _json_num(r.L), "state": r.state, "used": not r.excluded, "excluded": r.excluded}
         for r in refit.records
     ]
+    out["residuals"] = [float(v) for v in a3.residuals]
+    out["points"] = [
+        {"run": q.run, "N": q.N, "D": q.D, "L": q.L, "kind": q.kind, "step": q.step} for q in refit.points
+    ]
     out["isoflop"] = refit.isoflop.to_json() if refit.isoflop is not None else None
     out["annealing"] = refit.annealing
     out["holdout"] = refit.holdout
@@ -306,6 +414,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="N", help="bootstrap resamples for the intervals")
     parser.add_argument("--no-replan", action="store_true", help="write fit.json and plots but leave plan.yaml as it is")
     parser.add_argument("--json", action="store_true", help="print fit.json's summary as JSON")
+    parser.add_argument("--holdout-largest", action="store_true",
+                        help="fit without the largest budget's runs and report how well that fit "
+                        "predicts them (writes holdout.json; fit.json and the plan stay as they are)")
+    parser.add_argument("--no-intermediate", action="store_true",
+                        help="fit final losses only (not the annealing-corrected intermediate evaluations)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -319,7 +432,9 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"{plan_path}: no such plan file")
     plan = load_plan(plan_path)
     records = collect_plan(plan, plan_path)
-    refit = fit_records(records, bootstrap=args.bootstrap)
+    if args.holdout_largest:
+        return _holdout(records, plan_path, bootstrap=args.bootstrap, intermediate=not args.no_intermediate)
+    refit = fit_records(records, bootstrap=args.bootstrap, intermediate=not args.no_intermediate)
     out_dir = plan_path.resolve().parent
     fit_path = out_dir / "fit.json"
     body = fit_json(refit)
@@ -345,4 +460,33 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps({k: body[k] for k in ("law", "params", "objective", "ci", "r2", "n_points", "warnings")}))
     else:
         report.print_summary(refit, fit_path, plots, new_plan)
+    return 0
+
+
+def holdout_check(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP, intermediate: bool = True) -> dict:
+    """The `--holdout-largest` report: Approach 3 without the largest budget, scored on its runs."""
+    warnings: list[str] = [f"excluded {r.name}: {r.excluded}" for r in records if r.excluded]
+    kept = usable(records)
+    points, _ = fit_points(kept, intermediate, warnings)
+    out = rollout(kept, points, bootstrap=bootstrap)
+    if out is None:
+        raise FitError(
+            "too few runs below the largest budget to fit without it (the law needs "
+            "6 runs): plan more budgets"
+        )
+    return {**out, "warnings": warnings}
+
+
+def _holdout(records: list[RunRecord], plan_path: Path, *, bootstrap: int, intermediate: bool) -> int:
+    body = holdout_check(records, bootstrap=bootstrap, intermediate=intermediate)
+    out = plan_path.resolve().parent / "holdout.json"
+    tmp = out.with_name(".holdout.json.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(out)
+    print(f"fit without budget {body['budget']:.3g} ({len(body['runs'])} runs held out):")
+    intervals = body.get("interval") or [None] * len(body["runs"])
+    for name, pred, act, err, iv in zip(body["runs"], body["predicted"], body["actual"], body["rel_error"], intervals):
+        where = f" [{iv[0]:.4f}, {iv[1]:.4f}] {'inside' if iv[0] <= act <= iv[1] else 'OUTSIDE'}" if iv else ""
+        print(f"  {name}: predicted {pred:.4f}{where}, actual {act:.4f}, error {100 * err:+.2f}%")
+    print(f"mean |relative error| {100 * body['mean_abs_rel_error']:.2f}%; wrote {out}")
     return 0

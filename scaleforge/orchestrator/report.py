@@ -117,11 +117,19 @@ def _optimal_plot(plt, refit, path: Path, target_budget: float | None) -> Path:
 
 
 def _residual_plot(plt, refit, path: Path) -> Path:
-    kept = _kept(refit)
-    res = refit.chinchilla.residuals
+    import numpy as np
+
+    pts = refit.points
+    res = np.asarray(refit.chinchilla.residuals)
+    final = np.array([q.kind == "final" for q in pts], dtype=bool)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for ax, xs, label in ((axes[0], [r.N for r in kept], "parameters N"), (axes[1], [r.C for r in kept], "compute C (FLOPs)")):
-        ax.scatter(xs, res, s=14)
+    # compute of a point: 6 N D is enough to place it on the axis
+    for ax, xs, label in ((axes[0], np.array([q.N for q in pts]), "parameters N"),
+                          (axes[1], np.array([6.0 * q.N * q.D for q in pts]), "compute 6ND (FLOPs)")):
+        ax.scatter(xs[final], res[final], s=14, label="final losses")
+        if (~final).any():
+            ax.scatter(xs[~final], res[~final], s=8, marker="x", label="intermediate evaluations")
+            ax.legend(fontsize=7)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -139,7 +147,10 @@ def print_summary(refit, fit_path: Path, plots: list[Path], new_plan) -> None:
 
     console = Console(file=sys.stdout)
     a3 = refit.chinchilla
-    table = Table(title=f"Approach 3 on {a3.n_points} runs (objective {a3.objective:.4g}, R^2 {a3.r2:.4f})")
+    runs = len({q.run for q in refit.points}) or a3.n_points
+    extra = a3.n_points - runs
+    table = Table(title=f"Approach 3 on {runs} runs{f' + {extra} intermediate points' if extra else ''} "
+                  f"(objective {a3.objective:.4g}, R^2 {a3.r2:.4f})")
     for col in ("parameter", "value", "95% interval"):
         table.add_column(col, justify="right" if col != "parameter" else "left")
     for name, value in a3.params.items():
