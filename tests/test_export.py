@@ -67,32 +67,10 @@ def runs(tiny_store, tmp_path_factory):
     return get
 
 
-@contextlib.contextmanager
-def plain_torch_factories():
-    """torch's own tensor factories while transformers loads a model.
-
-    scaleforge.parallel.cpu wraps torch.arange, torch.empty, ... (to redirect megatron's CUDA
-    allocations) in processes without CUDA; transformers' from_pretrained then leaves the RoPE
-    inverse-frequency buffer uninitialised (measured: garbage values, logits off by 6e-3). A test
-    process has run megatron before, so the wrappers are lifted for the load."""
-    from scaleforge.parallel import cpu
-
-    wrapped = {name: getattr(torch, name) for name in cpu._FACTORIES
-               if hasattr(getattr(torch, name), "__wrapped__")}
-    for name, fn in wrapped.items():
-        setattr(torch, name, fn.__wrapped__)
-    try:
-        yield
-    finally:
-        for name, fn in wrapped.items():
-            setattr(torch, name, fn)
-
-
 def load_hf(out: Path):
     from transformers import AutoModelForCausalLM
 
-    with plain_torch_factories():
-        return AutoModelForCausalLM.from_pretrained(out).eval()
+    return AutoModelForCausalLM.from_pretrained(out).eval()
 
 
 def export(run: Path, out: Path) -> None:
@@ -194,6 +172,16 @@ def test_tokenizer_and_generation(runs, tmp_path, tiny_store):
             ids = torch.cat([ids, nxt], dim=1)
     assert generated.tolist() == ids.tolist()
     assert tok.decode(generated[0, prompt.shape[1]:])  # decodes to text
+
+
+def test_device_context_still_works_after_the_cpu_redirection():
+    """`with torch.device("meta")` (transformers' from_pretrained builds models under it) must still
+    reach torch's factories once scaleforge.parallel.cpu has wrapped them."""
+    from scaleforge.parallel import cpu
+
+    cpu.install()
+    with torch.device("meta"):
+        assert torch.empty(2).is_meta and torch.arange(3).is_meta
 
 
 # ----------------------------------------------------------------------------------------------

@@ -42,11 +42,14 @@ def swiglu(state: dict, src: str, dst: str) -> dict:
             f"{dst}.down_proj.weight": state[f"{src}.linear_fc2.weight"]}
 
 
-def embeddings(state: dict, cfg: Any, *, embed: str, head: str = "lm_head.weight") -> dict:
-    """Input table and output layer (the same tensor when tied, as transformers expects both keys)."""
+def embeddings(state: dict, cfg: Any, *, embed: str, head: str = "lm_head.weight",
+               can_tie: bool = True) -> dict:
+    """Input table and output layer: the same tensor when tied (transformers expects both keys), a
+    copy where the transformers class cannot tie them (`can_tie=False`: equal values, two tensors)."""
     table = state["embedding.word_embeddings.weight"]
-    out = table if cfg.tied_embeddings else state["output_layer.weight"]
-    return {embed: table, head: out}
+    if not cfg.tied_embeddings:
+        return {embed: table, head: state["output_layer.weight"]}
+    return {embed: table, head: table if can_tie else table.clone()}
 
 
 def rope(base: float) -> dict:

@@ -50,6 +50,9 @@ def target(cfg: Any, *, seq_len: int) -> Target:
         mamba_hidden_act="silu", time_step_min=0.0, num_attention_heads=cfg.heads,
         num_key_value_heads=cfg.kv_heads, head_dim=cfg.head_dim, attention_bias=False,
         max_position_embeddings=seq_len, attention_dropout=0.0, hidden_dropout=0.0,
+        # NemotronH declares no tied weights (save_pretrained refuses shared tensors): a tied run
+        # exports its table twice
+        tie_word_embeddings=False,
     )
     return Target(architecture="NemotronHForCausalLM", model_type="nemotron_h", config=fields,
                   convert=lambda state: convert(cfg, state, prefix="model"))
@@ -59,16 +62,13 @@ def mixer(state: dict, src: str, dst: str) -> dict:
     """One Mamba-2 mixer in mamba_ssm's fused layout."""
     import torch
 
-    def parts(name: str) -> list:
-        return [state[f"{src}.{name}"]]
-
     in_proj = state[f"{src}.in_proj.weight"]  # [z, x, dt]
     heads = state[f"{src}.A_log"].shape[0]
     zx, dt = in_proj[:-heads], in_proj[-heads:]
     return {
         f"{dst}.in_proj.weight": torch.cat([zx, state[f"{src}.bc_proj.weight"], dt]),
-        f"{dst}.conv1d.weight": torch.cat(parts("conv_x.weight") + parts("conv_bc.weight")),
-        f"{dst}.conv1d.bias": torch.cat(parts("conv_x.bias") + parts("conv_bc.bias")),
+        f"{dst}.conv1d.weight": torch.cat([state[f"{src}.conv_x.weight"], state[f"{src}.conv_bc.weight"]]),
+        f"{dst}.conv1d.bias": torch.cat([state[f"{src}.conv_x.bias"], state[f"{src}.conv_bc.bias"]]),
         f"{dst}.dt_bias": state[f"{src}.dt_bias"],
         f"{dst}.A_log": state[f"{src}.A_log"],
         f"{dst}.D": state[f"{src}.D"],
@@ -79,7 +79,7 @@ def mixer(state: dict, src: str, dst: str) -> dict:
 
 def convert(cfg: Any, state: dict, *, prefix: str) -> dict:
     """Gathered megatron MambaModel state -> Mamba2 (`backbone.`) or NemotronH (`model.`) state."""
-    out = embeddings(state, cfg, embed=f"{prefix}.embeddings.weight")
+    out = embeddings(state, cfg, embed=f"{prefix}.embeddings.weight", can_tie=prefix == "backbone")
     out[f"{prefix}.norm_f.weight"] = state["decoder.final_norm.weight"]
     for i, letter in enumerate(cfg.layer_pattern):
         src, dst = f"decoder.layers.{i}", f"{prefix}.layers.{i}"

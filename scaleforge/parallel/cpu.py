@@ -58,6 +58,13 @@ def install() -> bool:
     # schedules (loss tensors), transformer utils, the optimizer and clip_grads build tensors with
     # device="cuda". A TorchFunctionMode is not enough: modes are off inside
     # autograd.Function.backward, where tensor_parallel mappings allocate too.
+    # `with torch.device(...)` forces its device on the constructors in a set torch builds (and
+    # caches) on first use; built after the wrapping it would hold the wrappers, never match
+    # torch's own functions again, and leave tensors meant for the meta device allocated but
+    # uninitialised (transformers' from_pretrained: a RoPE buffer of garbage). Build it first.
+    constructors = getattr(getattr(torch.utils, "_device", None), "_device_constructors", None)
+    if constructors is not None:
+        constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_factory(getattr(torch, name)))
 
