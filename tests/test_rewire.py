@@ -371,3 +371,26 @@ def test_sbatch_template_is_valid():
         command = command.replace(var, value)
     args = build_parser("rewire").parse_args(shlex.split(command)[1:])
     assert (args.stage, args.shard, args.endpoint) == ("rewrite", 3, "http://127.0.0.1:20003/v1")
+
+
+def test_local_backend_takes_any_causal_lm_directory(tiny_store, tmp_path):
+    """A base model without chat template, end token or pad token (as a scaleforge export)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from scaleforge.data_pipeline.rewire.backends import LocalGenerator
+    from scaleforge.data_pipeline.rewire.config import RewriteConfig
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    model.generation_config.eos_token_id = None
+    model.save_pretrained(tmp_path / "m")
+    PreTrainedTokenizerFast(tokenizer_file=str(tiny_store / "tokenizer.json")).save_pretrained(tmp_path / "m")
+    gen = LocalGenerator(tmp_path / "m", threads=1)
+    assert gen.description == {"backend": "local", "model": "m", "chat_template": False}
+    cfg = RewriteConfig(max_new_tokens=5, batch_size=2, shard_size=2)
+    reqs = [[{"role": "user", "content": "the state of the union"}], [{"role": "user", "content": "peace"}]]
+    first = gen.generate(reqs, cfg, 0)
+    assert [(g.tokens, g.finish_reason) for g in first] == [(5, "length"), (5, "length")]
+    assert gen.generate(reqs, cfg, 0) == first  # greedy: the same batch gives the same replies

@@ -76,7 +76,9 @@ class LocalGenerator:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.tokenizer.padding_side = "left"  # generation continues at the right edge of every row
         if self.tokenizer.pad_token_id is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
+            # Pad positions are masked out, so any id serves; a tokenizer without an end token
+            # (a bare BPE, as an exported scaleforge model has) pads with id 0.
+            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.convert_ids_to_tokens(0)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=torch.float32)
         self.model = self.model.to(device).eval()

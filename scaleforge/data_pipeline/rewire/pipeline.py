@@ -78,6 +78,10 @@ def run(cfg: RewireConfig, out: str | Path, *, until: str = "report", shard: int
     n_shards = rewrite.num_shards(len(inputs.pool), cfg.rewrite)
     if shard is not None and not 0 <= shard < n_shards:
         raise ConfigError(f"--shard {shard} is outside the pool's {n_shards} shards (0..{n_shards - 1})")
+    if shard is not None and not files.done_path(out, "classify").is_file():
+        # Array tasks start together: one classify run first, so they do not all write it at once.
+        raise ConfigError(f"--shard {shard}: classify is not done in {out}: run `orchestrate rewire "
+                          "CONFIG --out OUT --stage classify` before the array")
     needs_rewrite = until != "classify" and (
         (shard is not None and not files.shard_file(out, shard).is_file())
         or (shard is None and rewrite.missing_shards(out, len(inputs.pool), cfg.rewrite)))
