@@ -26,6 +26,16 @@ def check_layout(spec: Any, world_size: int | None = None) -> None:
             f"parallel.ep={par.ep} must divide parallel.dp={par.dp} (experts are sharded inside the "
             "data-parallel ranks); pick an ep that divides dp, or launch more ranks"
         )
+    if par.shard in ("grads", "full") and par.dp == 1:
+        raise LayoutError(
+            f"parallel.shard={par.shard} shards over data-parallel ranks but parallel.dp=1; "
+            "launch more ranks (--nproc) or set parallel.shard=optimizer"
+        )
+    if (par.activation_offload or par.offload_layers) and par.pp > 1:
+        raise LayoutError(
+            f"activation offload needs parallel.pp=1 (got pp={par.pp}): it keeps one micro-batch's "
+            "layers in order on the host; set pp=1 or turn the offload off"
+        )
     per_step = train.micro_batch * par.dp
     if train.global_batch % per_step:
         raise LayoutError(

@@ -193,6 +193,8 @@ def _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step):
         loss, stop = _global_mean(local, micro_per_step, float(hooks.stop_requested()))
         # collective on every rank (MoE: aux/z losses and expert load reduced over the job)
         extra = built.builder.step_metrics(built.model, num_microbatches=spec.grad_accum)
+        if built.offload is not None:  # bytes the activation-offload hooks moved (pretrain/offload.py)
+            extra = {**extra, **built.offload.step_metrics()}
         elapsed = timer.lap()
         step += 1
         tokens = step * tokens_per_step

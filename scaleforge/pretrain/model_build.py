@@ -28,6 +28,8 @@ class Built:
     """The model's megatron TransformerConfig."""
     builder: Any
     """The family's builder module (`forward_step`, `step_metrics`; docs/families.md)."""
+    offload: Any = None
+    """The activation-offload hooks (`parallel.activation_offload` > 0; pretrain/offload.py)."""
 
 
 def precision(spec: Any) -> torch.dtype:
@@ -132,8 +134,14 @@ def wrap(spec: Any, config: Any, model: Any) -> Any:
         from megatron.core.distributed import DistributedDataParallel
 
         return DistributedDataParallel(config=config, ddp_config=ddp, module=model)
-    from megatron.core.distributed.fsdp.mcore_fsdp_adapter import FullyShardedDataParallel
+    from megatron.core.distributed.fsdp import mcore_fsdp_adapter as adapter
 
+    if not isinstance(adapter.TELinear, type):
+        # Without Transformer Engine the adapter's `isinstance(m, (TELinear,))` (tp > 1,
+        # mcore_fsdp_adapter.py:184) raises TypeError on the placeholder megatron puts there; a class nothing is an instance of
+        # gives megatron's own answer for the local layers (not a TE linear).
+        adapter.TELinear = type("NoTELinear", (), {})
+    FullyShardedDataParallel = adapter.FullyShardedDataParallel
     # Megatron-FSDP builds `cuda:{current_device()}` unless told the device (megatron_fsdp.py:184)
     device = None if torch.cuda.is_available() else torch.device("cpu")
     return FullyShardedDataParallel(config=config, ddp_config=ddp, module=model, device=device)
@@ -151,9 +159,16 @@ def build(spec: Any) -> Built:
     )
     config = model.config
     dtype = precision(spec)
+    offload = None
+    if spec.parallel.activation_offload:
+        from scaleforge.pretrain.offload import ActivationOffload
+
+        offload = ActivationOffload(spec.parallel.activation_offload,
+                                    next(model.parameters()).device)
+        offload.wrap(model)
     ddp = wrap(spec, config, model)
     par, train = spec.parallel, spec.train
-    offload = dict(
+    host_optimizer = dict(
         optimizer_cpu_offload=True, optimizer_offload_fraction=par.optimizer_offload,
         # the HybridDeviceOptimizer needs the precision-aware path (fp32 master weights in TE's
         # FusedAdam), and overlaps its host copies with the GPU step
@@ -172,11 +187,12 @@ def build(spec: Any) -> Built:
             bf16=dtype == torch.bfloat16,
             params_dtype=dtype,
             use_distributed_optimizer=ddp.ddp_config.use_distributed_optimizer,
-            **offload,
+            **host_optimizer,
         ),
         [ddp],
     )
     # the schedule calls these: DP all-reduce / reduce-scatter, SP norm and tied-embedding grads
     config.finalize_model_grads_func = finalize_model_grads
     config.grad_scale_func = optimizer.scale_loss
-    return Built(model=model, ddp=ddp, optimizer=optimizer, config=config, builder=builder)
+    return Built(model=model, ddp=ddp, optimizer=optimizer, config=config, builder=builder,
+                 offload=offload)
