@@ -188,7 +188,8 @@ class DirState:
     status: dict = field(default_factory=dict)
     """status.json as written by the trainer (empty if absent or unreadable)."""
     step: int = 0
-    """Last completed step (status.json, else the last metrics line)."""
+    """Last completed step: the later of status.json's and the last metrics line's (a trainer that
+    fails mid-run may leave status.json at the step it started from)."""
     total_steps: int | None = None
     """Steps the run trains for."""
     last_loss: float | None = None
@@ -211,7 +212,7 @@ def read_run_dir(run_dir: str | Path) -> DirState:
     status = read_status(run_dir)
     step, last_loss = last_train_line(run_dir)
     if isinstance(status.get("step"), int):
-        step = status["step"]
+        step = max(step, status["step"])
     if isinstance(status.get("last_loss"), (int, float)):
         last_loss = float(status["last_loss"])
     total = status.get("total_steps")

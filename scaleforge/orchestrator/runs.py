@@ -126,6 +126,8 @@ class RunState:
     """Runs this one starts from that have not completed yet (it launches after them)."""
     why: str = ""
     """For `unknown`: why the executor could not tell."""
+    checkpoint: str | None = None
+    """The last complete checkpoint (what a resume starts from), None without one."""
     job_active: bool = False
     """A job of the run still holds or waits for resources (a failed run's job may be ending, or
     requeued by Slurm after a node failure: it is not launched again until that job has gone)."""
@@ -137,7 +139,7 @@ class RunState:
             return "skip"
         if self.job_active:
             return "skip"
-        return "start" if self.step == 0 else "resume"
+        return "start" if self.step == 0 and self.checkpoint is None else "resume"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,13 +166,13 @@ def entries_from_specs(
 
 
 def entries_from_plan(plan_path: str | Path, *, target: bool = False, time_min: int | None = None,
-                      only: Iterable[str] = (), growth: bool = False) -> list[RunEntry]:
+                      only: Iterable[str] = (), growth: bool = False, plan=None) -> list[RunEntry]:
     """Entries for a plan's ladder (and its target when `target`, its growth stages when `growth`),
     filtered to `only` names. A run whose checkpoint.init_from names another run directory of the
-    plan waits for that run (`RunEntry.after`)."""
+    plan waits for that run (`RunEntry.after`). `plan`: the plan already loaded from `plan_path`."""
     from scaleforge.orchestrator import planfile
 
-    plan = planfile.load_plan(plan_path)
+    plan = planfile.load_plan(plan_path) if plan is None else plan
     growth_runs = list(getattr(plan, "growth", ()) or ())
     runs = list(plan.ladder) + ([plan.target] if target else []) + (growth_runs if growth else [])
     every = {planfile.run_dir(plan, plan_path, r).resolve(): planfile.run_dir(plan, plan_path, r)
@@ -310,7 +312,8 @@ def wait_for_runs(entries: list[RunEntry], *, timeout_s: float | None = None, po
 
 def _state(entry: RunEntry, d: DirState, record: JobRecord | None, job: JobState | None) -> RunState:
     base = dict(entry=entry, step=d.step, total_steps=d.total_steps or entry.spec.train.steps,
-                last_loss=d.last_loss, record=record, job=record.job if record else "")
+                last_loss=d.last_loss, record=record, job=record.job if record else "",
+                checkpoint=d.latest_checkpoint)
     written = d.state
     if written in FINAL_STATES:
         return RunState(state=written, **base)

@@ -22,7 +22,7 @@ def run(args: argparse.Namespace) -> int:
     from scaleforge.orchestrator import planfile, runs
 
     plan = planfile.load_plan(args.plan)
-    entries = runs.entries_from_plan(args.plan, target=True)
+    entries = runs.entries_from_plan(args.plan, target=True, plan=plan)
     info = {r.name: r for r in plan.runs()}
     states = runs.run_states(entries, tolerant=True)
     rows = []

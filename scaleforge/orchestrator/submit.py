@@ -102,7 +102,9 @@ def _submit(args: argparse.Namespace, entries: list, options) -> int:
     for st in states:
         verb = {"skip": "skip", "start": "start", "resume": "resume"}[st.action]
         why = st.state + (f", job {st.job} {st.job_state}" if st.job and st.job_state else "")
-        step = f" from step {st.step}" if st.action == "resume" else ""
+        step = ""
+        if st.action == "resume":
+            step = f" from {st.checkpoint}" if st.checkpoint else f" from step {st.step}"
         waits = f", waits for {', '.join(st.waits_for)}" if st.waits_for else ""
         print(f"{st.entry.name}: {verb}{step} ({why}){waits}")
         if st.action != "skip":

@@ -166,7 +166,8 @@ def slurm_job_states(job_ids: list[str], *, runner: Runner = run_command
     if not ids:
         return {}, None
     bases = sorted({j.split("_")[0] for j in ids})
-    sq = runner(["squeue", "-h", "-r", "-o", "%i|%T", "-j", ",".join(bases)])
+    # -t all: jobs that ended within MinJobAge too, so sacct is asked only about older ones
+    sq = runner(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(bases)])
     if sq.returncode != 0 and "Invalid job id" not in (sq.stderr or ""):
         raise SchedulerError(f"squeue failed: {_first_line(sq)} (is SLURM_CONF set and the "
                              "cluster up?)")
@@ -208,7 +209,7 @@ def _chain_state(record: JobRecord, sched: dict[str, str], now: float, sacct_err
     for jid in record.job_ids:
         state = sched.get(jid)
         if state is None:
-            if now - record.submitted_at < ACCOUNTING_LAG_S:
+            if now - record.submitted_at < ACCOUNTING_LAG_S and not sacct_error:
                 return JobState(kind=ACTIVE, label="SUBMITTED", job=jid)  # accounting lags sbatch
             unseen = True
             continue
@@ -617,16 +618,24 @@ def describe_plan(entries: list[RunEntry], options: SlurmOptions) -> list[str]:
     """What `submit --dry-run` would queue, one line per job group."""
     groups: dict[tuple, list[RunEntry]] = {}
     for e in entries:
-        groups.setdefault(_shape(e), []).append(e)
+        groups.setdefault((*_shape(e), e.name if e.after else ""), []).append(e)
     lines = []
-    for (nodes, per_node, gpus), group in groups.items():
+    for (nodes, per_node, gpus, _), group in groups.items():
         time_min = max(e.time_min for e in group)
-        kind = "array" if len(group) > 1 and options.array else "job" + ("s" if len(group) > 1 else "")
+        array = len(group) > 1 and options.array
+        kind = "array" if array else "job" + ("s" if len(group) > 1 else "")
         gres = f", {gpus} GPUs/node" if gpus else ""
+        if array:
+            throttle = f", at most {min(options.throttle, len(group))} running at once"
+            cont = f"{options.max_requeues} continuation array(s)"
+        else:
+            throttle, cont = "", f"{options.max_requeues} continuation job(s) per run"
+        after = group[0].after_names if group[0].after else ()
         lines.append(
             f"{kind} of {len(group)}: {', '.join(e.name for e in group)} - {nodes} node(s) x "
-            f"{per_node} task(s), {options.cpus_per_task} CPU/task{gres}, {time_min} min, "
-            f"USR2 {options.signal_delay_s} s before the limit, + {options.max_requeues} "
-            "continuation job(s) per run"
+            f"{per_node} task(s), {options.cpus_per_task} CPU/task{gres}, {time_min} min"
+            f"{throttle}, USR2 {options.signal_delay_s} s before the limit, + {cont}"
+            + (f", after {', '.join(after)} completed" if after else "")
+            + (", held" if options.hold else "")
         )
     return lines
