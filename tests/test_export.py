@@ -2,7 +2,8 @@
 
 Five tiny runs, each trained once per module (2 steps, seq 32, hidden 64), cover the targets and the
 layouts a checkpoint is gathered from: dense at TP=2 -> Llama (untied output layer); MoE in one
-process -> Mixtral; MoE with an ungated shared expert and a dense layer at EP=2 -> Qwen2-MoE; pure
+process -> Mixtral; MoE with an ungated shared expert, a dense layer and top-1 (Switch) routing at
+EP=2 -> Qwen2-MoE; pure
 Mamba-2 -> Mamba2; an `M*` hybrid at PP=2 -> NemotronH. Each export is compared two ways:
 - logits on random tokens against the family's own single-process model loaded from the same
   checkpoint, within 1e-4;
@@ -41,7 +42,7 @@ RUNS = {
                   "LlamaForCausalLM"),
     "moe": ("moe", 1, ["model.ffn_hidden=64", "model.moe_ffn_hidden=64"], "MixtralForCausalLM"),
     "moe_shared_ep2": ("moe", 2, ["parallel.ep=2", "model.ffn_hidden=64", "model.moe_ffn_hidden=64",
-                                  "model.shared_expert_ffn=64", "model.moe_every=2"],
+                                  "model.shared_expert_ffn=64", "model.moe_every=2", "model.top_k=1"],
                        "Qwen2MoeForCausalLM"),
     "mamba": ("mamba", 1, ["model.pattern=M", "model.layers=2", "model.groups=2",
                            "model.headdim=16", "model.chunk_size=16"], "Mamba2ForCausalLM"),
@@ -143,35 +144,53 @@ def test_transformers_logits_equal_scaleforge(name, runs, tmp_path):
     assert abs(logged - got) < 1e-5, (name, logged, got)
 
 
+def greedy(model, ids: torch.Tensor, new: int) -> torch.Tensor:
+    """scaleforge's own greedy continuation: the full forward again for every token (no cache)."""
+    for _ in range(new):
+        ids = torch.cat([ids, scaleforge_logits(model, ids)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids
+
+
 @pytest.mark.slow
 def test_tokenizer_and_generation(runs, tmp_path, tiny_store):
     """The run's tokenizer loads offline with AutoTokenizer and encodes as the store's; greedy
-    `generate` (KV cache) continues a prompt exactly as scaleforge's model decodes it greedily."""
+    `generate` (KV cache) continues a prompt exactly as scaleforge's model decodes it greedily; and
+    the export serves as REWIRE's local generator, whose reply is that same continuation."""
     from transformers import AutoTokenizer
 
     from scaleforge.data_pipeline import open_store
+    from scaleforge.data_pipeline.rewire.backends import LocalGenerator, resolve_model_dir
+    from scaleforge.data_pipeline.rewire.config import RewriteConfig
 
     run = runs("dense_tp2")
     out = tmp_path / "hf"
     export(run, out)
     tok = AutoTokenizer.from_pretrained(out)
-    text = "Fellow citizens of the Senate and the House of Representatives"
+    text = "Fellow citizens of the Senate and the House"
     own = open_store(tiny_store).tokenizer()
     assert tok(text).input_ids == own.encode(text).ids
-    assert tok.eos_token_id == own.token_to_id("<|endoftext|>")
+    eot = own.token_to_id("<|endoftext|>")
+    assert tok.eos_token_id == eot
+    new = 6
     prompt = torch.tensor([tok(text).input_ids])
+    # REWIRE's local backend sends a base model's request text followed by a blank line
+    request = torch.tensor([tok(text + "\n\n").input_ids])
     hf = load_hf(out)
-    new = 8
     with torch.no_grad():
         generated = hf.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
     stack, _spec, model = scaleforge_model(run)
     with stack:
-        ids = prompt
-        for _ in range(new):
-            nxt = scaleforge_logits(model, ids)[:, -1].argmax(-1, keepdim=True)
-            ids = torch.cat([ids, nxt], dim=1)
-    assert generated.tolist() == ids.tolist()
+        ours = greedy(model, prompt, new)
+        reply = greedy(model, request, new)[0, request.shape[1]:].tolist()
+    assert generated.tolist() == ours.tolist()
     assert tok.decode(generated[0, prompt.shape[1]:])  # decodes to text
+    backend = LocalGenerator(resolve_model_dir(str(out)))
+    [answer] = backend.generate([[{"role": "user", "content": text}]],
+                                RewriteConfig(max_new_tokens=new, repetition_penalty=1.0), seed=0)
+    kept = reply[:reply.index(eot)] if eot in reply else reply
+    assert answer.tokens == len(kept)
+    assert answer.text == tok.decode(kept, skip_special_tokens=True)
+    print(f"REWIRE local backend on the export: {answer.text!r} ({answer.finish_reason})")
 
 
 def test_device_context_still_works_after_the_cpu_redirection():
