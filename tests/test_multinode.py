@@ -330,3 +330,33 @@ def test_bad_input_refused_before_anything_is_recorded(two_nodes, tmp_path):
         assert len(out.stderr.strip().splitlines()) == 1, out.stderr
         assert "sbatch failed 3 times" in out.stderr and out.stdout.count("retrying in") == 2
         assert runs.read_job(e.run_dir) is None  # nothing recorded as submitted
+
+
+def test_growth_stage_queued_after_its_source(two_nodes, tmp_path):
+    """A run whose checkpoint.init_from names another run of the plan is queued with
+    --dependency=afterok on its source's jobs (any of its chain), submitted held: nothing trains."""
+    from dataclasses import replace
+
+    from scaleforge.config import run_id
+
+    first = tiny_spec("g0", steps=2)
+    second = tiny_spec("g1", steps=2, seed=5)
+    second = replace(second, checkpoint=replace(second.checkpoint,
+                                                init_from=f"../g0-{run_id(first)}"))
+    plan = write_plan(tmp_path / "plan.yaml", [first, second])
+    dry = _orchestrate("submit", plan, "--executor", "slurm", "--dry-run")
+    assert "g1: start (new), waits for g0" in dry.stdout
+    assert "would submit job of 1: g1 - " in dry.stdout and "after g0 completed" in dry.stdout
+    out = _orchestrate("submit", plan, "--executor", "slurm", "--hold", "--max-requeues", "1")
+    assert out.returncode == 0, out.stderr
+    g0, g1 = runs.entries_from_plan(plan)
+    chain0, chain1 = runs.read_job(g0.run_dir).job_ids, runs.read_job(g1.run_dir).job_ids
+    try:
+        deps = subprocess.run(["squeue", "-h", "-o", "%i|%E", "-j", chain1[0]], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        assert deps.startswith(f"{chain1[0]}|afterok:{chain0[0]}")
+        assert f"afterok:{chain0[1]}" in deps  # its source's continuation counts too
+        rows = _rows(plan)
+        assert rows["g1"]["waits_for"] == ["g0"] and rows["g1"]["state"] == "queued"
+    finally:
+        subprocess.run(["scancel", *chain0, *chain1], check=False)

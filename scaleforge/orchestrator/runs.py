@@ -280,7 +280,7 @@ def _with_waits(states: list[RunState]) -> list[RunState]:
     out = []
     for st in states:
         waits = tuple(run_name(p) for p in st.entry.after if read_run_dir(p).state != "completed")
-        out.append(replace(st, waits_for=waits) if waits and st.action != "skip" else st)
+        out.append(replace(st, waits_for=waits) if waits and st.state not in FINAL_STATES else st)
     return out
 
 

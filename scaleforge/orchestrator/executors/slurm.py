@@ -37,6 +37,8 @@ Torch-free (submitit is imported when jobs are submitted).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import re
 import shutil
@@ -575,7 +577,9 @@ def _sbatch(what: str, submit: Callable[[], Any]) -> Any:
             raise SchedulerError("sbatch is not on PATH (submit from a host with Slurm's client "
                                  "commands, or use --executor local)")
         try:
-            return submit()
+            # submitit prints a failing sbatch's stderr before raising it: it becomes one line here
+            with contextlib.redirect_stderr(io.StringIO()):
+                return submit()
         except Exception as exc:  # noqa: BLE001 - submitit wraps sbatch's failure in several types
             lines = [ln.strip() for ln in str(exc).splitlines() if "error" in ln.lower()]
             reason = (lines[-1] if lines else (str(exc).strip().splitlines() or ["?"])[-1])[:300]
