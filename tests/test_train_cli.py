@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from conftest import rank_env
-from scaleforge.config import load_runspec, run_id
+from scaleforge.config import load_runspec, resolve_precision, run_id
 from scaleforge.pretrain.metrics import EVAL_KEYS, TRAIN_KEYS, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +57,7 @@ def test_run_directory_contract_and_determinism(tmp_path, tiny_store):
     assert [r["step"] for r in eval_lines] == [3, 6]
     assert all(set(r) == set(TRAIN_KEYS) for r in train_lines)
     assert all(set(r) == set(EVAL_KEYS) for r in eval_lines)
-    spec = load_runspec(spec_path)
+    spec = resolve_precision(load_runspec(spec_path), "cpu")  # the trainer resolves `auto` here
     per_token = spec.model.flops_per_token(32)
     for r in a:
         assert r["tokens"] == r["step"] * 4 * 32
@@ -91,7 +91,7 @@ def test_dry_run_prints_resolved_spec_and_counts(tmp_path, tiny_store, capsys):
     resolved = yaml.safe_load(resolved_yaml)
     assert resolved["train"]["steps"] == 9
     assert resolved["parallel"]["tp"] == 2 and resolved["parallel"]["dp"] == 2
-    spec = load_runspec(spec_path, ["train.steps=9", "parallel.tp=2", "parallel.dp=2"])
+    spec = resolve_precision(load_runspec(spec_path, ["train.steps=9", "parallel.tp=2", "parallel.dp=2"]), "cpu")
     fields = dict(line.split(": ", 1) for line in counts.splitlines())
     assert fields["run_id"] == run_id(spec)
     assert int(fields["parameters"].replace(",", "")) == spec.model.num_params()
