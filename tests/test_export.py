@@ -3,8 +3,7 @@
 Five tiny runs, each trained once per module (2 steps, seq 32, hidden 64), cover the targets and the
 layouts a checkpoint is gathered from: dense at TP=2 -> Llama (untied output layer); MoE in one
 process -> Mixtral; MoE with an ungated shared expert, a dense layer and top-1 (Switch) routing at
-EP=2 -> Qwen2-MoE; pure
-Mamba-2 -> Mamba2; an `M*` hybrid at PP=2 -> NemotronH. Each export is compared two ways:
+EP=2 -> Qwen2-MoE; pure Mamba-2 -> Mamba2; an `M*` hybrid at PP=2 -> NemotronH. Each export is compared two ways:
 - logits on random tokens against the family's own single-process model loaded from the same
   checkpoint, within 1e-4;
 - the validation loss transformers gives on the run's own validation rows against the `eval_loss`
@@ -164,6 +163,7 @@ def test_tokenizer_and_generation(runs, tmp_path, tiny_store):
 
     run = runs("dense_tp2")
     out = tmp_path / "hf"
+    out.mkdir()  # an empty target directory is written into
     export(run, out)
     tok = AutoTokenizer.from_pretrained(out)
     text = "Fellow citizens of the Senate and the House"
@@ -250,6 +250,37 @@ def test_bad_input_is_refused_without_writing(runs, tmp_path, capsys):
         assert f"model.{field}=" in err, err
     assert not out.exists()
     assert not list(tmp_path.glob(".new.*"))  # no temporary directory left
+
+
+def test_parscale_at_one_stream_is_llama(tiny_store):
+    """ParScale at P=1 (no prefixes, no aggregator) exports as LlamaForCausalLM with equal logits
+    (a freshly initialised model: the tensor names and shapes are what this checks)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from scaleforge.arch.registry import builder_module
+    from scaleforge.config import RunSpec, apply_overrides, from_dict, load_yaml_file
+    from scaleforge.export import gather
+    from scaleforge.export.targets import target_for
+    from scaleforge.pretrain.model_build import runtime_config
+
+    spec = apply_overrides(from_dict(RunSpec, load_yaml_file(ROOT / "examples" / "parscale-tiny.yaml")),
+                           ["model.streams=1", "model.tied_embeddings=false", "model.ffn_hidden=128",
+                            *(x for x in SHRINK if x.startswith(("model.", "data.seq")))])
+    target = target_for(spec.model, seq_len=spec.data.seq_len)
+    assert target.architecture == "LlamaForCausalLM"
+    ids = torch.randint(0, spec.model.vocab_size, (2, spec.data.seq_len),
+                        generator=torch.Generator().manual_seed(0))
+    with gather.one_process(spec):
+        model = builder_module("parscale").build_model(
+            spec.model, seq_len=spec.data.seq_len, seed=3,
+            runtime=runtime_config(gather.single_layout(spec))).eval()
+        ours = scaleforge_logits(model, ids)
+        state = target.convert(gather.full_state(model))
+    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(target.model_type, **target.config))
+    hf.load_state_dict(state, strict=True)
+    with torch.no_grad():
+        diff = float((hf.eval()(ids).logits - ours).abs().max())
+    assert diff < TOL and float(ours.abs().max()) > 0.1, diff
 
 
 @pytest.mark.parametrize("arch,fields,named", [

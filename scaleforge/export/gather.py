@@ -5,7 +5,8 @@ the whole model, experts over all experts, fused parts split), whatever layout w
 checkpoint from TP=2, PP=2 or EP=2 loads into the family's own model built in one process, exactly
 as a resume into another layout does (`pretrain.grow.read_model_tensors` / `load_into`). Every
 tensor of that model must come from the checkpoint: a key left at its initialisation is an error.
-The model is built in fp32 on the CPU whatever precision trained it.
+The model is built in fp32 whatever precision trained it (on the GPU where there is one); its
+tensors are handed on as CPU copies.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def load_model(spec: Any, path: Path) -> Any:
 
 
 def full_state(model: Any) -> dict[str, torch.Tensor]:
-    """{name: full fp32 tensor} of a single-process model (megatron's extra states dropped)."""
-    return {name: value.detach().to(torch.float32).contiguous()
+    """{name: full fp32 CPU tensor} of a single-process model (megatron's extra states dropped)."""
+    return {name: value.detach().to("cpu", torch.float32).contiguous()
             for name, value in model.state_dict().items()
             if isinstance(value, torch.Tensor) and not name.endswith("_extra_state")}

@@ -70,6 +70,9 @@ def write(out: Path, target: Any, state: dict, tokenizer: Any, *, max_length: in
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0700 would otherwise become OUT's mode
         model.save_pretrained(tmp, safe_serialization=True)
         hf_tok.save_pretrained(tmp)
         check_target(out)  # still absent or empty: os.replace then swaps the directory in

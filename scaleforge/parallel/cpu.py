@@ -62,9 +62,12 @@ def install() -> bool:
     # caches) on first use; built after the wrapping it would hold the wrappers, never match
     # torch's own functions again, and leave tensors meant for the meta device allocated but
     # uninitialised (transformers' from_pretrained: a RoPE buffer of garbage). Build it first.
-    constructors = getattr(getattr(torch.utils, "_device", None), "_device_constructors", None)
-    if constructors is not None:
-        constructors()
+    try:
+        from torch.utils._device import _device_constructors
+    except ImportError:  # a torch without the cached set
+        pass
+    else:
+        _device_constructors()
     for name in _FACTORIES:
         setattr(torch, name, _cpu_factory(getattr(torch, name)))
 
