@@ -52,4 +52,4 @@ def train_records(spec: str | Path, out: Path, nproc: int, overrides: list[str])
     return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
 
 
-from slurm_cluster import cluster  # noqa: E402,F401  (the session's Slurm dev cluster, one per session)
+from slurm_cluster import slurm_root  # noqa: E402,F401  (the Slurm dev cluster, one per session)

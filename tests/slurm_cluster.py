@@ -54,7 +54,7 @@ def daemon_pids(root: Path) -> list[int]:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory):
+def slurm_root(tmp_path_factory):
     """A running dev cluster; yields its root. SLURM_CONF is set for this process meanwhile."""
     if os.geteuid() != 0:
         pytest.skip("the dev cluster's daemons run as root")

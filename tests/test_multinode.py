@@ -95,10 +95,10 @@ def _rank_logs(run_dir: Path, job: str) -> dict[int, str]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(cluster):
+def two_nodes(slurm_root):
     if cluster_nodes() < 2:
         pytest.skip("two dev-cluster nodes need two cores")
-    return cluster
+    return slurm_root
 
 
 @pytest.fixture(scope="module")

@@ -94,8 +94,8 @@ def _all_jobs() -> set[str]:
 # ----------------------------------------------------------------------------------------------
 
 
-def test_cluster_status_and_accounting(cluster):
-    st = subprocess.run([str(DEV_CLUSTER), "status", "--root", str(cluster)], capture_output=True,
+def test_cluster_status_and_accounting(slurm_root):
+    st = subprocess.run([str(DEV_CLUSTER), "status", "--root", str(slurm_root)], capture_output=True,
                         text=True, check=True)
     for daemon in ("munged", "mariadb", "slurmdbd", "slurmctld", "slurmd.sf1", "slurmd.sf2"):
         assert f"{daemon}: running" in st.stdout
@@ -105,13 +105,13 @@ def test_cluster_status_and_accounting(cluster):
                                                    ("sf2", "idle", "NodeAddr=127.0.0.1")]
     assert nodes[0][3] == nodes[1][3]
     ports = [int(line.split("Port=")[1].split()[0]) for line in
-             (cluster / "etc" / "slurm.conf").read_text().splitlines() if line.startswith("NodeName=")]
-    base = int((cluster / "etc" / "port-base").read_text())
+             (slurm_root / "etc" / "slurm.conf").read_text().splitlines() if line.startswith("NodeName=")]
+    base = int((slurm_root / "etc" / "port-base").read_text())
     assert ports == [base + 4, base + 5]
     # bad node counts: one line each, the running cluster untouched
     for bad, word in (("0", "positive integer"), (str(len(os.sched_getaffinity(0)) + 1), "cores"),
                       ("1", "stop it (down) before changing --nodes")):
-        out = subprocess.run([str(DEV_CLUSTER), "up", "--nodes", bad, "--root", str(cluster)],
+        out = subprocess.run([str(DEV_CLUSTER), "up", "--nodes", bad, "--root", str(slurm_root)],
                              capture_output=True, text=True, timeout=60)
         assert out.returncode != 0 and word in out.stderr and len(out.stderr.splitlines()) == 1
     # srun over both nodes: node ids and node-local ranks from Slurm
@@ -121,9 +121,9 @@ def test_cluster_status_and_accounting(cluster):
     assert sorted(srun.stdout.split("\n")[:-1]) == ["0 0 0 sf1", "1 0 1 sf1", "2 1 0 sf2", "3 1 1 sf2"]
     # `up` on a running cluster changes nothing and prints the same export line
     t0 = time.perf_counter()
-    again = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(cluster)], capture_output=True,
+    again = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(slurm_root)], capture_output=True,
                            text=True, timeout=60)
-    assert again.returncode == 0 and again.stdout.strip() == f"export SLURM_CONF={cluster}/etc/slurm.conf"
+    assert again.returncode == 0 and again.stdout.strip() == f"export SLURM_CONF={slurm_root}/etc/slurm.conf"
     assert time.perf_counter() - t0 < 30
     # accounting answers (without it submitit cannot tell a killed job from a running one)
     assert subprocess.run(["sacct", "-n", "-X"], capture_output=True).returncode == 0
@@ -133,7 +133,7 @@ def test_cluster_status_and_accounting(cluster):
     assert big.returncode != 0 and "processors" in big.stderr.lower()
 
 
-def test_unsafe_inputs_rejected_before_sbatch(cluster, tmp_path):
+def test_unsafe_inputs_rejected_before_sbatch(slurm_root, tmp_path):
     with pytest.raises(ConfigError, match="partition"):
         slurm_ex.SlurmOptions(partition="debug; touch PWNED")
     with pytest.raises(ConfigError, match="account"):
@@ -153,7 +153,7 @@ def test_unsafe_inputs_rejected_before_sbatch(cluster, tmp_path):
     assert runs.read_job(big.run_dir) is None
 
 
-def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_path):
+def test_ladder_preempt_requeue_resume(slurm_root, tmp_path, tiny_store, client_path):
     """A two-run ladder through submitit in a directory whose path holds spaces, quotes and `;`:
     the two-rank run (one srun task per rank) is sent USR2 mid-run, both ranks save, its
     continuation job resumes it without scontrol, and it ends with exactly the losses of an
@@ -247,7 +247,7 @@ def test_ladder_preempt_requeue_resume(cluster, tmp_path, tiny_store, client_pat
         assert not list(hostile.glob(stray))
 
 
-def test_second_submit_while_queued_queues_nothing(cluster, tmp_path, tiny_store, client_path):
+def test_second_submit_while_queued_queues_nothing(slurm_root, tmp_path, tiny_store, client_path):
     """Runs whose jobs are still pending are not queued again (the recorded job is asked for)."""
     # every CPU of both nodes taken, so the runs stay pending
     hold = subprocess.run(["sbatch", "--parsable", "-N2", "--ntasks-per-node=1", "-c", "8", "-o",

@@ -31,7 +31,9 @@ from scaleforge.errors import ConfigError
 from scaleforge.orchestrator.executors import (
     ACTIVE, UNKNOWN, JobState, Runner, SchedulerError, job_states, run_command,
 )
-from scaleforge.rundir import FINAL_STATES, TRAINER_STATES, DirState, JobRecord, read_job, read_run_dir, write_job
+from scaleforge.rundir import (
+    FINAL_STATES, TRAINER_STATES, DirState, JobRecord, read_job, read_run_dir, write_job,
+)
 
 __all__ = [
     "FINAL_STATES", "TRAINER_STATES", "DirState", "JobRecord", "RunEntry", "RunState",
@@ -289,24 +291,28 @@ def wait_for_runs(entries: list[RunEntry], *, timeout_s: float | None = None, po
                   ) -> list[RunState]:
     """Poll until no run is queued or running (one batched scheduler query per poll).
 
-    Prints each state change; returns the final states. Raises SchedulerError after `timeout_s`.
+    Prints each state change; returns the final states. Raises SchedulerError after `timeout_s`, or
+    when the executor could not be asked after its retries.
     """
+    from scaleforge.orchestrator.executors import retry
+
     deadline = None if timeout_s is None else time.time() + timeout_s
     seen: dict[str, str] = {}
     while True:
-        states = run_states(entries, runner=runner, tolerant=True)
+        states = retry(lambda: run_states(entries, runner=runner), what="asking for job states",
+                       echo=echo)
         for st in states:
             shown = f"{st.state} {st.step}/{st.total_steps}"
             if seen.get(st.entry.name, "").split()[:1] != shown.split()[:1]:
                 job = " ".join(x for x in (st.job, st.job_state) if x)
                 echo(f"{st.entry.name}: {shown}" + (f" (job {job})" if st.job else ""))
             seen[st.entry.name] = shown
-        if not any(st.state in ("queued", "running", "unknown") for st in states):
+        if not any(st.state in ("queued", "running") for st in states):
             return states
         if deadline is not None and time.time() > deadline:
             raise SchedulerError(f"runs still queued or running after {timeout_s:.0f} s: "
                                  + ", ".join(s.entry.name for s in states
-                                             if s.state in ("queued", "running", "unknown")))
+                                             if s.state in ("queued", "running")))
         time.sleep(poll_s)
 
 
