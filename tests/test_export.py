@@ -9,6 +9,7 @@ EP=2 -> Qwen2-MoE; pure Mamba-2 -> Mamba2; an `M*` hybrid at PP=2 -> NemotronH. 
 - the validation loss transformers gives on the run's own validation rows against the `eval_loss`
   the run logged at its last step, computed by the run itself in its own layout (TP=2, EP=2, PP=2):
   a gather that mixed up shards would break this one even if it broke the first the same way.
+ParScale at P=1 and top-1 MoE without a shared expert are checked on freshly initialised models.
 """
 
 from __future__ import annotations
@@ -252,34 +253,42 @@ def test_bad_input_is_refused_without_writing(runs, tmp_path, capsys):
     assert not list(tmp_path.glob(".new.*"))  # no temporary directory left
 
 
-def test_parscale_at_one_stream_is_llama(tiny_store):
-    """ParScale at P=1 (no prefixes, no aggregator) exports as LlamaForCausalLM with equal logits
-    (a freshly initialised model: the tensor names and shapes are what this checks)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
+@pytest.mark.parametrize("example,sets,architecture", [
+    # ParScale at P=1 has no prefixes and no aggregator: the dense model
+    ("parscale", ["model.streams=1", "model.tied_embeddings=false", "model.ffn_hidden=128"],
+     "LlamaForCausalLM"),
+    # top-1 (Switch) routing, a dense layer, no shared expert: Qwen2-MoE with a zero-width one
+    ("moe", ["model.top_k=1", "model.moe_every=2", "model.ffn_hidden=64", "model.moe_ffn_hidden=64"],
+     "Qwen2MoeForCausalLM"),
+])
+def test_fresh_models_export_exactly(example, sets, architecture, tiny_store, tmp_path):
+    """Mappings without a trained run of their own: a freshly initialised model (the tensor names,
+    shapes and routing are what this checks) written by the writer and read back by transformers."""
     from scaleforge.arch.registry import builder_module
     from scaleforge.config import RunSpec, apply_overrides, from_dict, load_yaml_file
-    from scaleforge.export import gather
+    from scaleforge.data_pipeline import open_store
+    from scaleforge.export import gather, writer
     from scaleforge.export.targets import target_for
     from scaleforge.pretrain.model_build import runtime_config
 
-    spec = apply_overrides(from_dict(RunSpec, load_yaml_file(ROOT / "examples" / "parscale-tiny.yaml")),
-                           ["model.streams=1", "model.tied_embeddings=false", "model.ffn_hidden=128",
-                            *(x for x in SHRINK if x.startswith(("model.", "data.seq")))])
+    spec = apply_overrides(
+        from_dict(RunSpec, load_yaml_file(ROOT / "examples" / f"{example}-tiny.yaml")),
+        [*(x for x in SHRINK if x.startswith(("model.", "data.seq"))), *sets])
     target = target_for(spec.model, seq_len=spec.data.seq_len)
-    assert target.architecture == "LlamaForCausalLM"
+    assert target.architecture == architecture
     ids = torch.randint(0, spec.model.vocab_size, (2, spec.data.seq_len),
                         generator=torch.Generator().manual_seed(0))
     with gather.one_process(spec):
-        model = builder_module("parscale").build_model(
+        model = builder_module(example).build_model(
             spec.model, seq_len=spec.data.seq_len, seed=3,
             runtime=runtime_config(gather.single_layout(spec))).eval()
         ours = scaleforge_logits(model, ids)
         state = target.convert(gather.full_state(model))
-    hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(target.model_type, **target.config))
-    hf.load_state_dict(state, strict=True)
+    writer.write(tmp_path / "hf", target, state, open_store(tiny_store).tokenizer(),
+                 max_length=spec.data.seq_len)
     with torch.no_grad():
-        diff = float((hf.eval()(ids).logits - ours).abs().max())
+        diff = float((load_hf(tmp_path / "hf")(ids).logits - ours).abs().max())
+    print(f"{example} fresh: {architecture} max |logit diff| = {diff:.3g}")
     assert diff < TOL and float(ours.abs().max()) > 0.1, diff
 
 
