@@ -60,6 +60,7 @@ def _width(samples, n_t, d_t):
     return float(np.percentile(f, 97.5) - np.percentile(f, 2.5))
 
 
+@pytest.mark.slow
 def test_extend_shrinks_the_interval_more_than_one_more_isoflop_budget():
     """8 noisy ladders of a known law: the 2 rungs --extend picks within the compute of one more
     IsoFLOP budget (5 sizes, one ladder step up) leave a narrower 95% interval of the target's
@@ -137,6 +138,26 @@ def test_a_run_planned_for_gpus_is_refused_here(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.device is gpu" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.gpu
+def test_on_a_gpu_auto_trains_bf16_and_a_cpu_plan_is_refused(tmp_path, tiny_store):
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU: the trainer resolves precision on the device it runs on")
+    from scaleforge.config import spec_to_yaml
+    from scaleforge.orchestrator.cluster import cpu_cluster
+    from scaleforge.orchestrator.plan import base_spec, for_cluster
+    from scaleforge.pretrain.cli import resolve
+
+    base = base_spec("dense", ("model.vocab_size=512", f"data.stores=[{tiny_store}]"))
+    path = tmp_path / "auto.yaml"
+    path.write_text(spec_to_yaml(base))
+    spec, _ = resolve(str(path), [], 1)
+    assert spec.train.precision == "bf16" and run_id(spec) == run_id(resolve_precision(base, "gpu"))
+    path.write_text(spec_to_yaml(for_cluster(base, cpu_cluster(1))))
+    with pytest.raises(ConfigError, match="train.device is cpu .* this machine is gpu"):
+        resolve(str(path), [], 1)
 
 
 # ----------------------------------------------------------------------------------------------
