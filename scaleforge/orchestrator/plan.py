@@ -313,12 +313,12 @@ def make_plan(
         ladder.extend(runs)
         warnings.extend(notes)
         want = min(sizes, MIN_PARABOLA_SIZES)
-        if len(runs) < want:
+        under = sum(1 for r in runs if r.N < n_opt)
+        if len(runs) < want or (sizes >= MIN_PARABOLA_SIZES and under < 2):
             floor = f"{min(below):.3g}" if below else "none"
-            under = sum(1 for r in runs if r.N < n_opt)
             warnings.append(
-                f"budget {b:.3g}: {len(runs)} sizes ({under} below its optimum N={n_opt:.3g}), fewer "
-                f"than the {want} a parabola needs: the smallest shape for vocab_size="
+                f"budget {b:.3g}: {len(runs)} sizes, {under} below its optimum N={n_opt:.3g} (a "
+                f"parabola needs {want}, 2 or more on each side): the smallest shape for vocab_size="
                 f"{base.model.vocab_size} floors the sizes (smallest size asked for: {floor}); "
                 "raise --ladder-min, lower model.vocab_size or widen --size-span"
             )
