@@ -41,7 +41,9 @@ def test_memory_by_hand_single_stage():
     # s b h = 65,536; 34 + 5 a s / h = 34 + 10 = 44 bytes each, 4 layers
     assert mem.activations == 65_536 * 44 * 4
     assert mem.logits == 4 * 128 * 2 * 1000
-    assert mem.total == 79_618_560
+    # backward: one layer's gradients of its saved tensors + the bf16 output-weight gradient
+    assert mem.working == 65_536 * 44 + 1000 * 256 * 2
+    assert mem.total == 79_618_560 + 65_536 * 44 + 512_000
     sharded = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
     assert sharded.states == 3_725_568 * 9
 

@@ -26,6 +26,10 @@ recompute does. The 34 assumes a 4h GeLU MLP; a SwiGLU MLP of 8h/3 stores the sa
 smaller K and V are not credited (an over-estimate of at most 4 s b h).
 1F1B pipeline: the first stage holds min(pp, m) micro-batches of layers/pp layers, so the total stays
 about layers x per-layer regardless of pp. The last stage also holds fp32 logits, 4 s b V / t.
+Backward needs working memory on top: the gradients of one layer's saved tensors (one more layer of
+activations) and, on the last stage, the output weight's gradient (V h / t at the weights' width)
+before it is added into the fp32 gradient buffer (measured: without them the fp32 peak of
+benchmarks/memory_model.py is 5% under).
 Bubble fraction (pp - 1) / m for m micro-batches per step (Narayanan et al. 2021).
 The fp32 CPU mode counts what autograd really saves in the project's dense layer (SDPA, RMSNorm,
 SwiGLU, RoPE, GQA; `transformer_saved_bytes`), element by element, no dropout masks.
@@ -170,12 +174,15 @@ class Memory:
     """Activations of the in-flight micro-batches held on the device."""
     logits: float
     """fp32 logits (last stage only)."""
+    working: float = 0.0
+    """Transient backward memory: the gradients of one layer's saved tensors, and on the last
+    stage the output weight's gradient before it joins the gradient buffer."""
     host: float = 0.0
     """Bytes in host memory per GPU (offloaded optimizer states and activations)."""
 
     @property
     def total(self) -> float:
-        return self.states + self.activations + self.logits
+        return self.states + self.activations + self.logits + self.working
 
 
 def _layer_activation(model: Any, layer: Any, *, fp32: bool, **kw: Any) -> float:
@@ -225,7 +232,7 @@ def memory_per_gpu(
     w, g, o = state_parts(fp32)
     widest = max(layer.params - layer.expert_params for layer in layers) / tp
     # Megatron-FSDP's gathered working copies: two layers (the one computing, the one prefetched)
-    working = {"grads": 2 * widest * g, "full": 2 * widest * (w + g)}.get(shard, 0.0)
+    gathered = {"grads": 2 * widest * g, "full": 2 * widest * (w + g)}.get(shard, 0.0)
 
     def per_param(dp_group: int) -> float:
         return state_bytes_per_param(shard, dp_group, fp32=fp32, optimizer_offload=optimizer_offload)
@@ -236,7 +243,7 @@ def memory_per_gpu(
     def states(dense_params: float, expert_params: float) -> tuple[float, float]:
         dense, expert = dense_params / tp, expert_params / (tp * ep)
         edp = max(1, dp // ep)
-        return (dense * per_param(dp) + expert * per_param(edp) + working,
+        return (dense * per_param(dp) + expert * per_param(edp) + gathered,
                 dense * offloaded(dp) + expert * offloaded(edp))
 
     kw = dict(seq_len=seq_len, micro_batch=micro_batch, tp=tp, sp=sp, recompute=recompute,
@@ -249,6 +256,15 @@ def memory_per_gpu(
         return sum(n * _layer_activation(model, layer, fp32=fp32, **kw) for layer, n in counts.items())
 
     logits = 4.0 * seq_len * micro_batch * model.vocab_size / tp
+    # backward: one layer's gradients of what it saved, and the output layer's weight gradient
+    # (fp32 or bf16 like the weights) before megatron adds it into the fp32 gradient buffer
+    out_grad = vh / tp * w
+
+    def working(stage: list, last: bool) -> float:
+        widest_layer = max((_layer_activation(model, layer, fp32=fp32, **kw) for layer in stage),
+                           default=0.0)
+        return widest_layer + (out_grad if last else 0.0)
+
     if pp == 1:
         device_states, host = states(body + embedding, experts)
         resident, moved = layers, []
@@ -260,16 +276,16 @@ def memory_per_gpu(
             resident, moved = layers[offload_layers:], layers[:offload_layers]
             host += activations(moved)
         return Memory(states=device_states, activations=activations(resident), logits=logits,
-                      host=host)
+                      working=working(layers, True), host=host)
     # first stage: embedding + the most micro-batches in flight; last: output layer + logits
     per_stage = math.ceil(len(layers) / pp)
     first_layers, last_layers = layers[:per_stage], layers[-per_stage:]
     stage_states, host = states(body / pp + vh, experts / pp)
     first = Memory(states=stage_states,
                    activations=activations(first_layers) * min(pp, microbatches), logits=0.0,
-                   host=host)
+                   working=working(first_layers, False), host=host)
     last = Memory(states=stage_states, activations=activations(last_layers), logits=logits,
-                  host=host)
+                  working=working(last_layers, True), host=host)
     return first if first.total >= last.total else last
 
 
