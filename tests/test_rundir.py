@@ -20,7 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 CLIENTS = ["scaleforge/orchestrator/runs.py", "scaleforge/orchestrator/refit.py",
            "scaleforge/orchestrator/status.py", "scaleforge/orchestrator/submit.py",
            "scaleforge/orchestrator/executors/local.py", "scaleforge/orchestrator/executors/slurm.py",
-           "scaleforge/pretrain/cli.py", "scaleforge/pretrain/metrics.py", "scaleforge/pretrain/loop.py"]
+           "scaleforge/pretrain/cli.py", "scaleforge/pretrain/metrics.py", "scaleforge/pretrain/loop.py",
+           "scaleforge/pretrain/checkpoint.py", "scaleforge/pretrain/grow.py"]
 NAMES = {rundir.SPEC_FILE, rundir.METRICS_FILE, rundir.STATUS_FILE, rundir.JOB_FILE}
 
 

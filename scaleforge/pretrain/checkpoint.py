@@ -40,14 +40,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from scaleforge import rundir
 from scaleforge.errors import CheckpointError
 from scaleforge.pretrain import signals
 
 FORMAT_VERSION = 1
-LATEST = "latest"
+LATEST = rundir.LATEST
 MARKER = "COMPLETE"
 STATE_FILE = "state.json"
-SPEC_FILE = "run.yaml"
+SPEC_FILE = rundir.SPEC_FILE  # a checkpoint keeps the spec it was made with under the same name
 TMP_PREFIX = ".tmp_"
 DISTOPT_FORMAT = "fully_reshardable"
 
@@ -63,7 +64,7 @@ def step_name(step: int) -> str:
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "checkpoints"
+    return rundir.checkpoints_dir(run_dir)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+from scaleforge import rundir
 from scaleforge.errors import CheckpointError, ConfigError
 
 
@@ -41,8 +42,8 @@ from scaleforge.errors import CheckpointError, ConfigError
 
 def last_checkpoint(run_dir: str | Path) -> Path:
     """The complete checkpoint that RUN_DIR/checkpoints/latest names (ConfigError otherwise)."""
-    root = Path(run_dir) / "checkpoints"
-    latest = root / "latest"
+    root = rundir.checkpoints_dir(run_dir)
+    latest = root / rundir.LATEST
     if not latest.is_file():
         raise ConfigError(
             f"checkpoint.init_from={run_dir}: no complete checkpoint ({latest} is missing); "
@@ -71,7 +72,7 @@ def old_spec(spec: Any, run_dir: str | Path | None = None) -> Any:
     """The RunSpec the init_from run's last checkpoint was made with."""
     from scaleforge.config import load_runspec
 
-    return load_runspec(last_checkpoint(source_dir(spec, run_dir)) / "run.yaml")
+    return load_runspec(rundir.spec_path(last_checkpoint(source_dir(spec, run_dir))))
 
 
 def grown_model(new_model: Any, old_model: Any) -> Any:
@@ -133,7 +134,7 @@ def make_spec(run_dir: str | Path, overrides: list[str]) -> Any:
     from scaleforge.parallel.checks import check_shape
 
     run_dir = Path(run_dir)
-    source = run_dir / "run.yaml"
+    source = rundir.spec_path(run_dir)
     if not source.is_file():
         raise ConfigError(f"{run_dir} is not a run directory ({source} is missing)")
     last_checkpoint(run_dir)
@@ -154,12 +155,12 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} exists and is not empty; pick a new directory")
     spec = make_spec(args.run_dir, args.overrides)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "run.yaml").write_text(spec_to_yaml(spec))
-    print(f"wrote {out / 'run.yaml'} (starts from {spec.checkpoint.init_from})")
+    rundir.spec_path(out).write_text(spec_to_yaml(spec))
+    print(f"wrote {rundir.spec_path(out)} (starts from {spec.checkpoint.init_from})")
     print("train it with:")
     world = spec.parallel.world_size
     nproc = f" --nproc {world}" if world > 1 else ""  # the layout the old run.yaml carries
-    print(f"  orchestrate train {shlex.quote(str(out / 'run.yaml'))} --out {shlex.quote(str(out))}"
+    print(f"  orchestrate train {shlex.quote(str(rundir.spec_path(out)))} --out {shlex.quote(str(out))}"
           f"{nproc}")
     return 0
 
