@@ -82,10 +82,13 @@ def local_gen(model_dir):
     return LocalGenerator(model_dir, threads=1)
 
 
-def run_cli(*argv: str) -> tuple[int, str]:
-    proc = subprocess.run([sys.executable, "-m", "scaleforge.cli", *argv], capture_output=True,
-                          text=True, timeout=300, cwd=REPO)
-    return proc.returncode, proc.stderr
+def run_cli(capsys, *argv: str) -> tuple[int, str]:
+    """`orchestrate ARGV` in this process: its exit code and stderr."""
+    from scaleforge.cli import main
+
+    capsys.readouterr()
+    rc = main(list(argv))
+    return rc, capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------
@@ -112,7 +115,7 @@ def test_config_refuses_bad_fields(tiny_store, kjv_jsonl, tmp_path):
     assert load_config(write_config(tmp_path / "ok.yaml", base)).rewrite.batch_size == 2
 
 
-def test_bad_input_one_line_nothing_written(tiny_store, kjv_jsonl, tmp_path):
+def test_bad_input_one_line_nothing_written(tiny_store, kjv_jsonl, tmp_path, capsys):
     base = tiny_config(tiny_store, kjv_jsonl)
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
@@ -131,7 +134,7 @@ def test_bad_input_one_line_nothing_written(tiny_store, kjv_jsonl, tmp_path):
     }
     for name, (body, needle) in cases.items():
         out = tmp_path / f"out-{name}"
-        rc, err = run_cli("rewire", str(write_config(tmp_path / f"{name}.yaml", body)), "--out", str(out))
+        rc, err = run_cli(capsys, "rewire", str(write_config(tmp_path / f"{name}.yaml", body)), "--out", str(out))
         assert rc != 0, name
         lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
         assert len(lines) == 1 and needle in lines[0], (name, err[-500:])
@@ -140,7 +143,7 @@ def test_bad_input_one_line_nothing_written(tiny_store, kjv_jsonl, tmp_path):
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "keep.txt").write_text("x")
-    rc, err = run_cli("rewire", str(write_config(tmp_path / "f.yaml", base)), "--out", str(foreign))
+    rc, err = run_cli(capsys, "rewire", str(write_config(tmp_path / "f.yaml", base)), "--out", str(foreign))
     assert rc != 0 and "not a REWIRE output" in err
     assert sorted(p.name for p in foreign.iterdir()) == ["keep.txt"]
 
