@@ -197,6 +197,8 @@ def test_sharding_beyond_the_optimizer_needs_several_ranks(tmp_path, tiny_store)
     with pytest.raises(LayoutError, match="parallel.shard=full shards over data-parallel ranks"):
         check_layout(spec)
     check_layout(apply_overrides(spec, ["parallel.dp=2"]))  # two ranks: fine
+    with pytest.raises(LayoutError, match="runs here with tp and dp only, not with pp=2"):
+        check_layout(apply_overrides(spec, ["parallel.dp=2", "parallel.pp=2"]))
     with pytest.raises(LayoutError, match="activation offload needs parallel.pp=1"):
         check_layout(apply_overrides(spec, ["parallel.shard=optimizer", "parallel.pp=2",
                                             "parallel.activation_offload=0.5"]))

@@ -31,6 +31,11 @@ def check_layout(spec: Any, world_size: int | None = None) -> None:
             f"parallel.shard={par.shard} shards over data-parallel ranks but parallel.dp=1; "
             "launch more ranks (--nproc) or set parallel.shard=optimizer"
         )
+    if par.shard in ("grads", "full") and (par.pp > 1 or par.ep > 1):
+        raise LayoutError(
+            f"parallel.shard={par.shard} (Megatron-FSDP) runs here with tp and dp only, not with "
+            f"pp={par.pp} or ep={par.ep}; set parallel.shard=optimizer or pp=ep=1"
+        )
     if (par.activation_offload or par.offload_layers) and par.pp > 1:
         raise LayoutError(
             f"activation offload needs parallel.pp=1 (got pp={par.pp}): it keeps one micro-batch's "

@@ -110,6 +110,8 @@ def megatron_state_bytes(dp: int, distributed_optimizer: bool = True) -> float:
 
 SHARD_LEVELS = ("none", "optimizer", "grads", "full")
 """`parallel.shard`, least sharded first."""
+FSDP_LEVELS = ("grads", "full")
+"""The levels Megatron-FSDP runs (with tp and dp only: parallel/checks.py)."""
 
 
 def state_parts(fp32: bool = False) -> tuple[float, float, float]:
@@ -513,8 +515,8 @@ def search_layout(
             for pp in pps:
                 if tp * pp > max_gpus:
                     break
-                if lever.activation_offload and pp > 1:
-                    continue  # offload needs pp = 1
+                if pp > 1 and (lever.activation_offload or lever.shard in FSDP_LEVELS):
+                    continue  # offload and Megatron-FSDP run with pp = 1 (parallel/checks.py)
                 for recompute in lever.recomputes:
                     if recompute == "selective" and cluster.flash_attention:
                         continue  # same memory as none with flash attention
@@ -601,7 +603,7 @@ def _evaluate(model, tp, pp, dp, mb, recompute, seq_len, batch_target, cluster, 
     # else the one with the least memory. EP adds all-to-all traffic and, per rank, fewer experts to
     # batch tokens into, so ep = 1 wins whenever it fits.
     ep, memory = 1, None
-    for size in _eps(model, dp, seq_len):
+    for size in ([1] if lever.shard in FSDP_LEVELS else _eps(model, dp, seq_len)):
         mem = need(size, 0.0)
         if memory is None or mem.total < memory.total:
             ep, memory = size, mem
