@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 from scaleforge.arch.registry import config_class, known_archs
-from scaleforge.config import ParallelSpec, RunSpec, apply_overrides, resolve_precision, run_id
+from scaleforge.config import RunSpec, apply_overrides, resolve_precision, run_id
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import prior
 from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, Cluster, load_cluster
