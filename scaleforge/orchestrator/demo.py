@@ -1,18 +1,28 @@
-"""`orchestrate demo`: the whole loop on this machine in a few minutes.
+"""`orchestrate demo`: the whole loop on this machine, ending in a forecast checked against a run.
 
-plan a tiny IsoFLOP ladder -> train it (local executor, or the Slurm cluster SLURM_CONF names) ->
-refit the law to the runs' own losses -> print the forecast for the target budget, write the plots.
+plan a tiny IsoFLOP ladder -> train it -> refit -> extend once (`plan PLAN --extend`, the runs that
+shrink the target's interval most) -> train them -> refit -> forecast the target budget (4x the
+largest ladder budget) -> train that check run at the forecast's shape -> `demo/forecast.json`:
+budget, predicted_loss, interval, actual_loss, relative_error and seed_spread (the spread of the
+final eval loss over three seeds of one run at the largest ladder budget: the noise floor the error
+is read against). Local executor, or the Slurm cluster SLURM_CONF names.
 
-The ladder is sized for two CPU cores: budgets of 5e10-5e11 FLOPs, models of 2e4-2e5 parameters,
-128-token samples, on the bundled corpus re-tokenised with a 512-id BPE (with the default 8,192 ids
-the embedding alone is 5e5 parameters, more than the compute-optimal model at these budgets).
-Re-running the command resumes: finished runs are skipped, interrupted ones continue.
+Sized for two CPU cores and about eight minutes: ladder budgets of 6.2e10-2.5e11 FLOPs, models of
+2e4-2e5 parameters, 128-token samples, on the bundled corpus re-tokenised with a 512-id BPE (with
+the default 8,192 ids the embedding alone is 5e5 parameters, more than the compute-optimal model at
+these budgets). The plan starts from the small-model prior (`prior.SMALL_BELOW`). Re-running the
+command resumes: finished runs are skipped, interrupted ones continue.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import json
+import math
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -23,6 +33,9 @@ DEMO_VOCAB = 512
 """BPE ids of the demo store: keeps the embedding small beside 5e4-3e5-parameter models."""
 DEMO_SEQ_LEN = 128
 """Tokens per sample in the demo ladder."""
+SEEDS = 3
+"""Seeds of the run whose final-loss spread is the noise floor."""
+STAGES = 8
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,11 +43,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--executor", choices=("local", "slurm"), default="local",
         help="local: subprocesses on this machine (default); slurm: the cluster SLURM_CONF names")
     add("--out", default="demo", metavar="DIR", help="folder for plan.yaml, runs/, fit.json, plots (demo)")
-    add("--budget", default="5e13", metavar="C", help="target budget to forecast, FLOPs (5e13)")
+    add("--budget", default="1e12", metavar="C",
+        help="the check run's budget, FLOPs (1e12); the ladder ends at a quarter of it")
     add("--budgets", type=int, default=3, metavar="K", help="ladder budgets (3)")
-    add("--sizes", type=int, default=4, metavar="S", help="model sizes per ladder budget (4)")
-    add("--ladder-min", type=float, default=1e-3, metavar="F", help="smallest ladder budget / C (1e-3)")
-    add("--ladder-max", type=float, default=1e-2, metavar="F", help="largest ladder budget / C (1e-2)")
+    add("--sizes", type=int, default=7, metavar="S",
+        help="model sizes asked for per ladder budget (7; tiny widths round some to one shape)")
+    add("--ladder-min", type=float, default=1 / 16, metavar="F", help="smallest ladder budget / C (1/16)")
+    add("--ladder-max", type=float, default=1 / 4, metavar="F",
+        help="largest ladder budget / C (1/4: the forecast is 4x the ladder's top)")
+    add("--extend", type=int, default=2, metavar="K", help="runs added by the one --extend (2)")
     add("--cores", type=int, default=None, metavar="N", help="cores for the local executor (all)")
 
 
@@ -42,61 +59,167 @@ def run(args: argparse.Namespace) -> int:
     from scaleforge import cli
     from scaleforge.orchestrator.cluster import cpu_cluster
     from scaleforge.orchestrator.plan import _number, make_plan
-    from scaleforge.orchestrator.planfile import load_plan, plan_to_yaml
+    from scaleforge.orchestrator.planfile import load_plan, plan_to_yaml, save_plan
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: name a folder for the demo")
+    budget = _number("--budget", args.budget)
+    if not args.ladder_max * 4 <= 1 + 1e-9:
+        raise ConfigError(f"--ladder-max must be <= 1/4 (the check run is 4x the ladder's top), got {args.ladder_max:g}")
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    budget = _number("--budget", args.budget)
 
     _stage(1, "token store", f"bundled corpus, {DEMO_VOCAB}-id BPE")
     store = demo_store()
 
-    _stage(2, "plan", f"ladder below {budget:.3g} FLOPs on this machine")
+    _stage(2, "plan", f"ladder up to {budget * args.ladder_max:.3g} FLOPs, check run at {budget:.3g}")
     plan = make_plan(
         budget, cluster=cpu_cluster(1), ladder_min=args.ladder_min, ladder_max=args.ladder_max,
-        budgets=args.budgets, sizes=args.sizes, size_span=3.0, seq_len=DEMO_SEQ_LEN,
-        # Runs of a few hundred steps: a checkpoint every 250 steps and an evaluation every 100 keep
-        # the trainer's time on training (the planner's default is 10 checkpoints and 20 evaluations).
+        budgets=args.budgets, sizes=args.sizes, size_span=4.0, seq_len=DEMO_SEQ_LEN,
+        # Runs of a few hundred steps: a checkpoint every 250 steps and an evaluation every 50 keep
+        # the trainer's time on training and give the refit intermediate points.
         overrides=(f"data.stores=[{store}]", f"model.vocab_size={DEMO_VOCAB}",
-                   "checkpoint.every=250", "eval.every=100"),
+                   "checkpoint.every=250", "eval.every=50"),
     )
     plan_path = out / "plan.yaml"
-    if plan_path.exists() and load_plan(plan_path).ladder == plan.ladder:
+    if plan_path.exists() and load_plan(plan_path).ladder[: len(plan.ladder)] == plan.ladder:
         print(f"{plan_path}: same ladder as before; finished runs are skipped")
+        plan = load_plan(plan_path)
     else:
         plan_path.write_text(plan_to_yaml(plan))
+    seeds_path = out / "seeds.yaml"
+    save_plan(seed_plan(plan), seeds_path)
     from scaleforge.orchestrator.plan_table import print_plan
 
     print_plan(plan)
+    for line in plan.warnings:
+        print(f"note: {line}")
 
-    _stage(3, "train", f"{len(plan.ladder)} runs with the {args.executor} executor")
-    submit = ["submit", str(plan_path), "--executor", args.executor]
+    _stage(3, "train", f"{len(plan.ladder)} ladder runs with the {args.executor} executor")
+    _submit(cli, plan_path, args)
+
+    _stage(4, "refit", "the law from the ladder's own losses")
+    _check(cli.main(["refit", str(plan_path), "--bootstrap", "400"]), "refit")
+
+    _stage(5, "extend", f"{args.extend} runs that shrink the target's interval most")
+    _check(cli.main(["plan", str(plan_path), "--extend", str(args.extend),
+                     "--allowance", f"{_seed_cost(plan):.3g}"]), "plan --extend")
+
+    _stage(6, "train", f"the added runs, and {SEEDS - 1} more seeds of one largest-budget run")
+    seeds = _background_submit(seeds_path, args)
+    _submit(cli, plan_path, args)
+    _check(seeds.wait(), "submit (seeds)")
+
+    _stage(7, "refit", "with the added runs; forecast the target")
+    _check(cli.main(["refit", str(plan_path), "--bootstrap", "400"]), "refit")
+    replanned = load_plan(plan_path)
+    t = replanned.target
+    print(f"forecast at {replanned.budget:.3g} FLOPs: N={t.N:.3g}, D={t.D:.3g}: loss {t.loss:.4f} "
+          f"[{t.loss_ci[0]:.4f}, {t.loss_ci[1]:.4f}]")
+
+    _stage(8, "check run", f"{t.name} at the forecast's shape")
+    _submit(cli, plan_path, args, target=True)
+    body = forecast_json(replanned, plan_path, seeds_path)
+    path = out / "forecast.json"
+    tmp = path.with_name(".forecast.json.tmp")
+    tmp.write_text(json.dumps(body, indent=1) + "\n")
+    tmp.replace(path)
+    print_forecast(body)
+    plots = sorted(str(p.relative_to(out)) for p in (out / "plots").glob("*.png"))
+    print(f"wrote {path}, {out / 'fit.json'} and {', '.join(plots) or 'no plots'} "
+          f"in {time.monotonic() - started:.0f} s")
+    return 0
+
+
+def seed_plan(plan):
+    """A plan whose ladder is SEEDS - 1 copies, other seeds, of the middle-sized run of the largest
+    budget (the plan's own run is the first seed); its runs live in `seeds/`."""
+    from scaleforge.config import run_id
+
+    top = max(r.budget for r in plan.ladder if "-ladder-" in r.name)
+    rungs = sorted((r for r in plan.ladder if r.budget == top and "-ladder-" in r.name), key=lambda r: r.N)
+    base = rungs[len(rungs) // 2]
+    runs = []
+    for k in range(1, SEEDS):
+        name = f"{base.name}-seed{base.spec.seed + k}"
+        spec = dataclasses.replace(base.spec, name=name, seed=base.spec.seed + k)
+        runs.append(dataclasses.replace(base, name=name, spec=spec, run_id=run_id(spec)))
+    return dataclasses.replace(plan, ladder=tuple(runs), runs_dir="seeds", history=(), warnings=())
+
+
+def _seed_cost(plan) -> float:
+    """The --extend allowance: what the extra seeds cost (two runs at the largest budget)."""
+    top = max(r.budget for r in plan.ladder)
+    return 2.0 * top
+
+
+def forecast_json(plan, plan_path: Path, seeds_path: Path) -> dict:
+    """The check: the target's forecast against its trained final eval loss, and the seed spread."""
+    from scaleforge.orchestrator.planfile import load_plan, run_dir
+    from scaleforge.orchestrator.refit import collect_run
+
+    t = plan.target
+    rec = collect_run(run_dir(plan, plan_path, t), name=t.name, budget=t.budget, n_params=t.N)
+    if not math.isfinite(rec.L):
+        raise ScaleforgeError(f"the check run {t.name} has no final loss ({rec.excluded or rec.state})")
+    seeds = load_plan(seeds_path)
+    first = next(r for r in plan.ladder if r.name == seeds.ladder[0].name.rsplit("-seed", 1)[0])
+    losses = [collect_run(run_dir(plan, plan_path, first), name=first.name, budget=first.budget, n_params=first.N).L]
+    losses += [collect_run(run_dir(seeds, seeds_path, r), name=r.name, budget=r.budget, n_params=r.N).L
+               for r in seeds.ladder]
+    actual = float(rec.L)
+    return {
+        "budget": float(plan.budget),
+        "N": int(t.N),
+        "D": int(t.D),
+        "predicted_loss": float(t.loss),
+        "interval": [float(t.loss_ci[0]), float(t.loss_ci[1])],
+        "actual_loss": actual,
+        "relative_error": (float(t.loss) - actual) / actual,
+        "inside_interval": bool(t.loss_ci[0] <= actual <= t.loss_ci[1]),
+        "seed_spread": float(max(losses) - min(losses)),
+        "seed_losses": [float(v) for v in losses],
+        "seed_run": first.name,
+        "law": {"params": dict(plan.law.params), "ci": {k: list(v) for k, v in plan.law.ci.items()}},
+        "ladder_runs": len(plan.ladder),
+        "largest_ladder_budget": float(max(r.budget for r in plan.ladder)),
+    }
+
+
+def print_forecast(body: dict) -> None:
+    lo, hi = body["interval"]
+    print(
+        f"check at {body['budget']:.3g} FLOPs (N={body['N']:.3g}, D={body['D']:.3g}): predicted "
+        f"{body['predicted_loss']:.4f} [{lo:.4f}, {hi:.4f}], actual {body['actual_loss']:.4f}, "
+        f"relative error {100 * body['relative_error']:+.2f}% "
+        f"({'inside' if body['inside_interval'] else 'OUTSIDE'} the 95% interval); "
+        f"seed spread {body['seed_spread']:.4f} "
+        f"({100 * body['seed_spread'] / body['actual_loss']:.2f}% of the loss, {len(body['seed_losses'])} seeds)"
+    )
+
+
+def _submit(cli, plan_path: Path, args, *, target: bool = False) -> None:
+    cmd = ["submit", str(plan_path), "--executor", args.executor] + (["--target"] if target else [])
     if args.cores:
-        submit += ["--cores", str(args.cores)]
-    with ladder_progress(plan_path):
-        _check(cli.main(submit), "submit")
+        cmd += ["--cores", str(args.cores)]
+    with ladder_progress(plan_path, target=target):
+        _check(cli.main(cmd), "submit")
         if args.executor == "slurm":
             from scaleforge.orchestrator import runs
 
-            runs.wait_for_runs(runs.entries_from_plan(plan_path), poll_s=5.0)
+            runs.wait_for_runs(runs.entries_from_plan(plan_path, target=target), poll_s=5.0)
 
-    _stage(4, "refit", "fit the law to the ladder's own losses, re-plan the target")
-    _check(cli.main(["refit", str(plan_path)]), "refit")
 
-    _stage(5, "forecast", "")
-    replanned = load_plan(plan_path)
-    t = replanned.target
-    print(
-        f"forecast at {replanned.budget:.3g} FLOPs: N={t.N:.3g} parameters "
-        f"[{t.N_ci[0]:.3g}, {t.N_ci[1]:.3g}], D={t.D:.3g} tokens [{t.D_ci[0]:.3g}, {t.D_ci[1]:.3g}], "
-        f"loss {t.loss:.3f} [{t.loss_ci[0]:.3f}, {t.loss_ci[1]:.3f}] (law: {replanned.law.source})"
-    )
-    plots = sorted(str(p.relative_to(out)) for p in (out / "plots").glob("*.png"))
-    print(f"wrote {out / 'fit.json'} and {', '.join(plots) or 'no plots'} in {time.monotonic() - started:.0f} s")
-    return 0
+def _background_submit(plan_path: Path, args) -> subprocess.Popen:
+    """`submit` of another plan in a child process, one core, its output in its folder's log."""
+    cmd = [sys.executable, "-m", "scaleforge.cli", "submit", str(plan_path), "--executor", args.executor]
+    if args.executor == "local":
+        cmd += ["--cores", "1"]
+    else:
+        cmd += ["--wait"]
+    log = open(plan_path.with_suffix(".log"), "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def demo_store() -> Path:
@@ -111,13 +234,15 @@ def demo_store() -> Path:
 
 
 @contextlib.contextmanager
-def ladder_progress(plan_path: Path, poll_s: float = 1.0):
+def ladder_progress(plan_path: Path, poll_s: float = 1.0, *, target: bool = False):
     """A progress bar over all ladder steps, read from the run directories while the block runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from scaleforge.orchestrator import runs
 
-    entries = runs.entries_from_plan(plan_path)
+    entries = runs.entries_from_plan(plan_path, target=target)
+    if target:
+        entries = entries[-1:]
     total = sum(e.spec.train.steps for e in entries)
     stop = threading.Event()
     columns = (TextColumn("ladder steps"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -141,7 +266,7 @@ def ladder_progress(plan_path: Path, poll_s: float = 1.0):
 
 
 def _stage(i: int, name: str, detail: str) -> None:
-    print(f"\n[{i}/5] {name}" + (f": {detail}" if detail else ""), flush=True)
+    print(f"\n[{i}/{STAGES}] {name}" + (f": {detail}" if detail else ""), flush=True)
 
 
 def _check(code: int, what: str) -> None:
