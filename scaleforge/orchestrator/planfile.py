@@ -5,14 +5,16 @@ Torch-free. `scaleforge.orchestrator.plan` re-exports everything here; import fr
 Top-level keys, in file order:
   budget        the target compute in FLOPs
   arch          the architecture family of every run
-  law           the loss law planned from: name, params, ci ({name: [lo, hi]}), source (prior|fit)
+  law           the loss law planned from: name, params, ci ({name: [lo, hi]}), source (prior|fit),
+                path (the fit.json; `small` for the small-model prior, empty for Chinchilla's)
   cluster       the Cluster description the layouts were made for
   seq_len       tokens per sample of every run
   unique_tokens unique tokens in the data pool (epochs = D / unique_tokens)
   runs_dir      where run directories go, relative to the plan file's folder (default `runs`)
   overrides     the `--set key=value` items applied to every run's spec
   ladder        the small runs: name, run_id, budget, N, N_non_embedding, D, flops_per_token, flops,
-                epochs, gpus, nodes, gpu_hours, layout, spec (the full RunSpec)
+                epochs, gpus, nodes, gpu_hours, layout, spec (the full RunSpec); `plan PLAN --extend`
+                appends its runs here (named `<arch>-extend-...`), so submit and refit take them up
   target        the run at `budget`: the same fields plus loss, loss_ci, N_ci, D_ci
   growth        the target trained as a growth ladder (`--growth-stages`): runs as in ladder, stage
                 i > 0 starting from stage i - 1 (`checkpoint.init_from`); empty without one
