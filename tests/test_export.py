@@ -97,8 +97,9 @@ def scaleforge_logits(model, ids: torch.Tensor) -> torch.Tensor:
 
 
 def logged_eval_loss(run: Path) -> float:
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "eval_loss" in r][-1]["eval_loss"]
+    from scaleforge.pretrain.metrics import read_metrics
+
+    return [r for r in read_metrics(run / "metrics.jsonl") if "eval_loss" in r][-1]["eval_loss"]
 
 
 def hf_eval_loss(hf, spec) -> float:
