@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shlex
 import signal
 import socket
@@ -105,11 +106,13 @@ def test_config_refuses_bad_fields(tiny_store, kjv_jsonl, tmp_path):
         ({"rewrite": {"backend": "http", "endpoint": "http://x/v1", "server": "openai"}}, "repetition_penalty"),
         ({"filter": {"keep_fraction": 0}}, "filter.keep_fraction"),
         ({"mix": {"raw_shares": 0.5}}, "unknown config field 'mix.raw_shares'"),
-        ({"pool": {"store": str(tiny_store), "path": "x"}}, "exactly one of"),
+        ({"pool": {"store": str(tiny_store), "path": "x"}}, "pool: a text set names exactly one of"),
+        ({"classify": {**base["classify"], "negatives": [{"path": "x", "stride": 0}]}},
+         "classify.negatives[0]: stride must be >= 1"),
     ]
     for patch, needle in cases:
         cfg = write_config(tmp_path / "c.yaml", {**base, **patch})
-        with pytest.raises(ConfigError, match=needle.replace(".", r"\.").replace("(", r"\(")) as err:
+        with pytest.raises(ConfigError, match=re.escape(needle)) as err:
             load_config(cfg)
         assert "\n" not in str(err.value)
     assert load_config(write_config(tmp_path / "ok.yaml", base)).rewrite.batch_size == 2

@@ -297,6 +297,27 @@ def load_config(path: str | Path) -> RewireConfig:
     if not data:
         raise ConfigError(f"{path}: the REWIRE config is empty; see examples/rewire-tiny.yaml")
     try:
+        if isinstance(data, dict):
+            _check_text_sets(data)
         return from_dict(RewireConfig, data)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from None
+
+
+def _check_text_sets(data: dict) -> None:
+    """Build each text set alone first, so that its error names where it is (`classify.negatives[1]`)."""
+    from scaleforge.config import from_dict
+
+    places = [("pool", data.get("pool"))]
+    for stage, key in (("classify", "positives"), ("classify", "negatives"), ("filter", "positives")):
+        part = data.get(stage)
+        sets = part.get(key) if isinstance(part, dict) else None
+        if isinstance(sets, list):
+            places += [(f"{stage}.{key}[{i}]", v) for i, v in enumerate(sets)]
+    for where, value in places:
+        if isinstance(value, dict):
+            try:
+                from_dict(TextSet, value, where)
+            except ConfigError as exc:
+                msg = str(exc)
+                raise ConfigError(msg if msg.startswith(where) or f"'{where}." in msg else f"{where}: {msg}") from None
