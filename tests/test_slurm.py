@@ -102,7 +102,7 @@ def test_cluster_status_and_accounting(slurm_root):
     # two nodes, each with half the declared CPUs, both at the address Slurm records (NodeAddr)
     nodes = [line.split() for line in st.stdout.splitlines() if line.startswith("node: ")]
     assert [(n[1], n[2], n[4]) for n in nodes] == [("sf1", "idle", "NodeAddr=127.0.0.1"),
-                                                   ("sf2", "idle", "NodeAddr=127.0.0.1")]
+                                                   ("sf2", "idle", "NodeAddr=127.0.0.2")]
     assert nodes[0][3] == nodes[1][3]
     ports = [int(line.split("Port=")[1].split()[0]) for line in
              (slurm_root / "etc" / "slurm.conf").read_text().splitlines() if line.startswith("NodeName=")]
@@ -119,6 +119,14 @@ def test_cluster_status_and_accounting(slurm_root):
                            "echo $SLURM_PROCID $SLURM_NODEID $SLURM_LOCALID $SLURMD_NODENAME"],
                           capture_output=True, text=True, timeout=60, check=True)
     assert sorted(srun.stdout.split("\n")[:-1]) == ["0 0 0 sf1", "1 0 1 sf1", "2 1 0 sf2", "3 1 1 sf2"]
+    # a job whose first node is sf2 meets at sf2's recorded address, not at its name (which does
+    # not resolve) nor at the address srun was started from
+    code = ("import os; from scaleforge.orchestrator.executors.slurm import rendezvous_address; "
+            "print(rendezvous_address(dict(os.environ)), os.environ['SLURM_LAUNCH_NODE_IPADDR'])")
+    rdv = subprocess.run(["srun", "-N1", "-w", "sf2", sys.executable, "-c", code],
+                         capture_output=True, text=True, timeout=60, check=True)
+    assert rdv.stdout.split() == ["127.0.0.2", "127.0.0.1"]
+    assert subprocess.run(["getent", "hosts", "sf2"], capture_output=True).returncode != 0
     # `up` on a running cluster changes nothing and prints the same export line
     t0 = time.perf_counter()
     again = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(slurm_root)], capture_output=True,
