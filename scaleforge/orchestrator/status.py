@@ -22,15 +22,17 @@ def run(args: argparse.Namespace) -> int:
     from scaleforge.orchestrator import planfile, runs
 
     plan = planfile.load_plan(args.plan)
-    entries = runs.entries_from_plan(args.plan, target=True, plan=plan)
-    info = {r.name: r for r in plan.runs()}
+    entries = runs.entries_from_plan(args.plan, target=True, growth=True, plan=plan)
+    growth = {r.name for r in getattr(plan, "growth", ())}
+    info = {r.name: r for r in (*plan.runs(), *getattr(plan, "growth", ()))}
     states = runs.run_states(entries, tolerant=True)
     rows = []
     for st in states:
         planned = info[st.entry.name]
         rows.append({
             "run": st.entry.name,
-            "role": "target" if st.entry.name == plan.target.name else "ladder",
+            "role": "target" if st.entry.name == plan.target.name
+            else "growth" if st.entry.name in growth else "ladder",
             "arch": getattr(planned.spec.model, "arch", plan.arch),
             "N": planned.N,
             "D": planned.D,
