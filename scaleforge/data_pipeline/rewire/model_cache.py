@@ -71,6 +71,7 @@ def bundled_model_dir(log=None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
         try:
             _convert(source, tmp)
+            tmp.chmod(0o755)  # mkdtemp makes it private; the cache is shared like the checkout
             os.replace(tmp, target)  # the directory appears complete or not at all
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
