@@ -7,7 +7,7 @@ budget, predicted_loss, interval, actual_loss, relative_error and seed_spread (t
 final eval loss over three seeds of one run at the largest ladder budget: the noise floor the error
 is read against). Local executor, or the Slurm cluster SLURM_CONF names.
 
-Sized for two CPU cores (about 6 minutes of CPU: docs/scaling-laws.md has the measured run): ladder budgets of 6.2e10-2.5e11 FLOPs, models of
+Sized for two CPU cores (4.6 minutes here: docs/scaling-laws.md has the measured run): ladder budgets of 6.2e10-2.5e11 FLOPs, models of
 2e4-2e5 parameters, 128-token samples, on the bundled corpus re-tokenised with a 512-id BPE (with
 the default 8,192 ids the embedding alone is 5e5 parameters, more than the compute-optimal model at
 these budgets). The plan starts from the small-model prior (`prior.SMALL_BELOW`). Re-running the
