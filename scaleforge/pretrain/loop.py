@@ -246,9 +246,10 @@ class _Hooks:
         state = self.checkpoint.load_latest(
             run_dir, model=built.model, optimizer=built.optimizer, spec=spec
         )
-        if state is not None:
+        if state is not None and "stores" in state["sampler_state"]:
             # A store rebuilt or replaced under the same path would silently change the data: refuse
-            # (naming what changed) before anything in the run directory is written.
+            # (naming what changed) before anything in the run directory is written. (Checkpoints
+            # from before the identity was recorded hold only consumed_samples: nothing to compare.)
             sampler.load_state_dict(
                 state["sampler_state"], position=int(state["step"]) * spec.train.global_batch
             )
