@@ -87,6 +87,9 @@ class _Call:
     input_ptr: int = 0
     attention_ptr: set = field(default_factory=set)
     recomputed: list | None = None
+    splits: dict = field(default_factory=dict)
+    """{storage pointer: (handle, tensor)} of the split tensors saved so far in this forward: the
+    attention kernel saves its output before the output is known to be it (see `note`)."""
     pending: list = field(default_factory=list)
     wholes: list = field(default_factory=list)
 
@@ -131,7 +134,11 @@ class ActivationOffload:
             if core is not None:
                 def note(_module, _inputs, output):
                     out = output[0] if isinstance(output, tuple) else output
-                    call.attention_ptr.add(out.untyped_storage().data_ptr())
+                    ptr = out.untyped_storage().data_ptr()
+                    call.attention_ptr.add(ptr)
+                    for handle, tensor in call.splits.pop(ptr, ()):  # saved by the kernel itself
+                        self._make_whole(call, handle, tensor)
+                    call.splits.clear()  # the layer's other tensors stay split
                 handle = core.register_forward_hook(note)
             try:
                 with torch.autograd.graph.saved_tensors_hooks(
@@ -141,6 +148,7 @@ class ActivationOffload:
             finally:
                 if handle is not None:
                     handle.remove()
+                call.splits.clear()  # no device tensor outlives the forward through these
             if self.on_gpu:  # the order of layers, for the prefetch in backward
                 self._calls.append(call)
             self.stats.layers += 1
@@ -169,8 +177,20 @@ class ActivationOffload:
         self.stats.bytes_dropped += (seq - kept) * t.numel() // seq * t.element_size()
         if call.input is None:  # the recomputation starts from the layer input: keep it
             call.input = self._to_host(call, _hidden(call))
-        return _Split(host=host, index=index, dim=dim, kept=kept, shape=tuple(t.shape),
-                      stride=tuple(t.stride()), dtype=t.dtype, device=t.device)
+        handle = _Split(host=host, index=index, dim=dim, kept=kept, shape=tuple(t.shape),
+                        stride=tuple(t.stride()), dtype=t.dtype, device=t.device)
+        call.splits.setdefault(ptr, []).append((handle, t))
+        return handle
+
+    def _make_whole(self, call: _Call, handle: _Split, t: torch.Tensor) -> None:
+        """Copy the dropped tokens of a split tensor too (it turned out to be the attention output)."""
+        seq = handle.shape[handle.dim]
+        rest = seq - handle.kept
+        if rest:
+            self.stats.bytes_dropped -= rest * t.numel() // seq * t.element_size()
+            self.stats.bytes_to_host -= handle.kept * t.numel() // seq * t.element_size()
+            handle.host = self._to_host(call, t).host
+            handle.kept = seq
 
     def _to_host(self, call: _Call, t: torch.Tensor) -> _Whole:
         host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu",
