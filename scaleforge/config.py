@@ -160,6 +160,14 @@ class ParallelSpec:
     """Fraction of the optimizer states (and their update) held in host memory by megatron's
     HybridDeviceOptimizer; 0 turns it off. Needs a GPU with Transformer Engine and a sharded
     optimizer (shard != none)."""
+    grad_reduce_fp32: bool = True
+    """Accumulate gradients over micro-batches and reduce them over the data-parallel ranks in fp32
+    (megatron's `grad_reduce_in_fp32`, 4 bytes a parameter). `false` keeps them in the parameters'
+    precision: under bf16, 2 bytes a parameter saved, at the cost of precision (bf16's 8-bit
+    mantissa rounds each addition, so many micro-batches and ranks lose the small contributions);
+    the fp32 master weights and Adam states are unchanged. Under `train.precision: fp32` the
+    gradients are fp32 either way and `false` changes nothing (accepted, so one YAML runs on a GPU
+    in bf16 and on a CPU in fp32). The planner sets it to false only when nothing else fits."""
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp", "ep"):

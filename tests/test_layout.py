@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 
@@ -75,8 +76,8 @@ def test_search_gpt3_on_eight_nodes():
 
 
 def test_search_refuses_too_small_a_cluster():
-    # 175e9 parameters on 8 GPUs: even sharded and offloaded, bf16 weights + fp32 gradients are
-    # 6 bytes x 175e9 / 8 = 131 GB per GPU
+    # 175e9 parameters on 8 GPUs: even sharded and offloaded, bf16 weights + bf16 gradients are
+    # 4 bytes x 175e9 / 8 = 87.5 GB per GPU
     cluster = dataclasses.replace(DEFAULT_CLUSTER, nodes=1)
     with pytest.raises(LayoutError, match="does not fit on 8 GPUs of 80 GB.*with every memory lever"):
         L.search_layout(GPT3, seq_len=2048, batch_target=1536, cluster=cluster)
@@ -177,6 +178,7 @@ def test_search_turns_levers_on_in_order_only_when_needed():
         lever = L.LEVERS[index]
         assert (lay.shard, lay.recompute in lever.recomputes) == (lever.shard, True)
         assert bool(lay.activation_offload) == lever.activation_offload
+        assert lay.grad_reduce_fp32 != lever.bf16_grads
         # nothing cheaper fits: every earlier lever, at every tp, pp and micro-batch, is over
         if index:
             assert "at best without it" in lay.levers
@@ -188,6 +190,99 @@ def test_layout_summary_records_the_levers():
     lay = L.search_layout(SMALL, seq_len=2048, batch_target=64, cluster=DEFAULT_CLUSTER)
     summary = lay.summary()
     assert {k: summary[k] for k in ("shard", "recompute", "activation_offload",
-                                    "optimizer_offload", "levers")} == {
+                                    "optimizer_offload", "grad_reduce_fp32", "levers")} == {
         "shard": "optimizer", "recompute": "none", "activation_offload": 0.0,
-        "optimizer_offload": 0.0, "levers": ""}
+        "optimizer_offload": 0.0, "grad_reduce_fp32": True, "levers": ""}
+
+
+# ----------------------------------------------------------------------------------------------
+# bf16 gradients (parallel.grad_reduce_fp32=false), the last lever
+
+
+def test_bf16_gradients_bytes():
+    # bf16 gradients: w 2, g 2, o 12 -> 16 unsharded; every level saves g's 2 bytes (/dp if sharded)
+    assert L.state_parts(grad_reduce_fp32=False) == (2, 2, 12)
+    assert [L.state_bytes_per_param(s, 8, grad_reduce_fp32=False) for s in L.SHARD_LEVELS] == [
+        16, 2 + 2 + 1.5, 2 + 14 / 8, 2.0]
+    # fp32 precision: the gradients are the parameters' fp32 either way
+    assert [L.state_bytes_per_param(s, 8, fp32=True, grad_reduce_fp32=False)
+            for s in L.SHARD_LEVELS] == [16, 9, 5.5, 2]
+    n = 3_725_568
+    kw = dict(seq_len=128, micro_batch=2)
+    fp32_grads = L.memory_per_gpu(SMALL, **kw)
+    bf16_grads = L.memory_per_gpu(SMALL, **kw, grad_reduce_fp32=False)
+    assert fp32_grads.states - bf16_grads.states == n * 2
+    assert bf16_grads.activations == fp32_grads.activations and bf16_grads.working == fp32_grads.working
+    # ZeRO-3 over 4 ranks: (2 + 2 + 12) / 4 a parameter, plus two gathered layers' weights and
+    # bf16 gradients
+    widest = max(layer.params for layer in SMALL.layer_kinds())
+    full = L.memory_per_gpu(SMALL, **kw, dp=4, shard="full", grad_reduce_fp32=False)
+    assert full.states == n * 16 / 4 + 2 * widest * (2 + 2)
+    assert L.memory_per_gpu(SMALL, **kw, fp32=True, grad_reduce_fp32=False).states == n * 16
+
+
+def _plan(budget: float, cluster):
+    from scaleforge.orchestrator.plan import make_plan
+
+    return make_plan(budget, cluster=cluster)
+
+
+EIGHT_24GB = Path(__file__).parent.parent / "examples" / "cluster-8x24gb.yaml"
+
+
+def test_1e23_on_eight_24gb_gpus_needs_bf16_gradients_last():
+    from scaleforge.orchestrator.cluster import load_cluster
+
+    cluster = load_cluster(EIGHT_24GB)
+    plan = _plan(1e23, cluster)
+    target = plan.target
+    # 2.99e10 parameters: bf16 weights + fp32 gradients alone are 6 x 2.99e10 / 8 = 22.4 GB > 21.6
+    assert target.N == pytest.approx(2.99e10, rel=0.01)
+    assert 6 * target.N / 8 > cluster.memory_bytes
+    layout = target.layout
+    assert layout["memory_gb"] <= layout["memory_limit_gb"] == 21.6
+    assert (layout["shard"], layout["optimizer_offload"], layout["grad_reduce_fp32"]) == (
+        "full", 1.0, False)
+    assert layout["levers"].startswith("shard=full, recompute=full, optimizer offload, "
+                                       "bf16 gradients")
+    assert "at best without it > 21.6 GB usable" in layout["levers"]
+    par = target.spec.parallel
+    assert (par.shard, par.recompute, par.optimizer_offload, par.grad_reduce_fp32) == (
+        "full", "full", 1.0, False)
+    # the table names it (g16) and the lever line says why
+    import io
+
+    from rich.console import Console
+
+    from scaleforge.orchestrator.plan_table import print_plan
+
+    out = io.StringIO()
+    print_plan(plan, Console(file=out, width=250))
+    text = out.getvalue()
+    assert "full/full/o1/g16" in text
+    assert f"{target.name}: shard=full, recompute=full, optimizer offload, bf16 gradients" in text
+    # only the target needed it: the ladder's runs fit with fp32 gradients
+    assert all(run.layout["grad_reduce_fp32"] for run in plan.ladder)
+
+
+def test_1e22_on_eight_24gb_gpus_keeps_fp32_gradients():
+    from scaleforge.orchestrator.cluster import load_cluster
+
+    plan = _plan(1e22, load_cluster(EIGHT_24GB))
+    runs = [*plan.ladder, plan.target]
+    assert all(run.layout["grad_reduce_fp32"] and run.spec.parallel.grad_reduce_fp32
+               for run in runs)
+    # it does need the cheaper levers: sharding, recomputation and part of the optimizer offloaded
+    layout = plan.target.layout
+    assert (layout["shard"], layout["recompute"]) == ("full", "full")
+    assert 0 < layout["optimizer_offload"] < 1 and "bf16" not in layout["levers"]
+
+
+@pytest.mark.parametrize("budget", [1e21, 1e23])
+def test_default_cluster_plans_need_no_lever(budget):
+    plan = _plan(budget, DEFAULT_CLUSTER)
+    for run in [*plan.ladder, plan.target]:
+        layout = run.layout
+        assert (layout["shard"], layout["activation_offload"], layout["optimizer_offload"],
+                layout["grad_reduce_fp32"], layout["levers"]) == ("optimizer", 0.0, 0.0, True, "")
+        assert run.spec.parallel.grad_reduce_fp32

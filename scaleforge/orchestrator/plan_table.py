@@ -9,12 +9,15 @@ from scaleforge.orchestrator.planfile import Plan, PlannedRun
 
 
 def _memory_levers(p) -> str:
-    """shard level, recomputation and offload fractions in a few characters (`full/full/a0.5/o0.3`)."""
+    """shard level, recomputation, offload fractions and bf16 gradients (`parallel.grad_reduce_fp32`
+    false) in a few characters (`full/full/a0.5/o0.3/g16`)."""
     parts = [p.shard, p.recompute]
     if p.activation_offload:
         parts.append(f"a{p.activation_offload:g}")
     if p.optimizer_offload:
         parts.append(f"o{p.optimizer_offload:g}")
+    if not p.grad_reduce_fp32:
+        parts.append("g16")
     return "/".join(parts)
 
 
@@ -49,7 +52,7 @@ def plan_table(plan: Plan) -> Table:
         f"({plan.law.source})"
     )
     for header in ("run", "C", "N", "D", "D/N", "LxH", "tp/pp/dp",
-                   "shard/recompute/offload", f"{unit}s", "batch", "steps",
+                   "memory levers", f"{unit}s", "batch", "steps",
                    "lr", "mem GB", f"{unit}-h", "epochs"):
         table.add_column(header, justify="left" if header == "run" else "right")
     for run in plan.ladder:

@@ -10,8 +10,10 @@ Model states (mixed-precision Adam, bytes per parameter, before dividing by tp x
   w + g + o/dp (the distributed optimizer); grads w + (g + o)/dp; full (w + g + o)/dp. Megatron-FSDP
   gathers a layer's weights before its forward and its gradients before they are reduce-scattered,
   and prefetches the next layer: shard=grads adds two layers' unsharded gradients, shard=full two
-  layers' weights and gradients. The fp32 CPU mode (`fp32=True`: the benchmark's) has w 4, g 4 and
-  o 8 (no master copy), 16 in all.
+  layers' weights and gradients. `parallel.grad_reduce_fp32=false` (megatron's
+  `grad_reduce_in_fp32=False`) keeps the gradients in bf16: g 2, 16 in all unsharded. The fp32 CPU
+  mode (`fp32=True`: the benchmark's) has w 4, g 4 and o 8 (no master copy), 16 in all; its
+  gradients are fp32 whatever `grad_reduce_fp32` says.
 
 Activations per layer (Korthikanti et al. 2022, arXiv 2205.05198; bf16, dropout masks included), with
 s sequence, b micro-batch, h hidden, a heads, t tensor-parallel size:
@@ -44,7 +46,9 @@ megatron's own (Transformer Engine) offload of k layers' activations.
 Search (methods 9, planner rule of thumb): the levers in order of cost (`LEVERS`), each tried only
 when no layout fits with the ones before: shard optimizer (free), grads, full (more data-parallel
 traffic), full recomputation (a third more compute), MEMO activation offload (host traffic, partial
-recomputation), then optimizer offload (the host runs that share of the Adam step). Within a lever: the smallest tp (dividing the GPUs per node, the query and
+recomputation), then optimizer offload (the host runs that share of the Adam step), and last bf16
+gradients (`grad_reduce_fp32=false`: 2 bytes a parameter less, at the cost of precision), with the
+levers before it again in their order. Within a lever: the smallest tp (dividing the GPUs per node, the query and
 key/value head counts, ffn_hidden, the vocabulary and the sequence), then the smallest pp (dividing
 layers; m >= 4 pp) whose fullest stage fits, first without recomputation (selective where the attention kernel needs it), only then
 with full recomputation; SP whenever tp > 1. The rest of the GPUs, as many as the global batch
@@ -114,16 +118,19 @@ FSDP_LEVELS = ("grads", "full")
 """The levels Megatron-FSDP runs (with tp and dp only: parallel/checks.py)."""
 
 
-def state_parts(fp32: bool = False) -> tuple[float, float, float]:
+def state_parts(fp32: bool = False, grad_reduce_fp32: bool = True) -> tuple[float, float, float]:
     """(weights, gradients, optimizer) bytes per parameter: bf16 2/4/12 (fp32 gradients, fp32 master
-    + Adam m, v), fp32 4/4/8 (the weights are the master copy)."""
-    return (4.0, 4.0, 8.0) if fp32 else (2.0, 4.0, 12.0)
+    + Adam m, v), 2/2/12 with bf16 gradients (`grad_reduce_fp32=False`), fp32 4/4/8 (the weights
+    are the master copy; the gradients take the parameters' fp32 either way)."""
+    if fp32:
+        return (4.0, 4.0, 8.0)
+    return (2.0, 4.0 if grad_reduce_fp32 else 2.0, 12.0)
 
 
 def state_bytes_per_param(shard: str, dp: int, *, fp32: bool = False,
-                          optimizer_offload: float = 0.0) -> float:
+                          optimizer_offload: float = 0.0, grad_reduce_fp32: bool = True) -> float:
     """Device bytes per parameter of `parallel.shard` over `dp` ranks, less the offloaded share."""
-    w, g, o = state_parts(fp32)
+    w, g, o = state_parts(fp32, grad_reduce_fp32)
     if shard == "none":
         device = w + g + o
     elif shard == "optimizer":
@@ -204,6 +211,7 @@ def memory_per_gpu(
     sp: bool = False, recompute: str = "none", flash: bool = False, microbatches: int = 1,
     distributed_optimizer: bool = True, shard: str | None = None, optimizer_offload: float = 0.0,
     activation_offload: float = 0.0, offload_layers: int = 0, ep: int = 1, fp32: bool = False,
+    grad_reduce_fp32: bool = True,
 ) -> Memory:
     """Memory of the fullest stage for `model`, any family config (the contract of
     arch/common/family.py: `layer_kinds()`, `activation_bytes()`, `num_params()`,
@@ -214,7 +222,8 @@ def memory_per_gpu(
     same experts (megatron's expert-data-parallel group), the rest over tp and dp as before.
     `shard` is `parallel.shard` (default: optimizer, or none when `distributed_optimizer` is false);
     the offload options are described in the module docstring. `fp32` is the CPU mode (16 bytes a
-    parameter, the dense layer's exact saved tensors, no dropout masks).
+    parameter, the dense layer's exact saved tensors, no dropout masks). `grad_reduce_fp32=False`
+    holds the gradient buffer (and Megatron-FSDP's gathered gradients) in bf16.
     """
     if shard is None:
         shard = "optimizer" if distributed_optimizer else "none"
@@ -231,13 +240,14 @@ def memory_per_gpu(
     experts = sum(layer.expert_params for layer in layers)
     body = model.non_embedding_params() - experts
     embedding = model.num_params() - model.non_embedding_params()  # input table (+ untied output)
-    w, g, o = state_parts(fp32)
+    w, g, o = state_parts(fp32, grad_reduce_fp32)
     widest = max(layer.params - layer.expert_params for layer in layers) / tp
     # Megatron-FSDP's gathered working copies: two layers (the one computing, the one prefetched)
     gathered = {"grads": 2 * widest * g, "full": 2 * widest * (w + g)}.get(shard, 0.0)
 
     def per_param(dp_group: int) -> float:
-        return state_bytes_per_param(shard, dp_group, fp32=fp32, optimizer_offload=optimizer_offload)
+        return state_bytes_per_param(shard, dp_group, fp32=fp32, optimizer_offload=optimizer_offload,
+                                     grad_reduce_fp32=grad_reduce_fp32)
 
     def offloaded(dp_group: int) -> float:
         return optimizer_offload * (o if shard == "none" else o / dp_group)
@@ -366,6 +376,8 @@ class Layout:
     """MEMO's alpha (0: off)."""
     optimizer_offload: float = 0.0
     """Share of the optimizer states in host memory (0: off)."""
+    grad_reduce_fp32: bool = True
+    """Gradients accumulated and reduced in fp32 (false: in bf16, the last lever)."""
     levers: str = ""
     """Which memory levers beyond the defaults the layout needed, and why (empty: none)."""
 
@@ -386,7 +398,7 @@ class Layout:
         return dataclasses.replace(
             base, tp=self.tp, pp=self.pp, dp=self.dp, sp=self.sp, ep=self.ep,
             recompute=self.recompute, shard=self.shard, activation_offload=self.activation_offload,
-            optimizer_offload=self.optimizer_offload,
+            optimizer_offload=self.optimizer_offload, grad_reduce_fp32=self.grad_reduce_fp32,
         )
 
     def summary(self) -> dict:
@@ -402,6 +414,7 @@ class Layout:
             "shard": self.shard,
             "activation_offload": self.activation_offload,
             "optimizer_offload": self.optimizer_offload,
+            "grad_reduce_fp32": self.grad_reduce_fp32,
             "host_memory_gb": round(self.memory.host / 1e9, 3),
             "levers": self.levers,
         }
@@ -475,13 +488,13 @@ class Lever:
     """MEMO activation offload (alpha from the cluster's host link and memory)."""
     optimizer_offload: bool = False
     """Optimizer offload (the smallest share, in tenths, that fits)."""
+    bf16_grads: bool = False
+    """Gradients kept and reduced in bf16 (`parallel.grad_reduce_fp32=false`)."""
     name: str = ""
     """How the plan names it."""
 
 
-LEVERS = (
-    Lever(shard="optimizer", recomputes=("none", "selective")),
-    Lever(shard="grads", recomputes=("none", "selective"), name="shard=grads"),
+_FULL_SHARD_LEVERS = (
     Lever(shard="full", recomputes=("none", "selective"), name="shard=full"),
     Lever(shard="full", recomputes=("full",), name="shard=full, recompute=full"),
     Lever(shard="full", recomputes=("none",), activation_offload=True,
@@ -490,6 +503,15 @@ LEVERS = (
           name="shard=full, recompute=full, optimizer offload"),
     Lever(shard="full", recomputes=("none",), activation_offload=True, optimizer_offload=True,
           name="shard=full, activation and optimizer offload"),
+)
+LEVERS = (
+    Lever(shard="optimizer", recomputes=("none", "selective")),
+    Lever(shard="grads", recomputes=("none", "selective"), name="shard=grads"),
+    *_FULL_SHARD_LEVERS,
+    # last, because it costs precision rather than time: bf16 gradients, with the sharded levers
+    # again in their order (only what still does not fit reaches them)
+    *(dataclasses.replace(lever, bf16_grads=True, name=f"{lever.name}, bf16 gradients")
+      for lever in _FULL_SHARD_LEVERS),
 )
 """The memory levers in order of cost; each is tried only when no layout fits with the ones before."""
 
@@ -597,6 +619,7 @@ def _evaluate(model, tp, pp, dp, mb, recompute, seq_len, batch_target, cluster, 
             model, seq_len=seq_len, micro_batch=mb, tp=tp, pp=pp, dp=dp, sp=sp,
             recompute=recompute, flash=cluster.flash_attention, microbatches=m, ep=size,
             shard=lever.shard, activation_offload=alpha, optimizer_offload=offload,
+            grad_reduce_fp32=not lever.bf16_grads,
         )
 
     # EP only when the experts do not fit: the smallest ep (dividing dp and the experts) that fits,
@@ -630,5 +653,5 @@ def _evaluate(model, tp, pp, dp, mb, recompute, seq_len, batch_target, cluster, 
                               cluster=cluster, recompute=recompute, bubble=bubble,
                               activation_offload=alpha),
         gpus_per_node=cluster.gpus_per_node, shard=lever.shard, activation_offload=alpha,
-        optimizer_offload=offload, levers=levers,
+        optimizer_offload=offload, grad_reduce_fp32=not lever.bf16_grads, levers=levers,
     )

@@ -109,13 +109,14 @@ def check_runtime(spec: Any) -> None:
 
 
 def ddp_config(spec: Any) -> Any:
-    """megatron's DistributedDataParallelConfig for `parallel.shard`."""
+    """megatron's DistributedDataParallelConfig for `parallel.shard` and `parallel.grad_reduce_fp32`
+    (false: the gradient buffer and its reduction take the parameters' dtype, megatron's default)."""
     from megatron.core.distributed import DistributedDataParallelConfig
 
     par = spec.parallel
     if par.shard in FSDP_STRATEGY:
         return DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True,
+            grad_reduce_in_fp32=par.grad_reduce_fp32,
             use_distributed_optimizer=True,
             use_megatron_fsdp=True,
             data_parallel_sharding_strategy=FSDP_STRATEGY[par.shard],
@@ -123,7 +124,8 @@ def ddp_config(spec: Any) -> Any:
             gradient_reduce_div_fusion=torch.cuda.is_available(),
         )
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, use_distributed_optimizer=par.distributed_optimizer,
+        grad_reduce_in_fp32=par.grad_reduce_fp32,
+        use_distributed_optimizer=par.distributed_optimizer,
     )
 
 
