@@ -212,7 +212,8 @@ def test_bf16_gradients_bytes():
     fp32_grads = L.memory_per_gpu(SMALL, **kw)
     bf16_grads = L.memory_per_gpu(SMALL, **kw, grad_reduce_fp32=False)
     assert fp32_grads.states - bf16_grads.states == n * 2
-    assert bf16_grads.activations == fp32_grads.activations and bf16_grads.working == fp32_grads.working
+    assert (bf16_grads.activations, bf16_grads.working) == (fp32_grads.activations,
+                                                            fp32_grads.working)
     # ZeRO-3 over 4 ranks: (2 + 2 + 12) / 4 a parameter, plus two gathered layers' weights and
     # bf16 gradients
     widest = max(layer.params for layer in SMALL.layer_kinds())
