@@ -107,6 +107,10 @@ def test_activation_offload_is_bit_identical_and_reports_bytes(reference, tmp_pa
     moved = [r["offload/bytes_to_host"] for r in half]
     dropped = [r["offload/bytes_recomputed"] for r in half]
     assert all(m > 0 for m in moved) and all(d > 0 for d in dropped)
+    # every step saves the same tensors; which of them count as the attention output's storage
+    # (copied whole) varies by a few 16 KiB halves from step to step (unexplained, noted in
+    # docs/memory.md), so the split varies and the sum does not
+    assert len({m + d for m, d in zip(moved, dropped)}) == 1
 
 
 @pytest.mark.slow

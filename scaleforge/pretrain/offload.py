@@ -106,7 +106,8 @@ class ActivationOffload:
         self.on_gpu = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.on_gpu else None
         self._calls: list[_Call] = []
-        self._params: set[int] = set()
+        self._model: torch.nn.Module | None = None
+        self._params: set[int] | None = None
 
     # ------------------------------------------------------------------ wiring
 
@@ -114,7 +115,10 @@ class ActivationOffload:
         """Wrap every megatron TransformerLayer in `model`; returns how many."""
         from megatron.core.transformer.transformer_layer import TransformerLayer
 
-        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        # the parameters' storages are read at the first forward, not here: megatron's DDP wrapper,
+        # built after this, moves every parameter into its contiguous buffer, and a stale address
+        # can be reused by an activation, which would then pass for a weight (kept, never counted)
+        self._model = model
         layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
         for layer in layers:
             layer.forward = self._wrapped(layer, layer.forward)
@@ -162,6 +166,8 @@ class ActivationOffload:
         index = call.packed
         call.packed += 1
         ptr = t.untyped_storage().data_ptr()
+        if self._params is None:
+            self._params = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
         if isinstance(t, torch.nn.Parameter) or ptr in self._params:
             return t  # weights stay where they are
         seq = _seq_len(call)
