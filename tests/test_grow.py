@@ -122,7 +122,7 @@ def test_grown_run_starts_from_the_old_weights(dense_run, tmp_path, capsys, monk
             changed += int(not torch.equal(value, fresh[name]))
         assert changed > 0
         # every loaded tensor equals the checkpoint's (one process: the shard is the whole tensor)
-        for leaf in grow._leaves(built.model.sharded_state_dict()):
+        for leaf in grow.sharded_tensors(built.model.sharded_state_dict()):
             assert torch.equal(leaf.data, grow._local_piece(old[leaf.key], leaf)), leaf.key
         assert not any(built.optimizer.optimizer.state.values())  # fresh Adam state
     finally:

@@ -247,8 +247,6 @@ def test_full_capacity_and_unit_gates_give_the_shared_layer_stack(routing, shari
 
 
 def test_router_losses_reach_the_gradient_and_the_metrics(megatron_single, monkeypatch):
-    import torch
-
     from scaleforge.arch.mor import model as mor_model
 
     cfg, model = _model(routing="expert", router_aux_coeff=1.0)

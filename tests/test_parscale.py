@@ -349,7 +349,7 @@ def test_p1_to_p4_starts_from_the_p1_backbone(p1_run, tmp_path, capsys, megatron
     old = grow.read_model_tensors(grow.last_checkpoint(p1_run))
     new_parts = ("prefix_k", "prefix_v", "aggregate.")
     backbone = set()  # layers are stacked under one key per tensor
-    for leaf in grow._leaves(built.model.sharded_state_dict()):
+    for leaf in grow.sharded_tensors(built.model.sharded_state_dict()):
         if any(part in leaf.key for part in new_parts):
             assert leaf.key not in loaded
             continue

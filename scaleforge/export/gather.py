@@ -53,7 +53,7 @@ def load_model(spec: Any, path: Path) -> Any:
     """The family's single-process model with the checkpoint `path`'s weights (inside one_process)."""
     from scaleforge.arch.registry import builder_module
     from scaleforge.pretrain import checkpoint
-    from scaleforge.pretrain.grow import _leaves, load_into, read_model_tensors
+    from scaleforge.pretrain.grow import sharded_tensors, load_into, read_model_tensors
     from scaleforge.pretrain.model_build import runtime_config
 
     checkpoint.verify(path)
@@ -62,7 +62,7 @@ def load_model(spec: Any, path: Path) -> Any:
         spec.model, seq_len=spec.data.seq_len, seed=spec.seed, runtime=runtime_config(one))
     tensors = read_model_tensors(path)
     loaded = set(load_into(model, tensors))
-    missing = sorted({leaf.key for leaf in _leaves(model.sharded_state_dict())} - loaded)
+    missing = sorted({leaf.key for leaf in sharded_tensors(model.sharded_state_dict())} - loaded)
     if missing:
         raise CheckpointError(f"{path} lacks model tensor {missing[0]} ({len(missing)} missing); "
                               "it was not written by this run's model")

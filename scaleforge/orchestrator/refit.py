@@ -211,7 +211,7 @@ class Refit:
 def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0,
                 intermediate: bool = True) -> Refit:
     from scaleforge.orchestrator import fit as fitter
-    from scaleforge.orchestrator.laws import annealing, chinchilla, isoflop
+    from scaleforge.orchestrator.laws import chinchilla, isoflop
 
     warnings = [f"excluded {r.name}: {r.excluded}" for r in records if r.excluded]
     kept = usable(records)

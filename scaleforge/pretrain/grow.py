@@ -183,19 +183,20 @@ def read_model_tensors(path: Path) -> dict:
         raise CheckpointError(f"{path} cannot be read to grow from: {first}") from exc
 
 
-def _leaves(tree: Any):
+def sharded_tensors(tree: Any):
+    """Every ShardedTensor of a megatron sharded state dict (factories built), depth first."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
 
     if isinstance(tree, ShardedTensor):
         yield tree
     elif isinstance(tree, ShardedTensorFactory):
-        yield from _leaves(tree.build())
+        yield from sharded_tensors(tree.build())
     elif isinstance(tree, dict):
         for value in tree.values():
-            yield from _leaves(value)
+            yield from sharded_tensors(value)
     elif isinstance(tree, (list, tuple)):
         for value in tree:
-            yield from _leaves(value)
+            yield from sharded_tensors(value)
 
 
 def _local_piece(full: Any, leaf: Any) -> Any:
@@ -218,7 +219,7 @@ def load_into(model: Any, tensors: dict, *, prefix: bool = False) -> list[str]:
 
     loaded = []
     with torch.no_grad():
-        for leaf in _leaves(model.sharded_state_dict()):
+        for leaf in sharded_tensors(model.sharded_state_dict()):
             if leaf.key not in tensors or leaf.data is None:
                 continue
             full = tensors[leaf.key]

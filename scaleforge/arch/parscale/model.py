@@ -68,7 +68,7 @@ class PrefixAttention(SDPAttention):
 
     def _with_prefix(self, tensor: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """[s, P b, ng, hn] -> [n + s, P b, ng, hn]: stream p's rows get prefix[p] in front."""
-        n, (s, pb, ng, hn), p = self.prefix, tensor.shape, self.streams
+        n, (_, pb, ng, hn), p = self.prefix, tensor.shape, self.streams
         rows = prefix.to(tensor.dtype).permute(2, 0, 1, 3).unsqueeze(2)  # [n, P, 1, ng, hn]
         rows = rows.expand(n, p, pb // p, ng, hn).reshape(n, pb, ng, hn)
         return torch.cat([rows, tensor], dim=0)
