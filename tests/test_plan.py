@@ -140,9 +140,12 @@ def test_law_from_fit_file(tmp_path):
         law_from_fit(tmp_path / "bad.json")
 
 
-def test_planner_keys_cannot_be_set():
-    with pytest.raises(ConfigError, match="planner decides"):
-        make_plan(C, overrides=("train.lr=0.1",), unique_tokens=15e12)
+@pytest.mark.parametrize("item", ["train.lr=0.1", "parallel.shard=full",
+                                  "parallel.optimizer_offload=0.5"])
+def test_planner_keys_cannot_be_set(item):
+    # the memory levers too: the layout search would replace them silently
+    with pytest.raises(ConfigError, match=f"--set {item.split('=')[0]}: the planner decides"):
+        make_plan(C, overrides=(item,), unique_tokens=15e12)
 
 
 def test_cluster_file_errors(tmp_path):

@@ -48,6 +48,9 @@ PLANNED_KEYS = (
     "name", "data.seq_len", "train.steps", "train.global_batch", "train.micro_batch", "train.lr",
     "train.min_lr_ratio", "train.warmup_steps", "parallel.tp", "parallel.pp", "parallel.dp",
     "parallel.sp", "parallel.recompute", "train.device",
+    # the memory levers: the layout search turns them on in order of cost, only when needed
+    "parallel.shard", "parallel.activation_offload", "parallel.optimizer_offload",
+    "parallel.grad_reduce_fp32",
 )
 """RunSpec keys the planner decides; `--set` may not change them (use the flags instead). The
 family's shape rule adds its own (`planned_fields` of its config: `model.layers`, ...)."""
