@@ -59,7 +59,10 @@ def test_target_from_the_prior(plan):
     assert t.D == pytest.approx(C / t.flops_per_token, rel=0.05)
     assert t.loss == pytest.approx(prior.chinchilla_loss(prior.EPOCH_PARAMS, t.N, t.D), rel=1e-4)
     assert t.loss_ci[0] < t.loss < t.loss_ci[1]
-    assert t.N_ci[0] < n_opt < t.N_ci[1] and t.D_ci[0] < d_opt < t.D_ci[1]
+    assert t.N_ci[0] < n_opt < t.N_ci[1] and t.D_ci[0] < t.D < t.D_ci[1]
+    # the interval is of the tokens the run trains: the law's 6 N D tokens, scaled by 6 N / FLOPs
+    scale = 6 * t.N / t.flops_per_token
+    assert t.D_ci[0] < d_opt * scale < t.D_ci[1]
     assert plan.law.source == "prior" and plan.law.params["A"] == 482.01
 
 
@@ -138,6 +141,13 @@ def test_law_from_fit_file(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps(bad))
     with pytest.raises(ConfigError, match="params.B"):
         law_from_fit(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("arch", ["dense", "moe", "mamba", "parscale", "tokenformer", "mor"])
+def test_the_point_lies_in_its_interval(arch):
+    t = make_plan(C, arch=arch, unique_tokens=15e12).target
+    assert t.N_ci[0] <= t.N <= t.N_ci[1] or abs(math.log(t.N / t.N_ci[0])) < 0.1  # shape rounding
+    assert t.D_ci[0] < t.D < t.D_ci[1] and t.loss_ci[0] < t.loss < t.loss_ci[1]
 
 
 @pytest.mark.parametrize("item", ["train.lr=0.1", "parallel.shard=full",
