@@ -226,8 +226,10 @@ def plan_target(
     # D in the tokens the run trains: budget / FLOPs per token of the shape at each sample's N (the
     # FLOPs per token scale with N), not the law's 6 N: MoR's recursions, ParScale's streams and the
     # attention term would otherwise leave the point D outside its own interval (MoR at 1e21: 2.9e10
-    # against [5.1e10, 6.8e10])
-    d_ci = tuple(sorted(budget * run.N / (run.flops_per_token * n) for n in n_ci))
+    # against [5.1e10, 6.8e10]); a fit that cannot bound N from below (N_ci from 0) leaves D
+    # unbounded above
+    d_ci = tuple(sorted(budget * run.N / (run.flops_per_token * n) if n > 0 else math.inf
+                        for n in n_ci))
     target = TargetRun(
         **{f.name: getattr(run, f.name) for f in dataclasses.fields(run)},
         loss=round_sig(loss, 5), loss_ci=tuple(round_sig(x, 5) for x in loss_ci),
