@@ -308,18 +308,7 @@ def _load_tensors(path: Path, model: Any, optimizer: Any, state: dict) -> None:
     )
     request = _sharded_leaves(optim_sd)
     saved_states = set(state["optimizer_states"])
-    # entries read from the model's own weights go in a second load: one load may read each
-    # shard once only (megatron's access-integrity check)
-    from_model = {}
-    for path_key, leaf in list(request.items()):
-        name = _state_name(leaf.key)
-        if name not in saved_states:
-            substitute = _substitute(leaf, name, saved_states, path)
-            if substitute.key.startswith("optimizer."):
-                request[path_key] = substitute
-            else:
-                from_model[path_key] = substitute
-                del request[path_key]
+    from_model = _substitute_missing(request, saved_states, path)
     loaded = _dist_load(path, {"model": model_sd, "optimizer": request})
     model.load_state_dict(loaded["model"])
     tensors = loaded["optimizer"]
@@ -502,16 +491,7 @@ def _load_fsdp(path: Path, model: Any, optimizer: Any, state: dict) -> None:
         # the load rewrites the state dicts in place: note which parameter each path is first
         param_of = {path: plain[id(leaf.data)] for path, leaf in _sharded_leaves(model_sd).items()
                     if id(leaf.data) in plain}
-        from_model = {}
-        for key, leaf in list(request.items()):
-            name = _state_name(leaf.key)
-            if name not in saved_states:
-                substitute = _substitute(leaf, name, saved_states, path)
-                if substitute.key.startswith("optimizer."):
-                    request[key] = substitute
-                else:
-                    from_model[key] = substitute
-                    del request[key]
+        from_model = _substitute_missing(request, saved_states, path)
         loaded = _dist_load(path, {"model": model_sd, "optimizer": request})
         swap.writeback(loaded["model"])
         tensors = loaded["optimizer"]
@@ -582,6 +562,23 @@ def _optim_metadata(optimizer: Any) -> dict:
     # Model-space formats only: `dp_reshardable` reshards only over DP and does not save the step;
     # the default `fully_sharded_model_space` fails at save on torch_dist (flattened_range).
     return {"distrib_optim_sharding_type": DISTOPT_FORMAT, "chained_optim_avoid_prefix": True}
+
+
+def _substitute_missing(request: dict, saved_states: set, path: Any) -> dict:
+    """Replace in `request` each optimizer state the checkpoint lacks by its substitute; returns
+    the substitutes read from the model's own weights, removed from `request`: they go in a second
+    load, since one load may read each shard once only (megatron's access-integrity check)."""
+    from_model = {}
+    for key, leaf in list(request.items()):
+        name = _state_name(leaf.key)
+        if name not in saved_states:
+            substitute = _substitute(leaf, name, saved_states, path)
+            if substitute.key.startswith("optimizer."):
+                request[key] = substitute
+            else:
+                from_model[key] = substitute
+                del request[key]
+    return from_model
 
 
 def _sharded_leaves(tree: Any, path: str = "") -> dict:
