@@ -81,3 +81,14 @@ def slurm_root(tmp_path_factory):
             os.environ["SLURM_CONF"] = old
         assert down.returncode == 0, down.stderr
         assert daemon_pids(root) == []  # `down` leaves no daemon running
+
+
+def wait_for(cond, timeout: float, what: str, poll: float = 0.5):
+    """`cond()` once it is truthy, polled every `poll` s; an AssertionError after `timeout` s."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")

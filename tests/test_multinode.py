@@ -14,13 +14,14 @@ import signal
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
 
 from scaleforge import rundir
 from scaleforge.orchestrator import runs
-from slurm_cluster import DEV_CLUSTER, REPO, cluster_nodes
+from slurm_cluster import DEV_CLUSTER, REPO, cluster_nodes, wait_for
 from test_runs import tiny_spec, write_plan
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -41,14 +42,7 @@ def _orchestrate(*args, env: dict | None = None, timeout: float = 180) -> subpro
                           capture_output=True, text=True, env=env or _env(), timeout=timeout)
 
 
-def _wait(cond, timeout: float, what: str, poll: float = 0.3):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+_wait = partial(wait_for, poll=0.3)
 
 
 def _losses(run_dir: Path) -> list[float]:

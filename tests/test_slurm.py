@@ -20,6 +20,7 @@ from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import runs
 from scaleforge.orchestrator.executors import slurm as slurm_ex
 from slurm_cluster import DEV_CLUSTER, REPO
+from slurm_cluster import wait_for as _wait
 from test_runs import tiny_spec, write_plan
 
 pytestmark = pytest.mark.slurm
@@ -49,16 +50,6 @@ def _env(path: str | None = None) -> dict:
 def _orchestrate(*args: str, env: dict, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "scaleforge.cli", *args], capture_output=True,
                           text=True, env=env, cwd=cwd, timeout=120)
-
-
-def _wait(cond, timeout: float, what: str, poll: float = 0.5):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(poll)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def _sacct(job_ids) -> dict[str, str]:
