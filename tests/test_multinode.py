@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 import pytest
@@ -42,7 +41,6 @@ def _orchestrate(*args, env: dict | None = None, timeout: float = 180) -> subpro
                           capture_output=True, text=True, env=env or _env(), timeout=timeout)
 
 
-_wait = partial(wait_for, poll=0.3)
 
 
 def _losses(run_dir: Path) -> list[float]:
@@ -122,10 +120,10 @@ def trained(two_nodes, tmp_path_factory, tiny_store):
     pre = entries["pre"]
     first = runs.read_job(pre.run_dir).job_ids[0]
     # both ranks' tasks have their handlers (their logs exist): USR2 to every rank on both nodes
-    _wait(lambda: len(_rank_logs(pre.run_dir, first)) == 2, 300, "pre's two ranks to start")
+    wait_for(lambda: len(_rank_logs(pre.run_dir, first)) == 2, 300, "pre's two ranks to start")
     subprocess.run(["scancel", "--signal=USR2", first], check=True)
     done = [e.run_dir for e in entries.values()] + [sbatch_dir]
-    _wait(lambda: all(_state(d) == "completed" for d in done), 600, "the runs to complete", 1.0)
+    wait_for(lambda: all(_state(d) == "completed" for d in done), 600, "the runs to complete", poll=1.0)
     _, err = ref.communicate(timeout=300)
     assert ref.returncode == 0, err[-2000:]
     print(f"multi-node runs done in {time.perf_counter() - t0:.0f} s")
@@ -211,13 +209,13 @@ def test_node_lost_mid_run(trained, two_nodes):
     sub = _orchestrate("submit", plan, "--executor", "slurm", "--max-requeues", "0")
     assert sub.returncode == 0, sub.stderr
     job = runs.read_job(e.run_dir).job_ids[0]
-    _wait(lambda: rundir.latest_checkpoint(e.run_dir) and rundir.read_run_dir(e.run_dir).step >= 6,
-          300, "a checkpoint and step 6", 0.1)
+    wait_for(lambda: rundir.latest_checkpoint(e.run_dir) and rundir.read_run_dir(e.run_dir).step >= 6,
+                 300, "a checkpoint and step 6", poll=0.1)
     t0 = time.perf_counter()
     victims = _kill_node(two_nodes, "sf2", job)
     assert len(victims) >= 3  # slurmd, the rank's task, its trainer
     # the surviving rank fails on its next collective instead of waiting out gloo's 30 minutes
-    _wait(lambda: _state(e.run_dir) == "failed", 120, "the surviving rank to fail", 0.2)
+    wait_for(lambda: _state(e.run_dir) == "failed", 120, "the surviving rank to fail", poll=0.2)
     survived_s = time.perf_counter() - t0
     row = _rows(plan)["lost"]  # one poll
     print(f"node lost: survivor failed after {survived_s:.1f} s; status: {row['state']} "
@@ -229,7 +227,7 @@ def test_node_lost_mid_run(trained, two_nodes):
     up = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(two_nodes)], capture_output=True,
                         text=True, timeout=120)
     assert up.returncode == 0, up.stderr
-    _wait(lambda: not _active([job]), 180, "the lost job to end", 1.0)
+    wait_for(lambda: not _active([job]), 180, "the lost job to end", poll=1.0)
     saved = rundir.latest_checkpoint(e.run_dir)
     checkpoint.verify(rundir.checkpoints_dir(e.run_dir) / saved)
     again = _orchestrate("submit", plan, "--executor", "slurm", "--max-requeues", "0")
@@ -237,7 +235,7 @@ def test_node_lost_mid_run(trained, two_nodes):
     resumed_from = int(saved.split("_")[1])
     assert f"lost: resume from {saved} (failed, job {job} " in again.stdout, again.stdout
     assert resumed_from <= died_at
-    _wait(lambda: _state(e.run_dir) == "completed", 300, "the resumed run", 1.0)
+    wait_for(lambda: _state(e.run_dir) == "completed", 300, "the resumed run", poll=1.0)
     assert _losses(e.run_dir) == _losses(trained["entries"]["dp2"].run_dir)
     new_job = runs.read_job(e.run_dir).job_ids[0]
     assert new_job != job
