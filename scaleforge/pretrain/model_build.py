@@ -166,7 +166,8 @@ def build(spec: Any) -> Built:
         from scaleforge.pretrain.offload import ActivationOffload
 
         offload = ActivationOffload(spec.parallel.activation_offload,
-                                    next(model.parameters()).device)
+                                    next(model.parameters()).device,
+                                    gathered=spec.parallel.tp if spec.parallel.sp else 1)
         offload.wrap(model)
     ddp = wrap(spec, config, model)
     par, train = spec.parallel, spec.train

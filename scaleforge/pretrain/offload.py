@@ -8,8 +8,11 @@ of megatron's TransformerLayers, so it works for every family built from them an
 
 - pack (forward): parameters stay where they are; a tensor sharing the storage of the layer input or
   of the core attention's output is copied whole; any other tensor with a sequence dimension (the
-  size of the input's first dimension, megatron's [s, b, h]) has its first alpha x s tokens copied,
-  the rest dropped; tensors without one are copied whole.
+  size of the input's first dimension, megatron's [s, b, h], or tp times it inside attention and
+  the MLP under sequence parallelism) has its first alpha x s tokens copied, the rest dropped;
+  tensors without one, and expanded views (stride 0), are copied whole. A region saved twice in one
+  forward (the input, the attention output, each norm's rsqrt: every one of them is) is copied once,
+  so the bytes moved are the memory model's (`parallel/layout.py`, tests/test_memory.py).
 - unpack (backward): copies come back to the device; at the first dropped tensor of a layer, the
   layer's forward is run again from the stored input (same RNG states, the saved tensors captured in
   the order autograd packs them), and each dropped part is taken from that run. The result has the
@@ -73,6 +76,17 @@ class _Whole:
     """On a GPU: the prefetched device copy."""
 
 
+@dataclass
+class _View:
+    """A saved tensor whose bytes are (part of) a whole copy: the copy is shared by every saved view
+    of the same storage region (the layer input, the attention output and the norms' rsqrt are each
+    saved twice in a layer's forward: copied once)."""
+
+    entry: _Whole
+    shape: tuple
+    stride: tuple
+
+
 @dataclass(eq=False)
 class _Call:
     """One forward of one layer: what it saved and how to run it again."""
@@ -83,24 +97,37 @@ class _Call:
     kwargs: dict
     rng: dict
     packed: int = 0
-    input: _Whole | None = None
+    input: _View | None = None
     input_ptr: int = 0
     attention_ptr: set = field(default_factory=set)
+    attention: list = field(default_factory=list)
+    """The attention outputs, held until the layer's forward ends: once the output projection has
+    consumed one, its address could be reused by a later tensor of the same forward, which would
+    then pass for the attention output (copied whole instead of split)."""
     recomputed: list | None = None
     splits: dict = field(default_factory=dict)
     """{storage pointer: (handle, tensor)} of the split tensors saved so far in this forward: the
     attention kernel saves its output before the output is known to be it (see `note`)."""
     pending: list = field(default_factory=list)
     wholes: list = field(default_factory=list)
+    seen: dict = field(default_factory=dict)
+    """{(storage pointer, offset, extent, dtype, version): whole copy} and {(..., shape, stride):
+    split handle}: a region saved again is not copied again."""
+    held: list = field(default_factory=list)
+    """Every tensor packed in this forward, held until it ends, so that no address in `seen` (or
+    `attention_ptr`) is reused by another tensor meanwhile (on a GPU `pending` holds them longer)."""
 
 
 class ActivationOffload:
     """The hooks for one model: `wrap(model)` once, then train as usual."""
 
-    def __init__(self, alpha: float, device: torch.device):
+    def __init__(self, alpha: float, device: torch.device, gathered: int = 1):
+        """`gathered`: tp under sequence parallelism (inside attention and the MLP a tensor holds
+        that many times the layer input's tokens), else 1."""
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must be in (0, 1], got {alpha}")
         self.alpha = alpha
+        self.gathered = gathered
         self.device = device
         self.stats = OffloadStats()
         self.on_gpu = device.type == "cuda"
@@ -140,6 +167,7 @@ class ActivationOffload:
                     out = output[0] if isinstance(output, tuple) else output
                     ptr = out.untyped_storage().data_ptr()
                     call.attention_ptr.add(ptr)
+                    call.attention.append(out)
                     for handle, tensor in call.splits.pop(ptr, ()):  # saved by the kernel itself
                         self._make_whole(call, handle, tensor)
                     call.splits.clear()  # the layer's other tensors stay split
@@ -153,6 +181,9 @@ class ActivationOffload:
                 if handle is not None:
                     handle.remove()
                 call.splits.clear()  # no device tensor outlives the forward through these
+                call.attention.clear()
+                call.seen.clear()
+                call.held.clear()
             if self.on_gpu:  # the order of layers, for the prefetch in backward
                 self._calls.append(call)
             self.stats.layers += 1
@@ -170,33 +201,49 @@ class ActivationOffload:
             self._params = {p.untyped_storage().data_ptr() for p in self._model.parameters()}
         if isinstance(t, torch.nn.Parameter) or ptr in self._params:
             return t  # weights stay where they are
-        seq = _seq_len(call)
+        call.held.append(t)
+        seqs = (_seq_len(call), _seq_len(call) * self.gathered)
         whole = ptr == call.input_ptr or ptr in call.attention_ptr
-        dim = None if whole else next((d for d, n in enumerate(t.shape) if n == seq), None)
-        if dim is None or self.alpha == 1:
-            copy = self._to_host(call, t)
+        dim = None if whole else next((d for d, n in enumerate(t.shape) if n in seqs), None)
+        if dim is None or self.alpha == 1 or _span(t) < t.numel():  # (an expanded view: whole)
+            view = self._whole(call, t)
             if ptr == call.input_ptr and call.input is None:
-                call.input = copy
-            return copy
+                call.input = view
+            return view
+        key = _region(t) + (tuple(t.shape), tuple(t.stride()))
+        if key in call.seen:
+            return call.seen[key]
+        seq = t.shape[dim]
         kept = round(self.alpha * seq)
         host = self._to_host(call, t.narrow(dim, 0, kept)).host if kept else t.new_empty(0)
         self.stats.bytes_dropped += (seq - kept) * t.numel() // seq * t.element_size()
         if call.input is None:  # the recomputation starts from the layer input: keep it
-            call.input = self._to_host(call, _hidden(call))
+            call.input = self._whole(call, _hidden(call))
         handle = _Split(host=host, index=index, dim=dim, kept=kept, shape=tuple(t.shape),
                         stride=tuple(t.stride()), dtype=t.dtype, device=t.device)
         call.splits.setdefault(ptr, []).append((handle, t))
+        call.seen[key] = handle
         return handle
+
+    def _whole(self, call: _Call, t: torch.Tensor) -> _View:
+        """`t` copied whole (the storage region it reads, so an expanded or strided view comes back
+        with its own strides), or a view of the copy already made of that region."""
+        key = _region(t)
+        entry = call.seen.get(key)
+        if entry is None:
+            flat = torch.as_strided(t, (key[2],), (1,), t.storage_offset())
+            entry = call.seen[key] = self._to_host(call, flat)
+        return _View(entry=entry, shape=tuple(t.shape), stride=tuple(t.stride()))
 
     def _make_whole(self, call: _Call, handle: _Split, t: torch.Tensor) -> None:
         """Copy the dropped tokens of a split tensor too (it turned out to be the attention output)."""
         seq = handle.shape[handle.dim]
-        rest = seq - handle.kept
-        if rest:
-            self.stats.bytes_dropped -= rest * t.numel() // seq * t.element_size()
-            self.stats.bytes_to_host -= handle.kept * t.numel() // seq * t.element_size()
-            handle.host = self._to_host(call, t).host
-            handle.kept = seq
+        if handle.kept == seq:
+            return
+        self.stats.bytes_dropped -= (seq - handle.kept) * t.numel() // seq * t.element_size()
+        self.stats.bytes_to_host -= handle.kept * t.numel() // seq * t.element_size()
+        handle.host = self._whole(call, t)
+        handle.kept = seq
 
     def _to_host(self, call: _Call, t: torch.Tensor) -> _Whole:
         host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu",
@@ -230,8 +277,10 @@ class ActivationOffload:
         self._prefetch_before(call)
         if isinstance(handle, _Whole):
             return self._back(handle)
-        if handle.kept == handle.shape[handle.dim]:
-            return self._back(_Whole(host=handle.host, device=handle.device))
+        if isinstance(handle, _View):
+            return self._restore(handle)
+        if handle.kept == handle.shape[handle.dim]:  # made whole: `host` is a _View
+            return self._restore(handle.host)
         if call.recomputed is None:
             call.recomputed = self._recompute(call)
         full = call.recomputed[handle.index]
@@ -248,6 +297,9 @@ class ActivationOffload:
             torch.cuda.current_stream(entry.device).wait_stream(self.stream)
             return entry.back
         return entry.host.to(entry.device, non_blocking=self.on_gpu)
+
+    def _restore(self, view: _View) -> torch.Tensor:
+        return self._back(view.entry).as_strided(view.shape, view.stride)
 
     def _prefetch_before(self, call: _Call) -> None:
         """GPU: start copying the previous layer's tensors back while this layer runs backward."""
@@ -267,7 +319,7 @@ class ActivationOffload:
     def _recompute(self, call: _Call) -> list:
         """The layer's forward again from the stored input; every tensor autograd saves, in order."""
         captured: list = []
-        hidden = self._back(call.input).detach().requires_grad_(_hidden(call).requires_grad)
+        hidden = self._restore(call.input).detach().requires_grad_(_hidden(call).requires_grad)
         args, kwargs = call.args, dict(call.kwargs)
         if args:
             args = (hidden, *args[1:])
@@ -300,6 +352,18 @@ class ActivationOffload:
         """Forget the step's layer calls (after the optimizer step)."""
         self._settle()
         self._calls.clear()
+
+
+def _region(t: torch.Tensor) -> tuple:
+    """The storage region a saved tensor reads, as of its current version (an in-place change in
+    between makes it another region)."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), _span(t), t.dtype, t._version)
+
+
+def _span(t: torch.Tensor) -> int:
+    """Elements from a tensor's first to its last in storage: its numel when dense, fewer when
+    dimensions overlap (stride 0), more with gaps."""
+    return 1 + sum((n - 1) * st for n, st in zip(t.shape, t.stride())) if t.numel() else 0
 
 
 def _hidden(call: _Call) -> torch.Tensor:
