@@ -246,6 +246,51 @@ def test_ladder_preempt_requeue_resume(slurm_root, tmp_path, tiny_store, client_
         assert not list(hostile.glob(stray))
 
 
+def test_array_task_resumes_while_its_array_runs(slurm_root, tmp_path, tiny_store, client_path):
+    """Two runs of one shape in one array with a continuation array (`aftercorr`): `short` is
+    preempted while `long` is paused (SIGSTOP through Slurm: its task is STOPPED, not ended);
+    short's continuation task resumes it and it completes before long moves on, with exactly
+    long's losses (the same spec under another name), and long then completes too."""
+    steps = 12
+    specs = [tiny_spec("short", steps=steps, store=tiny_store),
+             tiny_spec("long", steps=steps, store=tiny_store)]
+    plan = write_plan(tmp_path / "plan.yaml", specs)
+    env = _env(client_path)
+    short, long = runs.entries_from_plan(plan)
+    sub = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "1",
+                       env=env, cwd=tmp_path)
+    assert sub.returncode == 0, sub.stderr + sub.stdout
+    rec_s, rec_l = runs.read_job(short.run_dir), runs.read_job(long.run_dir)
+    assert len({j.split("_")[0] for j in rec_s.job_ids + rec_l.job_ids}) == 2  # two arrays
+
+    # long runs its first step, then is stopped whole (task and trainer) while Slurm says RUNNING
+    _wait(lambda: len(_losses_if(long.run_dir)) >= 1, 300, "long's first step", 0.2)
+    subprocess.run(["scancel", "--signal=STOP", rec_l.job_ids[0]], check=True, env=env)
+    _wait(lambda: len(_losses_if(short.run_dir)) >= 3, 300, "short's third step", 0.2)
+    subprocess.run(["scancel", "--signal=USR2", rec_s.job_ids[0]], check=True, env=env)
+    try:
+        _wait(lambda: runs.read_run_dir(short.run_dir).status.get("state") == "completed", 300,
+              "short to complete in its continuation task")
+        assert _squeue_state(rec_l.job_ids[0]) == "STOPPED"  # its array has not ended
+    finally:
+        subprocess.run(["scancel", "--signal=CONT", rec_l.job_ids[0]], check=True, env=env)
+    _wait(lambda: runs.read_run_dir(long.run_dir).status.get("state") == "completed", 300,
+          "long to complete", 0.5)
+    states = _wait(lambda: (s := _sacct(rec_s.job_ids + rec_l.job_ids))
+                   and all(s.get(j) == "COMPLETED" for j in rec_s.job_ids + rec_l.job_ids) and s,
+                   120, "every task to end COMPLETED")
+    assert states  # short's first task saved, stopped and ended well: that started its continuation
+    resumed = (short.run_dir / "logs" / f"slurm-{rec_s.job_ids[1]}.rank0.log").read_text()
+    assert "step 1/" not in resumed and f"step {steps}/{steps}" in resumed, resumed[-2000:]
+    assert _losses(short.run_dir / "metrics.jsonl") == _losses(long.run_dir / "metrics.jsonl")
+    assert len(_losses(short.run_dir / "metrics.jsonl")) == steps
+
+
+def _losses_if(run_dir: Path) -> list[float]:
+    path = run_dir / "metrics.jsonl"
+    return _losses(path) if path.exists() else []
+
+
 def test_second_submit_while_queued_queues_nothing(slurm_root, tmp_path, tiny_store, client_path):
     """Runs whose jobs are still pending are not queued again (the recorded job is asked for)."""
     # every CPU of both nodes taken, so the runs stay pending

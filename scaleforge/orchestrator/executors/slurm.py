@@ -24,8 +24,13 @@ jobs before it failed (saved-and-stopped, preempted, timed out or node failure),
 checkpoints/latest, and is cancelled by Slurm as soon as one before it completes. A continuation (or
 a job Slurm requeued itself) that finds the run finished or failed (status.json) returns at once, so
 a crash is not retried behind the user's back. Runs in an array get continuation arrays, one per
-level, each after the array before it ended (`afterany`): two sbatch calls queue a 200-run ladder
-with one continuation each, and a task whose run finished returns at once.
+level, task by task (`--dependency=aftercorr:<the array before>`): task i of level k starts as soon as
+task i of level k-1 ended successfully, whatever the array's other tasks are doing, so a preempted
+run of a 200-run ladder resumes at once instead of after the whole array. For that, a task that
+saved and stopped ends successfully when a continuation follows it (`TrainTask.stop_ok`); a task
+whose run finished returns at once (its continuation too), and a crash fails the task, which
+cancels its continuations (kill-on-invalid-dep). Two sbatch calls queue a 200-run ladder with one
+continuation each.
 
 Job states: `query_states` answers for every record in one squeue and at most one sacct call.
 
@@ -243,6 +248,10 @@ class TrainTask:
     after: tuple[str, ...] = ()
     """Run directories this run starts from (checkpoint.init_from): it trains only once they
     completed, and returns at once otherwise."""
+    stop_ok: bool = False
+    """A task of an array that has a continuation array: a run that saved and stopped (preempted,
+    time limit) ends the task successfully, which starts its continuation task (`aftercorr` starts
+    a task only after its corresponding task succeeded)."""
 
     def __call__(self) -> dict:
         return run_task(self)
@@ -306,10 +315,10 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
                 "job": job}
     code_requeue = _requeue_exit_code() if requeue_code is None else requeue_code
     signals = ",".join(signal.Signals(s).name for s in noted) or "none seen by the task"
-    if code == code_requeue and rank != 0:
+    if code == code_requeue and (rank != 0 or task.stop_ok):
         # Only rank 0 fails the job (which starts the continuation): srun --kill-on-bad-exit would
         # end rank 0 the moment another rank exited non-zero, while rank 0 still writes status.json
-        # after the save's last barrier.
+        # after the save's last barrier. In an array, the job ends well instead (`stop_ok`).
         return {"run_dir": str(run_dir), "state": "preempted", "job": job, "rank": rank}
     if code == code_requeue:
         raise RunStopped(f"{run_dir.name}: saved at step {status.get('step')} and stopped "
@@ -459,8 +468,8 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
     """Submit every entry (first job + continuations); returns {run name: JobRecord}.
 
     Runs of one shape form one array (`--array=0-N%throttle`) and their continuations one array per
-    level, each starting after the level before ended (`afterany`); a task whose run has finished
-    returns at once. A single run's continuation k starts only if jobs 0..k-1 all failed
+    level, task i after task i of the level before succeeded (`aftercorr`); a task whose run has
+    finished returns at once. A single run's continuation k starts only if jobs 0..k-1 all failed
     (`afternotok`). A run that starts from another run (`RunEntry.after`) is a single job with
     `--dependency=afterok:<each job of its source's chain>` (any one of them), unless its source has
     completed. `sources` gives the records of sources queued by an earlier submission.
@@ -485,7 +494,8 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
     for (parent, *_), group in groups.items():
         folder = parent / ".slurm"
         depends = _dependency(group[0], known) if group[0].after else None
-        first = _submit_first(group, folder, options, depends)
+        first = _submit_first(group, folder, options, depends,
+                              stop_ok=len(group) > 1 and options.array and options.max_requeues > 0)
         for e, jid in zip(group, first):
             record = JobRecord(executor="slurm", job_ids=(jid,), submitted_at=time.time(),
                                host=socket.gethostname(), after=tuple(str(p) for p in e.after))
@@ -547,9 +557,9 @@ def _array_continuations(group: list[RunEntry], folder: Path, options: SlurmOpti
     previous = records[group[0].name].job_ids[0].split("_")[0]
     for level in range(options.max_requeues):
         params = _parameters(longest, options, f"sf-{group[0].name}-x{len(group)}-c{level + 1}")
-        params["dependency"] = f"afterany:{previous}"
-        tasks = [TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python)
-                 for e in group]
+        params["dependency"] = f"aftercorr:{previous}"
+        tasks = [TrainTask(run_dir=str(e.run_dir), continuation=True, python=options.python,
+                           stop_ok=level + 1 < options.max_requeues) for e in group]
         jobs = _sbatch(f"continuation array {level + 1} of {group[0].name}..{group[-1].name}",
                        lambda: _executor(folder, options, params).submit_array(tasks))
         for e, job in zip(group, jobs):
@@ -559,8 +569,8 @@ def _array_continuations(group: list[RunEntry], folder: Path, options: SlurmOpti
         previous = jobs[0].job_id.split("_")[0]
     if options.max_requeues:
         print(f"array {records[group[0].name].job_ids[0].split('_')[0]}: {options.max_requeues} "
-              "continuation array(s), each after the one before ended; a task whose run finished "
-              "returns at once")
+              "continuation array(s); a task starts once its run's task before it saved and "
+              "stopped, and returns at once if the run finished")
 
 
 # sbatch refusing a job for what it asks (not for a failure to reach slurmctld): retrying is useless
@@ -598,10 +608,10 @@ class _Refused(Exception):
 
 
 def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions,
-                  depends: str | None = None) -> list[str]:
+                  depends: str | None = None, *, stop_ok: bool = False) -> list[str]:
     head = group[0]
     tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python,
-                       after=tuple(str(p) for p in e.after)) for e in group]
+                       after=tuple(str(p) for p in e.after), stop_ok=stop_ok) for e in group]
     if len(group) > 1 and options.array:
         longest = max(group, key=lambda e: e.time_min)
         params = _parameters(longest, options, f"sf-{head.name}-x{len(group)}")
