@@ -341,8 +341,10 @@ def test_http_backend_matches_local_and_retries_failed_shards(tiny_store, kjv_js
     reqs = [prompts.messages("direct", d) for d in docs]
     http = HttpGenerator(one).generate(reqs, one, 0)
     local = [local_gen.generate([r], one, 0)[0] for r in reqs]
-    assert [g.text for g in http] == [g.text for g in local]
+    assert [(g.text, g.tokens, g.finish_reason) for g in http] == \
+        [(g.text, g.tokens, g.finish_reason) for g in local]
     assert all(g.text for g in http)
+    assert "stop" in [g.finish_reason for g in local]  # a reply that ended: its end token not counted
 
     # Requests that time out are retried, then the shard is marked failed: an error, no report.
     out = tmp_path / "out"

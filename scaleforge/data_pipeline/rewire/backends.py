@@ -31,7 +31,7 @@ class Generation:
     finish_reason: str
     """`stop` (the model ended its reply) or `length` (cut at max_new_tokens)."""
     tokens: int
-    """Generated tokens (the model's own tokenizer)."""
+    """Generated tokens (the model's own tokenizer), the end token not counted."""
 
 
 class Generator(Protocol):
@@ -174,10 +174,14 @@ class HttpGenerator:
             ) from None
         choice = resp.choices[0]
         usage = getattr(resp, "usage", None)
+        tokens = int(getattr(usage, "completion_tokens", 0) or 0)
+        stopped = choice.finish_reason != "length"
         return Generation(
             text=choice.message.content or "",
-            finish_reason="length" if choice.finish_reason == "length" else "stop",
-            tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            finish_reason="stop" if stopped else "length",
+            # servers count the end token a stopped reply ends with (OpenAI's usage, vLLM, SGLang,
+            # `transformers serve`); `tokens` is the reply's, as the local backend counts it
+            tokens=max(0, tokens - 1) if stopped else tokens,
         )
 
     def generate(self, requests: list[list[dict]], cfg: RewriteConfig, seed: int) -> list[Generation]:
