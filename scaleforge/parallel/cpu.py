@@ -84,6 +84,7 @@ def install() -> bool:
     _define_missing_te_gemm()
     _int_alltoall_splits()
     _cpu_fsdp_mesh()
+    _accurate_grad_norm()
     _INSTALLED = True
     return True
 
@@ -208,6 +209,30 @@ def _fake_streams(cuda) -> None:
     cuda.current_stream = lambda device=None: _DEFAULT_STREAM
     cuda.default_stream = lambda device=None: _DEFAULT_STREAM
     cuda.stream = lambda stream=None: contextlib.nullcontext()
+
+
+def _accurate_grad_norm() -> None:
+    # Without apex or Transformer Engine, megatron's gradient norm (clip_grads.get_grad_norm_fp32)
+    # takes each gradient's `torch.norm`. torch's fp32 vector norm on the CPU accumulates far less
+    # exactly than its sum: -1.48e-4 relative on the MoE example's 1M-element embedding gradient
+    # (1 thread), where a sum of squares is within 1e-8 of float64. The error depends on the tensors'
+    # lengths, so the grad norm and the clip coefficient differed between layouts (1.024665 one
+    # rank, 1.024734 TP=2, 1.024783 DP=2, float64 1.024792), and clipped MoE runs drifted 7e-5 apart.
+    # This is the same drop-in (`multi_tensor_applier(l2_norm_impl, ...)`) with each gradient's
+    # squares summed in float64.
+    try:
+        from megatron.core.optimizer import clip_grads
+    except ImportError:
+        return
+    import torch
+
+    def l2_norm(chunk_size, noop_flag, tensor_lists, per_tensor, *args):
+        total = torch.zeros((), dtype=torch.float64)
+        for tensor in tensor_lists[0]:
+            total += torch.sum(torch.square(tensor.float()), dtype=torch.float64)
+        return torch.sqrt(total).float().reshape(1), None
+
+    clip_grads.l2_norm_impl = l2_norm
 
 
 def _int_alltoall_splits() -> None:
