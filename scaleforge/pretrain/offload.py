@@ -279,8 +279,10 @@ class ActivationOffload:
             return self._back(handle)
         if isinstance(handle, _View):
             return self._restore(handle)
-        if handle.kept == handle.shape[handle.dim]:  # made whole: `host` is a _View
+        if isinstance(handle.host, _View):  # made whole (it was the attention output)
             return self._restore(handle.host)
+        if handle.kept == handle.shape[handle.dim]:  # alpha x s rounded up to every token
+            return self._back(_Whole(host=handle.host, device=handle.device))
         if call.recomputed is None:
             call.recomputed = self._recompute(call)
         full = call.recomputed[handle.index]
