@@ -85,6 +85,10 @@ class _View:
     entry: _Whole
     shape: tuple
     stride: tuple
+    flat: bool = True
+    """The copy is the storage region itself (a dense or an expanded view: the view comes back with
+    `as_strided`); else the view's own elements, compact (a view with gaps into a wider buffer,
+    such as the value part of the fused QKV output: its region is three times its size)."""
 
 
 @dataclass(eq=False)
@@ -226,14 +230,15 @@ class ActivationOffload:
         return handle
 
     def _whole(self, call: _Call, t: torch.Tensor) -> _View:
-        """`t` copied whole (the storage region it reads, so an expanded or strided view comes back
-        with its own strides), or a view of the copy already made of that region."""
-        key = _region(t)
+        """`t` copied whole, or a view of the copy already made of the same storage region."""
+        span = _span(t)
+        flat = span <= t.numel()
+        key = _region(t) if flat else _region(t) + (tuple(t.shape), tuple(t.stride()))
         entry = call.seen.get(key)
         if entry is None:
-            flat = torch.as_strided(t, (key[2],), (1,), t.storage_offset())
-            entry = call.seen[key] = self._to_host(call, flat)
-        return _View(entry=entry, shape=tuple(t.shape), stride=tuple(t.stride()))
+            src = torch.as_strided(t, (span,), (1,), t.storage_offset()) if flat else t
+            entry = call.seen[key] = self._to_host(call, src)
+        return _View(entry=entry, shape=tuple(t.shape), stride=tuple(t.stride()), flat=flat)
 
     def _make_whole(self, call: _Call, handle: _Split, t: torch.Tensor) -> None:
         """Copy the dropped tokens of a split tensor too (it turned out to be the attention output)."""
@@ -246,8 +251,8 @@ class ActivationOffload:
         handle.kept = seq
 
     def _to_host(self, call: _Call, t: torch.Tensor) -> _Whole:
-        host = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="cpu",
-                                   pin_memory=self.on_gpu)
+        # dense with t's dimension order; compact where t has gaps (`_restore` gives its strides back)
+        host = torch.empty_like(t, device="cpu", pin_memory=self.on_gpu)
         self.stats.bytes_to_host += t.numel() * t.element_size()
         entry = _Whole(host=host, device=t.device)
         if self.on_gpu:
@@ -282,7 +287,8 @@ class ActivationOffload:
         if isinstance(handle.host, _View):  # made whole (it was the attention output)
             return self._restore(handle.host)
         if handle.kept == handle.shape[handle.dim]:  # alpha x s rounded up to every token
-            return self._back(_Whole(host=handle.host, device=handle.device))
+            return self._restore(_View(entry=_Whole(host=handle.host, device=handle.device),
+                                       shape=handle.shape, stride=handle.stride, flat=False))
         if call.recomputed is None:
             call.recomputed = self._recompute(call)
         full = call.recomputed[handle.index]
@@ -301,7 +307,11 @@ class ActivationOffload:
         return entry.host.to(entry.device, non_blocking=self.on_gpu)
 
     def _restore(self, view: _View) -> torch.Tensor:
-        return self._back(view.entry).as_strided(view.shape, view.stride)
+        back = self._back(view.entry)
+        if view.flat:
+            return back.as_strided(view.shape, view.stride)
+        out = torch.empty_strided(view.shape, view.stride, dtype=back.dtype, device=back.device)
+        return out.copy_(back)
 
     def _prefetch_before(self, call: _Call) -> None:
         """GPU: start copying the previous layer's tensors back while this layer runs backward."""
