@@ -104,10 +104,6 @@ class _Call:
     input: _View | None = None
     input_ptr: int = 0
     attention_ptr: set = field(default_factory=set)
-    attention: list = field(default_factory=list)
-    """The attention outputs, held until the layer's forward ends: once the output projection has
-    consumed one, its address could be reused by a later tensor of the same forward, which would
-    then pass for the attention output (copied whole instead of split)."""
     recomputed: list | None = None
     splits: dict = field(default_factory=dict)
     """{storage pointer: (handle, tensor)} of the split tensors saved so far in this forward: the
@@ -115,11 +111,12 @@ class _Call:
     pending: list = field(default_factory=list)
     wholes: list = field(default_factory=list)
     seen: dict = field(default_factory=dict)
-    """{(storage pointer, offset, extent, dtype, version): whole copy} and {(..., shape, stride):
-    split handle}: a region saved again is not copied again."""
+    """{(storage pointer, offset, extent, dtype, version[, shape, stride]): whole copy} and
+    {("split", ..., shape, stride): split handle}: a region saved again is not copied again."""
     held: list = field(default_factory=list)
-    """Every tensor packed in this forward, held until it ends, so that no address in `seen` (or
-    `attention_ptr`) is reused by another tensor meanwhile (on a GPU `pending` holds them longer)."""
+    """Every tensor packed in this forward, and the attention output, held until it ends, so that no
+    address in `seen` or `attention_ptr` is reused by another tensor meanwhile (which would then
+    pass for it); on a GPU `pending` holds them longer."""
 
 
 class ActivationOffload:
@@ -171,7 +168,7 @@ class ActivationOffload:
                     out = output[0] if isinstance(output, tuple) else output
                     ptr = out.untyped_storage().data_ptr()
                     call.attention_ptr.add(ptr)
-                    call.attention.append(out)
+                    call.held.append(out)
                     for handle, tensor in call.splits.pop(ptr, ()):  # saved by the kernel itself
                         self._make_whole(call, handle, tensor)
                     call.splits.clear()  # the layer's other tensors stay split
@@ -185,7 +182,6 @@ class ActivationOffload:
                 if handle is not None:
                     handle.remove()
                 call.splits.clear()  # no device tensor outlives the forward through these
-                call.attention.clear()
                 call.seen.clear()
                 call.held.clear()
             if self.on_gpu:  # the order of layers, for the prefetch in backward
@@ -207,18 +203,19 @@ class ActivationOffload:
             return t  # weights stay where they are
         call.held.append(t)
         seqs = (_seq_len(call), _seq_len(call) * self.gathered)
-        whole = ptr == call.input_ptr or ptr in call.attention_ptr
+        # copied whole: the layer input, the attention output, an expanded view (stride 0)
+        whole = ptr == call.input_ptr or ptr in call.attention_ptr or _span(t) < t.numel()
         dim = None if whole else next((d for d, n in enumerate(t.shape) if n in seqs), None)
-        if dim is None or self.alpha == 1 or _span(t) < t.numel():  # (an expanded view: whole)
+        seq = 0 if dim is None else t.shape[dim]
+        kept = round(self.alpha * seq)
+        if dim is None or kept == seq:  # no sequence dimension, or alpha x s is every token
             view = self._whole(call, t)
             if ptr == call.input_ptr and call.input is None:
                 call.input = view
             return view
-        key = _region(t) + (tuple(t.shape), tuple(t.stride()))
+        key = ("split",) + _region(t) + (tuple(t.shape), tuple(t.stride()))
         if key in call.seen:
             return call.seen[key]
-        seq = t.shape[dim]
-        kept = round(self.alpha * seq)
         host = self._to_host(call, t.narrow(dim, 0, kept)).host if kept else t.new_empty(0)
         self.stats.bytes_dropped += (seq - kept) * t.numel() // seq * t.element_size()
         if call.input is None:  # the recomputation starts from the layer input: keep it
@@ -243,8 +240,6 @@ class ActivationOffload:
     def _make_whole(self, call: _Call, handle: _Split, t: torch.Tensor) -> None:
         """Copy the dropped tokens of a split tensor too (it turned out to be the attention output)."""
         seq = handle.shape[handle.dim]
-        if handle.kept == seq:
-            return
         self.stats.bytes_dropped -= (seq - handle.kept) * t.numel() // seq * t.element_size()
         self.stats.bytes_to_host -= handle.kept * t.numel() // seq * t.element_size()
         handle.host = self._whole(call, t)
@@ -280,15 +275,10 @@ class ActivationOffload:
         if isinstance(handle, torch.Tensor):
             return handle
         self._prefetch_before(call)
-        if isinstance(handle, _Whole):
-            return self._back(handle)
         if isinstance(handle, _View):
             return self._restore(handle)
         if isinstance(handle.host, _View):  # made whole (it was the attention output)
             return self._restore(handle.host)
-        if handle.kept == handle.shape[handle.dim]:  # alpha x s rounded up to every token
-            return self._restore(_View(entry=_Whole(host=handle.host, device=handle.device),
-                                       shape=handle.shape, stride=handle.stride, flat=False))
         if call.recomputed is None:
             call.recomputed = self._recompute(call)
         full = call.recomputed[handle.index]
