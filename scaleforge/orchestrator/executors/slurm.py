@@ -494,8 +494,7 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
     for (parent, *_), group in groups.items():
         folder = parent / ".slurm"
         depends = _dependency(group[0], known) if group[0].after else None
-        first = _submit_first(group, folder, options, depends,
-                              stop_ok=len(group) > 1 and options.array and options.max_requeues > 0)
+        first = _submit_first(group, folder, options, depends)
         for e, jid in zip(group, first):
             record = JobRecord(executor="slurm", job_ids=(jid,), submitted_at=time.time(),
                                host=socket.gethostname(), after=tuple(str(p) for p in e.after))
@@ -608,11 +607,14 @@ class _Refused(Exception):
 
 
 def _submit_first(group: list[RunEntry], folder: Path, options: SlurmOptions,
-                  depends: str | None = None, *, stop_ok: bool = False) -> list[str]:
+                  depends: str | None = None) -> list[str]:
     head = group[0]
+    array = len(group) > 1 and options.array
+    # in an array, a stopped task ends well when a continuation array follows (`aftercorr`)
     tasks = [TrainTask(run_dir=str(e.run_dir), python=options.python,
-                       after=tuple(str(p) for p in e.after), stop_ok=stop_ok) for e in group]
-    if len(group) > 1 and options.array:
+                       after=tuple(str(p) for p in e.after),
+                       stop_ok=array and options.max_requeues > 0) for e in group]
+    if array:
         longest = max(group, key=lambda e: e.time_min)
         params = _parameters(longest, options, f"sf-{head.name}-x{len(group)}")
         jobs = _sbatch(f"the array of {head.name}..{group[-1].name} ({len(group)} runs)",
