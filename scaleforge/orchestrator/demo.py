@@ -27,6 +27,7 @@ import threading
 import time
 from pathlib import Path
 
+from scaleforge import rundir
 from scaleforge.errors import ConfigError, ScaleforgeError
 
 DEMO_VOCAB = 512
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     from scaleforge import cli
     from scaleforge.orchestrator.cluster import cpu_cluster
     from scaleforge.orchestrator.plan import _number, make_plan
-    from scaleforge.orchestrator.planfile import load_plan, plan_to_yaml, save_plan
+    from scaleforge.orchestrator.planfile import load_plan, save_plan
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{plan_path}: same ladder as before; finished runs are skipped")
         plan = load_plan(plan_path)
     else:
-        plan_path.write_text(plan_to_yaml(plan))
+        save_plan(plan, plan_path)
     seeds_path = out / "seeds.yaml"
     save_plan(seed_plan(plan), seeds_path)
     from scaleforge.orchestrator.plan_table import print_plan
@@ -122,9 +123,7 @@ def run(args: argparse.Namespace) -> int:
     _submit(cli, plan_path, args, target=True)
     body = forecast_json(replanned, plan_path, seeds_path)
     path = out / "forecast.json"
-    tmp = path.with_name(".forecast.json.tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    tmp.replace(path)
+    rundir.write_atomic(path, json.dumps(body, indent=1) + "\n")
     print_forecast(body)
     plots = sorted(str(p.relative_to(out)) for p in (out / "plots").glob("*.png"))
     print(f"wrote {path}, {out / 'fit.json'} and {', '.join(plots) or 'no plots'} "
@@ -159,15 +158,16 @@ def forecast_json(plan, plan_path: Path, seeds_path: Path) -> dict:
     from scaleforge.orchestrator.planfile import load_plan, run_dir
     from scaleforge.orchestrator.refit import collect_run
 
+    def record(p, path: Path, r):
+        return collect_run(run_dir(p, path, r), name=r.name, budget=r.budget, n_params=r.N)
+
     t = plan.target
-    rec = collect_run(run_dir(plan, plan_path, t), name=t.name, budget=t.budget, n_params=t.N)
+    rec = record(plan, plan_path, t)
     if not math.isfinite(rec.L):
         raise ScaleforgeError(f"the check run {t.name} has no final loss ({rec.excluded or rec.state})")
     seeds = load_plan(seeds_path)
     first = next(r for r in plan.ladder if r.name == seeds.ladder[0].name.rsplit("-seed", 1)[0])
-    losses = [collect_run(run_dir(plan, plan_path, first), name=first.name, budget=first.budget, n_params=first.N).L]
-    losses += [collect_run(run_dir(seeds, seeds_path, r), name=r.name, budget=r.budget, n_params=r.N).L
-               for r in seeds.ladder]
+    losses = [record(plan, plan_path, first).L] + [record(seeds, seeds_path, r).L for r in seeds.ladder]
     actual = float(rec.L)
     return {
         "budget": float(plan.budget),

@@ -33,6 +33,7 @@ from typing import Any
 
 import yaml
 
+from scaleforge import rundir
 from scaleforge.config import RunSpec, from_dict, load_yaml_file, to_dict
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator.cluster import Cluster, cluster_from_dict, cluster_to_dict
@@ -229,10 +230,7 @@ def plan_to_yaml(plan: Plan) -> str:
 def save_plan(plan: Plan, path: str | Path) -> Path:
     """Write plan.yaml atomically (a temporary file renamed over the target)."""
     path = Path(path)
-    text = plan_to_yaml(plan)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    rundir.write_atomic(path, plan_to_yaml(plan))
     return path
 
 

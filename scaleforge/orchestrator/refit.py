@@ -450,9 +450,7 @@ def run(args: argparse.Namespace) -> int:
     # Everything is computed: only now write.
     from scaleforge.orchestrator import report
 
-    tmp = fit_path.with_name(".fit.json.tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    tmp.replace(fit_path)
+    rundir.write_atomic(fit_path, json.dumps(body, indent=1) + "\n")
     plots = report.write_plots(refit, out_dir / "plots", target_budget=plan.budget)
     if new_plan is not None:
         save_plan(new_plan, plan_path)
@@ -480,9 +478,7 @@ def holdout_check(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRA
 def _holdout(records: list[RunRecord], plan_path: Path, *, bootstrap: int, intermediate: bool) -> int:
     body = holdout_check(records, bootstrap=bootstrap, intermediate=intermediate)
     out = plan_path.resolve().parent / "holdout.json"
-    tmp = out.with_name(".holdout.json.tmp")
-    tmp.write_text(json.dumps(body, indent=1) + "\n")
-    tmp.replace(out)
+    rundir.write_atomic(out, json.dumps(body, indent=1) + "\n")
     print(f"fit without budget {body['budget']:.3g} ({len(body['runs'])} runs held out):")
     intervals = body.get("interval") or [None] * len(body["runs"])
     for name, pred, act, err, iv in zip(body["runs"], body["predicted"], body["actual"], body["rel_error"], intervals):
