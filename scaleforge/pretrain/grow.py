@@ -155,13 +155,13 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} exists and is not empty; pick a new directory")
     spec = make_spec(args.run_dir, args.overrides)
     out.mkdir(parents=True, exist_ok=True)
-    rundir.spec_path(out).write_text(spec_to_yaml(spec))
-    print(f"wrote {rundir.spec_path(out)} (starts from {spec.checkpoint.init_from})")
+    spec_file = rundir.spec_path(out)
+    spec_file.write_text(spec_to_yaml(spec))
+    print(f"wrote {spec_file} (starts from {spec.checkpoint.init_from})")
     print("train it with:")
     world = spec.parallel.world_size
     nproc = f" --nproc {world}" if world > 1 else ""  # the layout the old run.yaml carries
-    print(f"  orchestrate train {shlex.quote(str(rundir.spec_path(out)))} --out {shlex.quote(str(out))}"
-          f"{nproc}")
+    print(f"  orchestrate train {shlex.quote(str(spec_file))} --out {shlex.quote(str(out))}{nproc}")
     return 0
 
 
