@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -50,6 +51,17 @@ def train_records(spec: str | Path, out: Path, nproc: int, overrides: list[str])
     proc = subprocess.run(cmd, env=rank_env(1), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return [r for r in read_metrics(Path(out) / "metrics.jsonl") if "loss" in r]
+
+
+def seed_from_checkpoint(source: Path, out: Path, step: int) -> Path:
+    """A new run directory `out` holding only `source`'s checkpoint of `step`, as its latest."""
+    from scaleforge import rundir
+    from scaleforge.pretrain.checkpoint import step_name
+
+    name = step_name(step)
+    shutil.copytree(rundir.checkpoints_dir(source) / name, rundir.checkpoints_dir(out) / name)
+    (rundir.checkpoints_dir(out) / rundir.LATEST).write_text(name + "\n")
+    return out
 
 
 from slurm_cluster import slurm_root  # noqa: E402,F401  (the Slurm dev cluster, one per session)

@@ -10,7 +10,6 @@ deterministically. One single-process run per family is trained once and reused.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import rank_env
+from conftest import rank_env, seed_from_checkpoint
 from scaleforge.arch.registry import config_class, known_archs
 from scaleforge.config import RunSpec, apply_overrides, from_dict, load_yaml_file, spec_to_yaml
-from scaleforge.pretrain import checkpoint, signals
+from scaleforge.pretrain import signals
 from scaleforge.pretrain.metrics import read_metrics
 from test_resume import Run, _finish
 
@@ -182,10 +181,7 @@ def test_activation_offload_is_bit_identical(arch, family_specs, reference, tmp_
     """MEMO's hooks (alpha 0.5) wrap whatever megatron layers a family builds: from the reference's
     step-8 checkpoint, the last two steps with offload are the reference's bit for bit."""
     source, single = reference(arch)
-    out = tmp_path / "run"
-    step = checkpoint.step_name(2 * EVERY)
-    shutil.copytree(source / "checkpoints" / step, out / "checkpoints" / step)
-    (out / "checkpoints" / "latest").write_text(step + "\n")
+    out = seed_from_checkpoint(source, tmp_path / "run", 2 * EVERY)
     losses = _finish(family_specs[arch], out, sets=["parallel.activation_offload=0.5"])
     assert losses == {s: single[s] for s in (2 * EVERY + 1, STEPS)}
     records = [r for r in read_metrics(out / "metrics.jsonl") if "loss" in r]

@@ -9,7 +9,6 @@ step-5 checkpoint, trained to step 10 under another layout.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from conftest import rank_env, train_records
+from conftest import rank_env, seed_from_checkpoint, train_records
 from scaleforge.config import ParallelSpec, RunSpec, apply_overrides, load_runspec
 from scaleforge.errors import ConfigError, LayoutError
 from scaleforge.parallel import layout
@@ -62,9 +61,7 @@ def _max_diff(a: list[float], b: list[float]) -> float:
 
 def _resume(source: Path, out: Path, spec: Path, nproc: int, sets: list[str]) -> list[float]:
     """A new run directory with `source`'s step-5 checkpoint only, trained to the end."""
-    (out / "checkpoints").mkdir(parents=True)
-    shutil.copytree(source / "checkpoints" / "step_0000005", out / "checkpoints" / "step_0000005")
-    (out / "checkpoints" / "latest").write_text("step_0000005\n")
+    seed_from_checkpoint(source, out, 5)
     records = train_records(spec, out, nproc, sets)
     return [r["loss"] for r in records if r["step"] > 5]
 
