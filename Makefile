@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast clean slurm-packages
+.PHONY: setup demo test test-fast golden-compare clean slurm-packages
 
 setup: $(STAMP)
 
@@ -35,6 +35,12 @@ slurm-packages:
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow and not slurm and not distributed"
+
+# Prove the working tree numerics-neutral against BASE: the golden runs' losses equal bit for bit
+# (tests/golden/compare.py; docs/families.md)
+BASE ?= HEAD
+golden-compare: setup
+	$(BIN)/python tests/golden/compare.py --base $(BASE)
 
 clean:
 	rm -rf $(VENV) .cache runs
