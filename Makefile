@@ -7,12 +7,12 @@ STAMP   := $(VENV)/.installed
 PIP_VERSION := 26.3
 # `make lock` re-resolves requirements.lock with uv, kept in its own venv (.cache/uv) out of the
 # project's. It keeps every pin that still fits; LOCK_FLAGS=--upgrade (or --upgrade-package NAME)
-# moves them. /opt/wheels holds the CPU torch wheel.
+# moves them. The CPU torch wheel comes from pip's find-links ($$PIP_FIND_LINKS) where set.
 UV_VERSION := 0.13.9
 LOCK_CMD := uv pip compile pyproject.toml --extra dev --python-version 3.11 \
-	--python-platform x86_64-manylinux_2_28 --find-links /opt/wheels -o requirements.lock
+	--python-platform x86_64-manylinux_2_28 $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -o requirements.lock
 
-.PHONY: setup demo test test-fast clean slurm-packages lock
+.PHONY: setup demo test test-fast golden-compare clean slurm-packages lock
 
 setup: $(STAMP)
 
@@ -50,6 +50,12 @@ slurm-packages:
 
 test-fast: setup
 	$(BIN)/python -m pytest -q tests -m "not slow and not slurm and not distributed"
+
+# Prove the working tree numerics-neutral against BASE: the golden runs' losses equal bit for bit
+# (tests/golden/compare.py; docs/families.md)
+BASE ?= HEAD
+golden-compare: setup
+	$(BIN)/python tests/golden/compare.py --base $(BASE)
 
 clean:
 	rm -rf $(VENV) .cache runs

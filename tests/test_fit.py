@@ -46,7 +46,9 @@ def test_epoch_replication_parameters(epoch_fit):
     assert p["E"] == pytest.approx(1.817, rel=5e-3)
     assert p["alpha"] == pytest.approx(0.3473, rel=5e-3)
     assert p["beta"] == pytest.approx(0.3672, rel=5e-3)
-    # Same optimum as (or lower than) scipy L-BFGS-B from every start.
+    # Same optimum as (or lower than) scipy L-BFGS-B from every start. Ours is 1.018274e-3 (AMD EPYC),
+    # 2.5e-6 relative below the bound: other CPUs' float64 rounding and the optimiser's stopping
+    # tolerance move an objective at its minimum by orders of magnitude less.
     assert epoch_fit.objective <= 1.0183e-3
     assert epoch_fit.residuals.shape == (240,)
     assert 0.99 < epoch_fit.r2 < 1.0
