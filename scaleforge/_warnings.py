@@ -54,6 +54,16 @@ IGNORED: tuple[Ignored, ...] = (
             r"megatron\.core\.tensor_parallel\.layers"),
     Ignored(UserWarning, r"When using sequence parallelism it is recommended",
             r"megatron\.core\.tensor_parallel\.layers"),
+    # megatron-core 0.16.1 with data parallelism (dp > 1): its param-and-grad buffers reduce-scatter
+    # grads and all-gather params through torch.distributed calls torch 2.13 renamed (`*_single`),
+    # and its optimizer's zero_grad reads `.grad` of the buffer's non-leaf views, which torch
+    # flags. All inside megatron's distributed data parallel; no call of ours reaches them.
+    Ignored(FutureWarning, r"`torch.distributed.all_gather_into_tensor` is deprecated",
+            r"torch\.distributed\..*"),
+    Ignored(FutureWarning, r"`torch.distributed.reduce_scatter_tensor` is deprecated",
+            r"torch\.distributed\..*"),
+    Ignored(UserWarning, r"The .grad attribute of a Tensor that is not a leaf Tensor",
+            r"megatron\.core\.optimizer\.optimizer"),
     # torch 2.13 via transformers 5: `orchestrate export` of an MoE without a shared expert
     # writes Qwen2MoE with a zero-width shared expert (transformers has no switch to leave it
     # out); building it on the meta device runs torch's init on its empty weights, which says it
