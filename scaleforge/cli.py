@@ -10,6 +10,7 @@ import argparse
 import importlib
 import sys
 
+from scaleforge import _warnings
 from scaleforge.errors import ScaleforgeError
 
 # verb -> (module, one-line help)
@@ -40,6 +41,7 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    _warnings.install()
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(verb if verb in VERBS else None)

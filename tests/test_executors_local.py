@@ -162,7 +162,7 @@ def test_submit_local_real_trainer_resumes_after_sigusr1(tmp_path, tiny_store):
     spec = tiny_spec("lr", steps=16, store=tiny_store)
     plan = write_plan(tmp_path / "plan.yaml", [spec])
     (e,) = runs.entries_from_plan(plan)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     runs.prepare_run_dir(e)
     ref = tmp_path / "reference"  # the uninterrupted run, beside the executor's
     straight_proc = subprocess.Popen(

@@ -30,7 +30,7 @@ CLIENTS = ("sbatch", "squeue", "sacct", "sinfo", "scancel", "srun")
 
 
 def _env(**extra: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default",
            "SCALEFORGE_RETRY_BACKOFF_S": "0.2,0.4"}
     env.update(extra)
     return env

@@ -41,7 +41,7 @@ def client_path(tmp_path):
 
 
 def _env(path: str | None = None) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
     if path:
         env["PATH"] = path
     return env

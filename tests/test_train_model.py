@@ -23,7 +23,8 @@ def megatron_single():
 
 
 def _runtime():
-    return dict(use_cpu_initialization=True, params_dtype=torch.float32)
+    # cuda_graph_scope: megatron's default "full" is deprecated (the same whole layer as [])
+    return dict(use_cpu_initialization=True, params_dtype=torch.float32, cuda_graph_scope=[])
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])
@@ -110,6 +111,7 @@ def test_model_trains_loss_goes_down(megatron_single):
 
 
 def test_fused_swiglu_mlp_equals_megatron_mlp(megatron_single):
+    from megatron.core import parallel_state
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.spec_utils import build_module
 
@@ -119,7 +121,10 @@ def test_fused_swiglu_mlp_equals_megatron_mlp(megatron_single):
     cfg = DenseConfig(layers=1, hidden=32, heads=4, kv_heads=2, ffn_hidden=48, vocab_size=64)
     config = transformer_config(cfg, _runtime())
     spec = get_gpt_layer_local_spec(normalization="RMSNorm").submodules.mlp
-    theirs = build_module(spec, config=config)
+    # as megatron's TransformerLayer builds its own MLP (the arguments it otherwise defaults, warning)
+    args = dict(tp_group=parallel_state.get_tensor_model_parallel_group(),
+                ffn_hidden_size=config.ffn_hidden_size)
+    theirs = build_module(spec, config=config, **args)
     spec.module = SwiGLUMLP
     ours = build_module(spec, config=config)
     assert type(ours) is SwiGLUMLP and type(theirs) is not SwiGLUMLP

@@ -172,4 +172,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from scaleforge import _warnings
+
+    _warnings.install()
     sys.exit(main())

@@ -11,7 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from scaleforge import _warnings
 from scaleforge.errors import ScaleforgeError
+
+# At import, not in main(): the checkpoint writer megatron spawns re-imports this module (as
+# __mp_main__) and warns in that process too.
+_warnings.install()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import sys
-import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -25,11 +24,6 @@ from scaleforge.pretrain import metrics as metrics_mod
 from scaleforge.pretrain.schedules import lr_at
 
 DIVERGED_EXIT_CODE = 3
-
-# megatron-core announces, on import, every optional kernel it did not find (Transformer Engine,
-# Apex: never present on CPU, optional on GPU); these notices would bury a run's one-line errors.
-warnings.filterwarnings("ignore", message=r".*(Transformer Engine|Apex).* not installed", category=UserWarning)
-warnings.filterwarnings("ignore", message=r"full scope is deprecated", category=UserWarning)
 
 
 def open_samplers(spec: Any) -> tuple[Any, Any]:

@@ -41,7 +41,24 @@ def swiglu(x: torch.Tensor) -> torch.Tensor:
 
 
 class SwiGLUMLP(MLP):
-    """megatron's MLP with the fused `swiglu` on its unfused path (same weights, same layout)."""
+    """megatron's MLP with the fused `swiglu` on its unfused path (same weights, same layout).
+
+    megatron's TransformerLayer hands `tp_group` only to its own MLP class (an exact type check),
+    and no layer spec passes `ffn_hidden_size`; megatron then falls back to the same defaults with
+    a DeprecationWarning each. They are passed here explicitly (the values megatron would take).
+    """
+
+    def __init__(self, config, submodules, is_expert: bool = False, input_size=None,
+                 ffn_hidden_size=None, tp_group=None):
+        from megatron.core import parallel_state
+
+        if tp_group is None and torch.distributed.is_initialized() and parallel_state.is_initialized():
+            tp_group = (parallel_state.get_expert_tensor_parallel_group() if is_expert
+                        else parallel_state.get_tensor_model_parallel_group())
+        if ffn_hidden_size is None and not is_expert:
+            ffn_hidden_size = config.ffn_hidden_size
+        super().__init__(config, submodules, is_expert=is_expert, input_size=input_size,
+                         ffn_hidden_size=ffn_hidden_size, tp_group=tp_group)
 
     def forward(self, hidden_states, per_token_scale=None, **kwargs):
         config = self.config

@@ -103,4 +103,7 @@ def _lock(path: Path):
 
 
 if __name__ == "__main__":  # `python -m scaleforge.data_pipeline.rewire.model_cache`: convert now
+    from scaleforge import _warnings
+
+    _warnings.install()
     print(bundled_model_dir(print))
