@@ -36,13 +36,16 @@ $(STAMP): pyproject.toml requirements.lock Makefile
 lock:
 	$(PY) -m venv .cache/uv
 	.cache/uv/bin/pip install -q uv==$(UV_VERSION)
-	.cache/uv/bin/$(LOCK_CMD) -q --custom-compile-command "$(LOCK_CMD)" $(LOCK_FLAGS)
+	.cache/uv/bin/$(LOCK_CMD) -q --custom-compile-command "make lock" $(LOCK_FLAGS)
 
 demo: setup
 	$(BIN)/orchestrate demo
 
+# two workers on two cores: each takes whole groups (a module, a family, every Slurm test), longest
+# first (tests/conftest.py)
+WORKERS ?= 2
 test: setup slurm-packages
-	$(BIN)/python -m pytest -q --durations=25 tests
+	$(BIN)/python -m pytest -q -n $(WORKERS) --dist loadgroup --durations=25 tests
 
 # Slurm, slurmdbd, MariaDB and munge for the Slurm tests (apt-get as root; a no-op when present)
 slurm-packages:

@@ -87,3 +87,41 @@ def seed_from_checkpoint(source: Path, out: Path, step: int) -> Path:
 
 
 from slurm_cluster import slurm_root  # noqa: E402,F401  (the Slurm dev cluster, one per session)
+
+
+# Two workers (`pytest -n 2 --dist loadgroup`, the Makefile's `make test`) take whole groups: a module
+# is one group, so its module-scoped reference run is trained once; every Slurm test is one group, so
+# the session's dev cluster starts once; the family checks are one group per family, so a family's
+# session-scoped reference run is trained once. Groups start longest first (seconds measured on 2 cores
+# with one worker, `pytest --durations=0`, summed per group; only their order matters), so the longest
+# does not start last and leave one worker idle at the end; groups not listed start after these.
+GROUP_SECONDS = {
+    "test_resume": 305, "slurm": 296, "test_mamba": 291, "test_memory": 184, "test_moe": 154,
+    "test_train_cli": 137, "test_loop_e2e": 132, "test_families[tokenformer]": 128,
+    "test_parallel_equality": 107, "test_families[parscale]": 80, "test_families[mamba]": 78,
+    "test_families[moe]": 77, "test_tokenformer": 72, "test_families[dense]": 71,
+    "test_families[mor]": 68, "test_parscale": 57, "test_mor": 57, "test_rewire": 50,
+    "test_export": 49, "test_golden": 46, "test_forecast": 25, "test_growth_ladder": 23,
+    "test_executors_local": 19,
+}
+
+
+def _group(item) -> str:
+    if item.get_closest_marker("slurm"):
+        return "slurm"
+    module = item.module.__name__
+    arch = getattr(item, "callspec", None) and item.callspec.params.get("arch")
+    if module == "test_families" and arch:
+        return f"{module}[{arch}]"
+    return module
+
+
+def pytest_collection_modifyitems(config, items):
+    first: dict[str, int] = {}
+    for item in items:
+        group = _group(item)
+        first.setdefault(group, len(first))
+        item.add_marker(pytest.mark.xdist_group(group))
+    # each group contiguous (a module's fixtures are set up once), the longest groups first
+    items.sort(key=lambda item: (-GROUP_SECONDS.get(_group(item), 0), first[_group(item)]))
+

@@ -39,7 +39,7 @@ KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "DNN
 
 def tree_env(root: Path, env: dict[str, str] | None = None) -> dict[str, str]:
     """The environment of a golden run of the tree `root`: its source first on PYTHONPATH."""
-    full = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONWARNINGS="ignore")
+    full = dict(os.environ, OMP_NUM_THREADS=str(THREADS), PYTHONWARNINGS="default")
     full.update(env or {})
     full["PYTHONPATH"] = os.pathsep.join(
         [str(root)] + [p for p in full.get("PYTHONPATH", "").split(os.pathsep) if p])
