@@ -79,9 +79,10 @@ def deferred(signals: tuple[int, ...] = HANDLED) -> Iterator[None]:
     blocked mask through fork and exec (that is the point: the flag itself is set by whichever thread
     the kernel picks, so the loop still sees a signal that arrives during a save). Slurm signals every
     process of a job step (`--signal=USR2@N`, `scancel --signal`, SIGTERM on preemption), and a helper
-    such as the multiprocessing Manager that megatron's checkpoint writer spawns at the first save
-    would otherwise die of the signal's default action: the next save then fails with
-    ConnectionRefusedError, seen on the local Slurm cluster with `scancel --signal=USR2`.
+    such as the worker processes that megatron's checkpoint writer forks during a save would
+    otherwise die of the signal's default action and leave the save waiting for them (seen on the
+    local Slurm cluster with `scancel --signal=USR2`, when the writer's helper was a Manager: the
+    next save failed with ConnectionRefusedError).
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
