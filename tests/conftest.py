@@ -65,3 +65,35 @@ def seed_from_checkpoint(source: Path, out: Path, step: int) -> Path:
 
 
 from slurm_cluster import slurm_root  # noqa: E402,F401  (the Slurm dev cluster, one per session)
+
+import process_leaks  # noqa: E402
+import slurm_cluster  # noqa: E402
+
+
+def pytest_configure(config):
+    process_leaks.mark_session()  # every process the tests start inherits this session's marker
+
+
+def _no_leftover_processes(where: str, exclude: set[int]) -> None:
+    leaks = process_leaks.leftovers(exclude)
+    if leaks:
+        message = process_leaks.report(leaks, where)
+        process_leaks.kill(leaks)  # so that later modules are not affected
+        pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session():
+    """After every fixture's teardown (the Slurm cluster's `down` included): nothing left at all."""
+    yield
+    _no_leftover_processes("the test session", exclude=set())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_outlives_its_module(request):
+    """A process that a test started (a rank, a launcher, a server, a helper of any of them, a
+    Slurm job step) and that is still alive `process_leaks.GRACE_S` seconds after the end of its
+    module fails the module, named with its pid, command line and test; it is then killed. The
+    session's Slurm daemons are excepted (they belong to the session-scoped `slurm_root`)."""
+    yield
+    _no_leftover_processes(request.module.__name__, exclude=slurm_cluster.running_daemon_pids())
