@@ -19,6 +19,7 @@ def pytest_configure(config):
 
     for line in _warnings.pytest_filters():
         config.addinivalue_line("filterwarnings", line)
+    process_leaks.mark_session()  # every process the tests start inherits this session's marker
 
 
 @pytest.fixture(scope="session")
@@ -125,3 +126,31 @@ def pytest_collection_modifyitems(config, items):
     # each group contiguous (a module's fixtures are set up once), the longest groups first
     items.sort(key=lambda item: (-GROUP_SECONDS.get(_group(item), 0), first[_group(item)]))
 
+
+import process_leaks  # noqa: E402
+import slurm_cluster  # noqa: E402
+
+
+def _no_leftover_processes(where: str, exclude: set[int]) -> None:
+    leaks = process_leaks.leftovers(exclude)
+    if leaks:
+        message = process_leaks.report(leaks, where)
+        process_leaks.kill(leaks)  # so that later modules are not affected
+        pytest.fail(message, pytrace=False)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_process_outlives_the_session():
+    """After every fixture's teardown (the Slurm cluster's `down` included): nothing left at all."""
+    yield
+    _no_leftover_processes("the test session", exclude=set())
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_process_outlives_its_module(request):
+    """A process that a test started (a rank, a launcher, a server, a helper of any of them, a
+    Slurm job step) and that is still alive `process_leaks.GRACE_S` seconds after the end of its
+    module fails the module, named with its pid, command line and test; it is then killed. The
+    session's Slurm daemons are excepted (they belong to the session-scoped `slurm_root`)."""
+    yield
+    _no_leftover_processes(request.module.__name__, exclude=slurm_cluster.running_daemon_pids())

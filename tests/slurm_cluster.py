@@ -53,6 +53,14 @@ def daemon_pids(root: Path) -> list[int]:
     return out
 
 
+RUNNING: list[Path] = []
+"""Roots of this session's clusters while they are up (the process-leak check excepts their daemons)."""
+
+
+def running_daemon_pids() -> set[int]:
+    return {pid for root in RUNNING for pid in daemon_pids(root)}
+
+
 @pytest.fixture(scope="session")
 def slurm_root(tmp_path_factory):
     """A running dev cluster; yields its root. SLURM_CONF is set for this process meanwhile."""
@@ -70,11 +78,13 @@ def slurm_root(tmp_path_factory):
     assert export == f"export SLURM_CONF={root}/etc/slurm.conf"
     old = os.environ.get("SLURM_CONF")
     os.environ["SLURM_CONF"] = f"{root}/etc/slurm.conf"
+    RUNNING.append(root)
     try:
         yield root
     finally:
         down = subprocess.run([str(DEV_CLUSTER), "down", "--root", str(root)],
                               capture_output=True, text=True, timeout=120)
+        RUNNING.remove(root)
         if old is None:
             os.environ.pop("SLURM_CONF", None)
         else:

@@ -109,7 +109,11 @@ def run(args: argparse.Namespace) -> int:
 
     _stage(6, "train", f"the added runs, and {SEEDS - 1} more seeds of one largest-budget run")
     seeds = _background_submit(seeds_path, args)
-    _submit(cli, plan_path, args)
+    try:
+        _submit(cli, plan_path, args)
+    except BaseException:
+        _stop(seeds)  # the demo ends here: its background submit must not go on training alone
+        raise
     _check(seeds.wait(), "submit (seeds)")
 
     _stage(7, "refit", "with the added runs; forecast the target")
@@ -220,6 +224,16 @@ def _background_submit(plan_path: Path, args) -> subprocess.Popen:
         cmd += ["--wait"]
     log = open(plan_path.with_suffix(".log"), "w")
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def _stop(proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    """SIGTERM a background `submit` (its runs save and stop), SIGKILL it if that takes too long."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def demo_store() -> Path:

@@ -71,6 +71,30 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 # save
 
 
+def _in_process_write_results() -> None:
+    """Give megatron's checkpoint writer a plain in-process queue for its write results.
+
+    megatron-core's FileSystemWriterAsync (the torch_dist writer, used for synchronous saves too)
+    hands each save's write results to the finalisation through a module-global queue that it
+    creates at the first save as `multiprocessing.get_context("spawn").Manager().Queue()`: a
+    Manager server process (plus multiprocessing's resource tracker) started by the rank, built for
+    async saves where the writing happens in another process. Nothing ties that server to its rank:
+    a spawned child does not inherit PR_SET_PDEATHSIG, and the server is stopped only by an
+    exit-time finaliser in the rank, so a SIGKILLed rank left both running forever, orphaned to
+    pid 1. Our saves are synchronous: the queue is filled and read inside this process (the
+    writer's forked workers report through their own local queue), so a `queue.Queue` carries
+    exactly the same results and no helper process exists to outlive the rank.
+    """
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not hasattr(filesystem_async, "_results_queue"):  # megatron changed: find the new seam
+        raise RuntimeError("megatron's FileSystemWriterAsync no longer has _results_queue")
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+
+
 def save(
     run_dir: str | Path,
     step: int,
@@ -110,7 +134,8 @@ def save(
             optim_flat = _sharded_leaves(optim_sd)
         # save() rewrites the dict in place (factories become their parts): read the names before
         names = sorted({_state_name(leaf.key) for leaf in optim_flat.values()})
-        # the writer's helper processes (spawned at the first save) inherit the blocked mask, so a
+        _in_process_write_results()
+        # the writer's worker processes (forked during the save) inherit the blocked mask, so a
         # Slurm step-wide signal cannot kill them
         with signals.deferred():
             dist_checkpointing.save({"model": model_sd, "optimizer": optim_flat}, str(tmp))

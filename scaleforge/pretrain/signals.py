@@ -47,6 +47,7 @@ def install() -> None:
     for sig in HANDLED:
         signal.signal(sig, _handler)
     die_with_torchrun()
+    forked_children_die_with_this_process()
     # A launcher may start this process with HANDLED blocked (the Slurm executor does), so a signal
     # that arrives during start-up waits here instead of killing the process by its default action.
     signal.pthread_sigmask(signal.SIG_UNBLOCK, HANDLED)
@@ -62,15 +63,58 @@ def die_with_torchrun() -> None:
     """
     if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
         return
-    import ctypes
+    _die_with(os.getppid())
 
-    parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
+
+def _prctl() -> Any:
+    """libc's prctl, looked up once (before any fork: a forked child then needs no dynamic loader)."""
+    if not _libc:
+        import ctypes
+
+        _libc.append(ctypes.CDLL(None, use_errno=True).prctl)
+    return _libc[0]
+
+
+_libc: list[Any] = []
+
+
+def _die_with(parent: int) -> None:
+    """Ask the kernel to SIGKILL this process when the thread that started it ends (Linux)."""
     pr_set_pdeathsig = 1
-    if libc.prctl(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
+    if _prctl()(pr_set_pdeathsig, int(signal.SIGKILL), 0, 0, 0) != 0:
         return
-    if os.getppid() != parent:  # torchrun died before the request took effect
+    if os.getppid() != parent:  # the parent died before the request took effect
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+_fork_parent: list[int] = []  # [pid] while the main thread forks, in the parent and the new child
+_fork_hooks: list[bool] = []  # [True] once registered in this process
+
+
+def forked_children_die_with_this_process() -> None:
+    """Give every child that this process forks from its main thread a parent-death SIGKILL.
+
+    A forked child does not inherit PR_SET_PDEATHSIG, so the worker processes that megatron's
+    checkpoint writer forks during a save (and any other `multiprocessing` fork child of a rank)
+    would go on running, orphaned, when the rank is SIGKILLed in the middle of a save. The kernel
+    sends the signal when the forking *thread* ends, so only forks from the main thread, which
+    lives as long as the process, are covered: a child forked by a short-lived thread would be
+    killed with that thread. Linux only; registered once per process.
+    """
+    if not sys.platform.startswith("linux") or _fork_hooks:
+        return
+    _prctl()
+
+    def before() -> None:
+        if threading.current_thread() is threading.main_thread():
+            _fork_parent.append(os.getpid())
+
+    def in_child() -> None:
+        if _fork_parent:
+            _die_with(_fork_parent.pop())
+
+    os.register_at_fork(before=before, after_in_parent=_fork_parent.clear, after_in_child=in_child)
+    _fork_hooks.append(True)
 
 
 @contextlib.contextmanager
@@ -79,9 +123,10 @@ def deferred(signals: tuple[int, ...] = HANDLED) -> Iterator[None]:
     blocked mask through fork and exec (that is the point: the flag itself is set by whichever thread
     the kernel picks, so the loop still sees a signal that arrives during a save). Slurm signals every
     process of a job step (`--signal=USR2@N`, `scancel --signal`, SIGTERM on preemption), and a helper
-    such as the multiprocessing Manager that megatron's checkpoint writer spawns at the first save
-    would otherwise die of the signal's default action: the next save then fails with
-    ConnectionRefusedError, seen on the local Slurm cluster with `scancel --signal=USR2`.
+    such as the worker processes that megatron's checkpoint writer forks during a save would
+    otherwise die of the signal's default action and leave the save waiting for them (seen on the
+    local Slurm cluster with `scancel --signal=USR2`, when the writer's helper was a Manager: the
+    next save failed with ConnectionRefusedError).
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
