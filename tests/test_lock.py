@@ -7,6 +7,7 @@ import importlib.metadata
 import re
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 LOCK = Path(__file__).resolve().parents[1] / "requirements.lock"
@@ -32,7 +33,10 @@ def _locked() -> dict[str, str]:
 
 
 def _installed() -> dict[str, str]:
-    return {_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # the venv's site-packages only: an imported setuptools appends its own vendored distributions'
+    # folder to sys.path, and those are part of setuptools, not installed
+    paths = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {_name(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=paths)}
 
 
 def test_lock_names_every_installed_distribution_at_its_version():

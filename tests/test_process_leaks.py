@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 
 import process_leaks
+import slurm_cluster
 
 # A child that forks a sleeper into a session of its own and exits: the sleeper is orphaned (its
 # parent becomes pid 1 or a subreaper), as a helper of a SIGKILLed rank was.
@@ -31,6 +32,12 @@ DETACHED = textwrap.dedent(
 )
 
 
+def _leftovers(exclude=(), grace: float = process_leaks.GRACE_S) -> list[psutil.Process]:
+    """What the module check would report now: the session's Slurm daemons excepted (under two
+    workers, the Slurm tests may have started them in this process)."""
+    return process_leaks.leftovers(set(exclude) | slurm_cluster.running_daemon_pids(), grace)
+
+
 def _wait_for_pid(path, timeout=30.0) -> int:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -44,34 +51,38 @@ def test_an_orphaned_process_is_reported_with_its_test_then_killed(tmp_path):
     pidfile = tmp_path / "pid"
     subprocess.run([sys.executable, "-c", DETACHED, str(pidfile)], check=True, timeout=60)
     pid = _wait_for_pid(pidfile)
-    assert psutil.Process(pid).ppid() != os.getpid()  # no descendant: found by the marker alone
-    leaks = process_leaks.leftovers(grace=0.5)
-    assert [p.pid for p in leaks] == [pid]
-    message = process_leaks.report(leaks, "test_process_leaks")
-    assert f"pid {pid} " in message and DETACHED.strip().splitlines()[0] in message
-    assert f"started by {os.environ['PYTEST_CURRENT_TEST']}" in message
-    process_leaks.kill(leaks)
-    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    assert process_leaks.leftovers(grace=0) == []
+    try:
+        assert psutil.Process(pid).ppid() != os.getpid()  # no descendant: found by the marker alone
+        leaks = _leftovers(grace=0.5)
+        assert [p.pid for p in leaks] == [pid]
+        message = process_leaks.report(leaks, "test_process_leaks")
+        assert f"pid {pid} " in message and DETACHED.strip().splitlines()[0] in message
+        assert f"started by {os.environ['PYTEST_CURRENT_TEST']}" in message
+        process_leaks.kill(leaks)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        assert _leftovers(grace=0) == []
+    finally:
+        if psutil.pid_exists(pid):
+            process_leaks.kill([psutil.Process(pid)])
 
 
 def test_a_child_without_the_marker_is_found_as_a_descendant():
     env = {k: v for k, v in os.environ.items() if k != process_leaks.SESSION_ENV}
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"], env=env)
     try:
-        assert [p.pid for p in process_leaks.leftovers(grace=0)] == [child.pid]
-        assert "started by unknown" not in process_leaks.report(process_leaks.leftovers(grace=0), "x")
-        assert process_leaks.leftovers(exclude={child.pid}, grace=0) == []  # the Slurm daemons' way
+        assert [p.pid for p in _leftovers(grace=0)] == [child.pid]
+        assert "started by unknown" not in process_leaks.report(_leftovers(grace=0), "x")
+        assert _leftovers(exclude={child.pid}, grace=0) == []  # the Slurm daemons' way
     finally:
         child.kill()
         child.wait()
-    assert process_leaks.leftovers(grace=0) == []  # reaped: not reported
+    assert _leftovers(grace=0) == []  # reaped: not reported
 
 
 def test_a_process_that_exits_within_the_grace_period_is_not_reported():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1)"])
     try:
-        assert process_leaks.leftovers(grace=30) == []
+        assert _leftovers(grace=30) == []
     finally:
         child.kill()
         child.wait()
@@ -82,13 +93,13 @@ def test_pytests_own_multiprocessing_helpers_are_not_reported():
 
     resource_tracker.ensure_running()  # lives as long as this process, by design
     assert resource_tracker._resource_tracker._pid is not None
-    assert process_leaks.leftovers(grace=0) == []
+    assert _leftovers(grace=0) == []
     # a process that multiprocessing starts for a test is
     ctx = multiprocessing.get_context("spawn")
     proc = ctx.Process(target=time.sleep, args=(120,))
     proc.start()
     try:
-        assert [p.pid for p in process_leaks.leftovers(grace=0)] == [proc.pid]
+        assert [p.pid for p in _leftovers(grace=0)] == [proc.pid]
     finally:
         proc.kill()
         proc.join()

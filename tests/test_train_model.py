@@ -23,8 +23,7 @@ def megatron_single():
 
 
 def _runtime():
-    # cuda_graph_scope: megatron's default "full" is deprecated (the same whole layer as [])
-    return dict(use_cpu_initialization=True, params_dtype=torch.float32, cuda_graph_scope=[])
+    return dict(use_cpu_initialization=True, params_dtype=torch.float32)
 
 
 @pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (8, 1)])

@@ -65,9 +65,6 @@ def runtime_config(spec: Any) -> dict[str, Any]:
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         cross_entropy_loss_fusion=fused,
-        # the whole layer, as megatron's default "full" (which is deprecated and warns on every
-        # TransformerConfig)
-        cuda_graph_scope=[],
     )
     if par.recompute == "selective":
         runtime["recompute_granularity"] = "selective"

@@ -30,6 +30,14 @@ def keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+MEGATRON_DEFAULTS: dict[str, Any] = dict(
+    # the whole layer, as megatron's default "full" (which is deprecated and warns on every
+    # TransformerConfig); in the model's fields, not the runtime's, so every config gets it
+    cuda_graph_scope=[],
+)
+"""TransformerConfig arguments that every family passes, whatever its shape and layout."""
+
+
 def llama_fields(*, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
                  ffn_hidden: int, norm_eps: float, init_std: float) -> dict[str, Any]:
     """TransformerConfig keyword arguments of a LLaMA-style shape (the layout comes separately)."""
@@ -53,6 +61,7 @@ def llama_fields(*, layers: int, hidden: int, heads: int, kv_heads: int, head_di
         perform_initialization=True,
         init_method=keep,
         output_layer_init_method=keep,
+        **MEGATRON_DEFAULTS,
     )
 
 

@@ -48,7 +48,7 @@ from megatron.core.transformer.utils import (
 from scaleforge.arch.common import lm
 from scaleforge.arch.common.attention import core_attention
 from scaleforge.arch.common.init import Init, Rule, init_params
-from scaleforge.arch.common.transformer import gpt_model, keep
+from scaleforge.arch.common.transformer import MEGATRON_DEFAULTS, gpt_model, keep
 from scaleforge.arch.tokenformer.config import TokenFormerConfig
 from scaleforge.errors import ConfigError
 
@@ -255,6 +255,7 @@ def transformer_config(cfg: TokenFormerConfig, runtime: dict[str, Any]) -> Trans
         perform_initialization=True,
         init_method=keep,
         output_layer_init_method=keep,
+        **MEGATRON_DEFAULTS,
         **runtime,
     )
 
