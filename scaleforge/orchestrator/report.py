@@ -90,7 +90,13 @@ def _optimal_plot(plt, refit, path: Path, target_budget: float | None) -> Path:
         ax.plot(cs, centre, color="C0", label="Approach 3")
         if a3.samples.size:
             sims = np.array([chinchilla.compute_optimal(chinchilla.published(t), cs)[which] for t in a3.samples])
-            ax.fill_between(cs, np.percentile(sims, 2.5, axis=0), np.percentile(sims, 97.5, axis=0), color="C0", alpha=0.2, label="95% bootstrap")
+            # a bootstrap fit whose optimum runs away gives inf; the nearest-rank percentiles keep
+            # inf as inf (interpolating between two infs is inf - inf), and an unbounded side of the
+            # band is left undrawn
+            lo = np.percentile(sims, 2.5, axis=0, method="lower")
+            hi = np.percentile(sims, 97.5, axis=0, method="higher")
+            ax.fill_between(cs, np.where(np.isfinite(lo), lo, np.nan), np.where(np.isfinite(hi), hi, np.nan),
+                            color="C0", alpha=0.2, label="95% bootstrap")
         if refit.isoflop is not None:
             iso = refit.isoflop
             fn = iso.n_opt if which == 0 else iso.d_opt
