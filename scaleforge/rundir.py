@@ -9,6 +9,8 @@ spelling a file name:
     metrics.jsonl         one JSON object per line (training and evaluation lines)
     status.json           the trainer's state: running | completed | failed | preempted | diverged
     checkpoints/latest    names the last complete checkpoint (`step_NNNNNNN`)
+    checkpoints/step_NNNNNNN/   a complete checkpoint (it holds COMPLETE, its manifest, written last)
+    checkpoints/.tmp_*    a checkpoint save (or a `latest`) being written
     job.json              the executor's record of the run's submission (JobRecord)
     logs/                 the executors' per-job and per-rank logs
 
@@ -32,6 +34,12 @@ JOB_FILE = "job.json"
 LOG_DIR = "logs"
 CHECKPOINTS_DIR = "checkpoints"
 LATEST = "latest"
+STEP_PREFIX = "step_"
+"""A complete checkpoint's directory is `step_` and its step in 7 digits (`step_dir_name`)."""
+TMP_PREFIX = ".tmp_"
+"""A file or directory of checkpoints/ being written is its final name behind this prefix."""
+COMPLETE_MARKER = "COMPLETE"
+"""The file a checkpoint directory holds once it is complete (its manifest, written last)."""
 
 REQUEUE_EXIT_CODE = 75
 """The trainer's exit code for "saved after a stop signal, start me again" (EX_TEMPFAIL, 75)."""
@@ -160,17 +168,60 @@ def last_train_line(run_dir: str | Path) -> tuple[int, float | None]:
     return 0, None
 
 
+# ----------------------------------------------------------------------------------------------
+# checkpoint directory names
+
+
+def step_dir_name(step: int) -> str:
+    """Directory name of the checkpoint after `step` optimizer steps (`step_0000040`)."""
+    return f"{STEP_PREFIX}{step:07d}"
+
+
+def is_step_dir_name(name: str) -> bool:
+    """Whether `name` may name a checkpoint directory of checkpoints/ (what `latest` may hold)."""
+    return name.startswith(STEP_PREFIX) and "/" not in name
+
+
+def parse_step(name: str) -> int | None:
+    """The step of a `step_NNNNNNN` directory name; None for any other name."""
+    digits = name[len(STEP_PREFIX):]
+    return int(digits) if name.startswith(STEP_PREFIX) and digits.isdigit() else None
+
+
+def tmp_name(name: str) -> str:
+    """The name under which `name` (a step directory, `latest`) is written before its rename."""
+    return f"{TMP_PREFIX}{name}"
+
+
+def latest_path(run_dir: str | Path) -> Path:
+    """checkpoints/latest."""
+    return checkpoints_dir(run_dir) / LATEST
+
+
+def read_latest(run_dir: str | Path) -> str | None:
+    """The name checkpoints/latest holds, unchecked (None when there is no `latest`; OSError when it
+    cannot be read)."""
+    path = latest_path(run_dir)
+    if not path.exists():
+        return None
+    return path.read_text().strip()
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """Whether a checkpoint directory carries its COMPLETE manifest."""
+    return (Path(checkpoint) / COMPLETE_MARKER).is_file()
+
+
 def latest_checkpoint(run_dir: str | Path) -> str | None:
     """The checkpoint name `checkpoints/latest` names, if that directory exists (else None)."""
-    root = checkpoints_dir(run_dir)
-    latest = root / LATEST
+    latest = latest_path(run_dir)
     try:
-        name = latest.read_text().strip()
+        name = read_latest(run_dir)
     except OSError:
         if latest.is_symlink() and latest.resolve().is_dir():
             return latest.resolve().name
         return None
-    if name and "/" not in name and (root / name).is_dir():
+    if name and is_step_dir_name(name) and (checkpoints_dir(run_dir) / name).is_dir():
         return name
     return None
 

@@ -79,11 +79,10 @@ def train_records(spec: str | Path, out: Path, nproc: int, overrides: list[str])
 def seed_from_checkpoint(source: Path, out: Path, step: int) -> Path:
     """A new run directory `out` holding only `source`'s checkpoint of `step`, as its latest."""
     from scaleforge import rundir
-    from scaleforge.pretrain.checkpoint import step_name
 
-    name = step_name(step)
+    name = rundir.step_dir_name(step)
     shutil.copytree(rundir.checkpoints_dir(source) / name, rundir.checkpoints_dir(out) / name)
-    (rundir.checkpoints_dir(out) / rundir.LATEST).write_text(name + "\n")
+    rundir.latest_path(out).write_text(name + "\n")
     return out
 
 

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from scaleforge import rundir
 from scaleforge.errors import CheckpointError
 from scaleforge.pretrain import checkpoint, signals
 
@@ -23,11 +24,11 @@ from scaleforge.pretrain import checkpoint, signals
 def _fake_save(root: Path, step: int, payload: bytes = b"x" * 1000) -> Path:
     """A finished save in a temporary directory, published the way `checkpoint.save` does."""
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f"{checkpoint.TMP_PREFIX}{checkpoint.step_name(step)}"
+    tmp = root / rundir.tmp_name(rundir.step_dir_name(step))
     tmp.mkdir()
     (tmp / "__0_0.distcp").write_bytes(payload + bytes([step]))
     (tmp / "common.pt").write_bytes(b"common")
-    final = root / checkpoint.step_name(step)
+    final = root / rundir.step_dir_name(step)
     checkpoint.publish(root, tmp, final)
     return final
 
@@ -37,7 +38,7 @@ def test_publish_names_latest_and_writes_a_manifest(tmp_path):
     final = _fake_save(root, 3)
     assert (root / "latest").read_text() == "step_0000003\n"
     assert checkpoint.latest_dir(tmp_path) == final
-    assert not list(root.glob(f"{checkpoint.TMP_PREFIX}*"))
+    assert not list(root.glob(f"{rundir.TMP_PREFIX}*"))
     checkpoint.verify(final)  # a fresh checkpoint passes its own manifest
 
 
@@ -75,15 +76,15 @@ def test_prune_keeps_the_newest_complete_ones(tmp_path):
     root = tmp_path / "checkpoints"
     for step in (2, 4, 6):
         _fake_save(root, step)
-    (root / f"{checkpoint.TMP_PREFIX}step_0000008").mkdir()  # in progress: neither kept nor counted
-    removed = checkpoint.prune(root, keep=2)
+    (root / rundir.tmp_name("step_0000008")).mkdir()  # in progress: neither kept nor counted
+    removed = checkpoint.prune(tmp_path, keep=2)
     assert [p.name for p in removed] == ["step_0000002"]
     assert sorted(p.name for p in root.glob("step_*")) == ["step_0000004", "step_0000006"]
     # the checkpoint `latest` names survives even when it is not among the newest
     (root / "latest").write_text("step_0000004\n")
     _fake_save(root, 10)
     (root / "latest").write_text("step_0000004\n")
-    checkpoint.prune(root, keep=1)
+    checkpoint.prune(tmp_path, keep=1)
     assert sorted(p.name for p in root.glob("step_*")) == ["step_0000004", "step_0000010"]
 
 

@@ -198,10 +198,9 @@ def test_resume_on_a_rebuilt_store_is_refused_before_anything_is_written(tiny_st
     done = subprocess.run(cmd, env=rank_env(2), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     from scaleforge import rundir
-    from scaleforge.pretrain import checkpoint
 
     # rewind to step 2 (an interrupted run), then rebuild the store under its path
-    rundir.write_atomic(rundir.checkpoints_dir(out) / rundir.LATEST, checkpoint.step_name(2) + "\n")
+    rundir.write_atomic(rundir.latest_path(out), rundir.step_dir_name(2) + "\n")
     shutil.rmtree(store)
     _build_store.tokenizer_store = tiny_store
     _build_store(store, docs=12)

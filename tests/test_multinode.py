@@ -232,7 +232,7 @@ def test_node_lost_mid_run(trained, two_nodes):
     checkpoint.verify(rundir.checkpoints_dir(e.run_dir) / saved)
     again = _orchestrate("submit", plan, "--executor", "slurm", "--max-requeues", "0")
     assert again.returncode == 0, again.stderr
-    resumed_from = int(saved.split("_")[1])
+    resumed_from = rundir.parse_step(saved)
     assert f"lost: resume from {saved} (failed, job {job} " in again.stdout, again.stdout
     assert resumed_from <= died_at
     wait_for(lambda: _state(e.run_dir) == "completed", 300, "the resumed run", poll=1.0)
@@ -241,7 +241,7 @@ def test_node_lost_mid_run(trained, two_nodes):
     assert new_job != job
     log = _rank_logs(e.run_dir, new_job)[0]  # resumed from the checkpoint, not restarted
     assert f"step {resumed_from + 1}/{STEPS}" in log and f"step {resumed_from}/{STEPS}" not in log
-    for step_dir in rundir.checkpoints_dir(e.run_dir).glob("step_*"):
+    for step_dir in rundir.checkpoints_dir(e.run_dir).glob(f"{rundir.STEP_PREFIX}*"):
         checkpoint.verify(step_dir)
 
 

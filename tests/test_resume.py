@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from conftest import rank_env
+from scaleforge import rundir
 from scaleforge.pretrain import checkpoint, signals
 from scaleforge.pretrain.metrics import read_metrics
 
@@ -152,17 +153,16 @@ def _finish(spec: Path, out: Path, **kw) -> dict[int, float]:
 
 
 def _latest(run_dir: Path) -> str:
-    return (run_dir / "checkpoints" / "latest").read_text().strip()
+    return rundir.read_latest(run_dir)
 
 
 def _rewind(src: Path, dst: Path, step: int) -> Path:
     """Copy a finished run and make checkpoint `step` its latest (later ones removed)."""
     shutil.copytree(src, dst)
-    root = dst / "checkpoints"
-    for path in root.glob("step_*"):
-        if int(path.name.split("_")[1]) > step:
+    for path in rundir.checkpoints_dir(dst).glob(f"{rundir.STEP_PREFIX}*"):
+        if rundir.parse_step(path.name) > step:
             shutil.rmtree(path)
-    (root / "latest").write_text(checkpoint.step_name(step) + "\n")
+    rundir.latest_path(dst).write_text(rundir.step_dir_name(step) + "\n")
     return dst
 
 
@@ -187,7 +187,7 @@ def test_sigkill_at_random_step_resumes_bit_exact(spec, reference, tmp_path):
     run = Run(spec, out, env={signals.TEST_STOP_ENV: str(kill_step)})
     run.wait_stopped()
     run.kill()
-    assert _latest(out) == checkpoint.step_name(EVERY)
+    assert _latest(out) == rundir.step_dir_name(EVERY)
     assert max(_train_losses(out)) == kill_step - 1  # step kill_step was never logged
     assert _finish(spec, out) == ref  # exact float equality, every step once
 
@@ -196,12 +196,12 @@ def test_sigkill_inside_save_keeps_previous_checkpoint(spec, reference, tmp_path
     _ref_dir, ref = reference
     out = tmp_path / "run"
     run = Run(spec, out, env={checkpoint.PAUSE_ENV: str(2 * EVERY)})
-    tmp = out / "checkpoints" / f"{checkpoint.TMP_PREFIX}{checkpoint.step_name(2 * EVERY)}"
+    tmp = rundir.checkpoints_dir(out) / rundir.tmp_name(rundir.step_dir_name(2 * EVERY))
     run.wait_file(tmp / "PAUSED")
     assert any(tmp.glob("*.distcp")), "the kill must land after tensor files were written"
     run.kill()
-    assert _latest(out) == checkpoint.step_name(EVERY)
-    assert not (out / "checkpoints" / checkpoint.step_name(2 * EVERY)).exists()
+    assert _latest(out) == rundir.step_dir_name(EVERY)
+    assert not (rundir.checkpoints_dir(out) / rundir.step_dir_name(2 * EVERY)).exists()
     resumed = _finish(spec, out)
     assert resumed == ref
     assert not tmp.exists(), "the half-written save is cleaned up by the next save"
@@ -215,7 +215,7 @@ def test_sigterm_saves_at_step_boundary_and_requeues(spec, reference, tmp_path):
     rank.send_signal(signal.SIGTERM)
     rank.send_signal(signal.SIGCONT)
     assert run.wait() == signals.REQUEUE_EXIT_CODE, run.output()[-3000:]
-    assert _latest(out) == checkpoint.step_name(4)  # saved at the step the signal arrived in
+    assert _latest(out) == rundir.step_dir_name(4)  # saved at the step the signal arrived in
     assert max(_train_losses(out)) == 4
     assert _finish(spec, out) == ref
 
@@ -223,7 +223,7 @@ def test_sigterm_saves_at_step_boundary_and_requeues(spec, reference, tmp_path):
 def test_truncated_checkpoint_is_named_and_nothing_is_changed(spec, reference, tmp_path):
     ref_dir, _ref = reference
     out = _rewind(ref_dir, tmp_path / "run", 2 * EVERY)
-    victim = max((out / "checkpoints" / checkpoint.step_name(2 * EVERY)).glob("*.distcp"),
+    victim = max((rundir.checkpoints_dir(out) / rundir.step_dir_name(2 * EVERY)).glob("*.distcp"),
                  key=lambda p: p.stat().st_size)
     with open(victim, "r+b") as f:
         f.truncate(victim.stat().st_size // 2)
@@ -256,7 +256,7 @@ def test_dp2_sigusr1_then_sigkill_resume_bit_exact(spec, tmp_path):
     for rank in ranks:
         rank.send_signal(signal.SIGCONT)
     assert run.wait() == signals.REQUEUE_EXIT_CODE, run.output()[-3000:]
-    assert _latest(out) == checkpoint.step_name(2)
+    assert _latest(out) == rundir.step_dir_name(2)
     # 2) re-run; SIGKILL the whole job at a random step between the checkpoints of steps 3 and 6
     kill_step = random.Random(7).randint(EVERY + 1, 2 * EVERY - 1)
     run = Run(spec, out, nproc=2, env={signals.TEST_STOP_ENV: str(kill_step - 2)})
@@ -265,7 +265,7 @@ def test_dp2_sigusr1_then_sigkill_resume_bit_exact(spec, tmp_path):
     psutil.wait_procs(ranks, timeout=30)
     assert not any(rank.is_running() for rank in ranks), "ranks outlived a SIGKILLed torchrun"
     run.kill()
-    assert _latest(out) == checkpoint.step_name(EVERY)
+    assert _latest(out) == rundir.step_dir_name(EVERY)
     # 3) re-run to the end
     assert _finish(spec, out, nproc=2) == ref
 

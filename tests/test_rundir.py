@@ -65,11 +65,24 @@ def test_atomic_writes_and_tolerant_reads(tmp_path):
     assert rundir.latest_checkpoint(tmp_path) is None  # names a directory that does not exist
     (ckpt / "step_0000005").mkdir()
     assert rundir.latest_checkpoint(tmp_path) == "step_0000005"
+    assert rundir.read_latest(tmp_path) == "step_0000005"
     rec = rundir.JobRecord(executor="slurm", job_ids=("4_1", "5"), after=("/x/a-1",))
     rundir.write_job(tmp_path, rec)
     assert rundir.read_job(tmp_path) == rec
     rundir.job_path(tmp_path).write_text(json.dumps({"executor": "slurm", "job_ids": 3}))
     assert rundir.read_job(tmp_path) is None
+
+
+def test_checkpoint_names_are_spelled_here():
+    """The step folders' names as the trainer writes them and every reader parses them."""
+    assert rundir.step_dir_name(40) == "step_0000040"
+    assert rundir.parse_step("step_0000040") == 40
+    assert rundir.parse_step(rundir.step_dir_name(12345678)) == 12345678
+    for other in ("latest", ".tmp_step_0000040", "step_", "step_4x"):
+        assert rundir.parse_step(other) is None
+    assert rundir.tmp_name(rundir.step_dir_name(3)) == ".tmp_step_0000003"
+    assert rundir.is_step_dir_name("step_0000003") and not rundir.is_step_dir_name("../step_1")
+    assert not rundir.is_step_dir_name("latest")
 
 
 def _block_psutil(monkeypatch):

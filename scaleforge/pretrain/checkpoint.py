@@ -45,22 +45,15 @@ from scaleforge.errors import CheckpointError
 from scaleforge.pretrain import signals
 
 FORMAT_VERSION = 1
-LATEST = rundir.LATEST
-MARKER = "COMPLETE"
+MARKER = rundir.COMPLETE_MARKER
 STATE_FILE = "state.json"
 SPEC_FILE = rundir.SPEC_FILE  # a checkpoint keeps the spec it was made with under the same name
-TMP_PREFIX = ".tmp_"
 DISTOPT_FORMAT = "fully_reshardable"
 
 PAUSE_ENV = "SCALEFORGE_TEST_PAUSE_IN_SAVE"
 """Test-only: `SCALEFORGE_TEST_PAUSE_IN_SAVE=<step>` makes the save of that step stop after the
 tensor files are written and before the manifest, rename and `latest` (rank 0 creates `PAUSED` in the
 temporary directory, then sleeps), so a test can SIGKILL the run inside a save deterministically."""
-
-
-def step_name(step: int) -> str:
-    """Directory name of the checkpoint after `step` optimizer steps."""
-    return f"step_{step:07d}"
 
 
 def checkpoint_root(run_dir: str | Path) -> Path:
@@ -116,11 +109,11 @@ def save(
 
     root = checkpoint_root(run_dir)
     rank, world = _rank(), _world()
-    tmp = root / f"{TMP_PREFIX}{step_name(step)}"
-    final = root / step_name(step)
+    tmp = root / rundir.tmp_name(rundir.step_dir_name(step))
+    final = root / rundir.step_dir_name(step)
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        for stale in root.glob(f"{TMP_PREFIX}*"):  # saves killed half-way
+        for stale in root.glob(f"{rundir.TMP_PREFIX}*"):  # saves killed half-way
             shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir()
     _barrier()
@@ -163,7 +156,7 @@ def save(
     manifest = _manifest(tmp)
     if rank == 0:
         publish(root, tmp, final, manifest)
-        prune(root, spec.checkpoint.keep)
+        prune(run_dir, spec.checkpoint.keep)
     _barrier()
     return final
 
@@ -191,15 +184,16 @@ def publish(root: Path, tmp: Path, final: Path, manifest: dict | None = None) ->
         shutil.rmtree(final)
     os.replace(tmp, final)
     _fsync_dir(root)
-    _write_synced(root / f"{TMP_PREFIX}{LATEST}", final.name + "\n")
-    os.replace(root / f"{TMP_PREFIX}{LATEST}", root / LATEST)
+    _write_synced(root / rundir.tmp_name(rundir.LATEST), final.name + "\n")
+    os.replace(root / rundir.tmp_name(rundir.LATEST), root / rundir.LATEST)
     _fsync_dir(root)
 
 
-def prune(root: Path, keep: int) -> list[Path]:
+def prune(run_dir: str | Path, keep: int) -> list[Path]:
     """Delete complete checkpoints older than the newest `keep` (never the one `latest` names)."""
-    latest = read_latest_name(root)
-    complete = sorted(p for p in root.glob("step_*") if (p / MARKER).exists())
+    latest = read_latest_name(run_dir)
+    root = checkpoint_root(run_dir)
+    complete = sorted(p for p in root.glob(f"{rundir.STEP_PREFIX}*") if (p / MARKER).exists())
     doomed = [p for p in complete[:-keep] if p.name != latest] if keep > 0 else []
     for path in doomed:
         shutil.rmtree(path, ignore_errors=True)
@@ -218,27 +212,25 @@ def _maybe_pause(step: int, tmp: Path) -> None:
 # load
 
 
-def read_latest_name(root: Path) -> str | None:
+def read_latest_name(run_dir: str | Path) -> str | None:
     """The step directory name that `latest` holds (None when there is no `latest`)."""
-    path = root / LATEST
-    if not path.exists():
-        return None
-    name = path.read_text().strip()
-    if not name.startswith("step_") or "/" in name:
-        raise CheckpointError(f"{path} holds {name!r}, not a step directory name; fix or remove it")
+    name = rundir.read_latest(run_dir)
+    if name is not None and not rundir.is_step_dir_name(name):
+        raise CheckpointError(f"{rundir.latest_path(run_dir)} holds {name!r}, not a step directory "
+                              "name; fix or remove it")
     return name
 
 
 def latest_dir(run_dir: str | Path) -> Path | None:
     """The complete checkpoint that `latest` names; None when the run has no checkpoint yet."""
     root = checkpoint_root(run_dir)
-    name = read_latest_name(root)
+    name = read_latest_name(run_dir)
     if name is None:
         return None
     path = root / name
     if not path.is_dir():
         raise CheckpointError(
-            f"{root / LATEST} names {name}, which does not exist; restore it or remove {root}"
+            f"{rundir.latest_path(run_dir)} names {name}, which does not exist; restore it or remove {root}"
             " to start afresh"
         )
     if not (path / MARKER).is_file():
@@ -273,8 +265,8 @@ def verify(path: Path) -> None:
     problems = [p for p in _gather(problem) if p]
     if problems:
         raise CheckpointError(
-            f"{problems[0]}; write the name of an earlier step_* directory into "
-            f"{path.parent / LATEST} to resume from it"
+            f"{problems[0]}; write the name of an earlier {rundir.STEP_PREFIX}* directory into "
+            f"{path.parent / rundir.LATEST} to resume from it"
         )
 
 

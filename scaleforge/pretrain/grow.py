@@ -42,16 +42,15 @@ from scaleforge.errors import CheckpointError, ConfigError
 
 def last_checkpoint(run_dir: str | Path) -> Path:
     """The complete checkpoint that RUN_DIR/checkpoints/latest names (ConfigError otherwise)."""
-    root = rundir.checkpoints_dir(run_dir)
-    latest = root / rundir.LATEST
+    latest = rundir.latest_path(run_dir)
     if not latest.is_file():
         raise ConfigError(
             f"checkpoint.init_from={run_dir}: no complete checkpoint ({latest} is missing); "
             "train that run first"
         )
-    name = latest.read_text().strip()
-    path = root / name
-    if not name.startswith("step_") or "/" in name or not (path / "COMPLETE").is_file():
+    name = rundir.read_latest(run_dir)
+    path = rundir.checkpoints_dir(run_dir) / name
+    if not rundir.is_step_dir_name(name) or not rundir.is_complete(path):
         raise ConfigError(
             f"checkpoint.init_from={run_dir}: {latest} names {name!r}, not a complete checkpoint"
         )
