@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from scaleforge import rundir
 from scaleforge.errors import ConfigError
 
 TARGETS = ("hf",)
@@ -34,9 +35,10 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
     try:
         path = last_checkpoint(run_dir)
     except ConfigError:
-        raise ConfigError(f"{run_dir} has no complete checkpoint (checkpoints/latest naming a "
-                          "step directory with COMPLETE); train the run first") from None
-    spec = load_runspec(path / "run.yaml")
+        latest = f"{rundir.CHECKPOINTS_DIR}/{rundir.LATEST}"
+        raise ConfigError(f"{run_dir} has no complete checkpoint ({latest} naming a step directory "
+                          "with COMPLETE); train the run first") from None
+    spec = load_runspec(rundir.spec_path(path))  # the spec the checkpoint was made with
     target = target_for(spec.model, seq_len=spec.data.seq_len)
     tokenizer = run_tokenizer(spec)
 
