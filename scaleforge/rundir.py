@@ -44,9 +44,14 @@ COMPLETE_MARKER = "COMPLETE"
 REQUEUE_EXIT_CODE = 75
 """The trainer's exit code for "saved after a stop signal, start me again" (EX_TEMPFAIL, 75)."""
 
-TRAINER_STATES = ("running", "completed", "failed", "preempted", "diverged")
+RUNNING = "running"
+COMPLETED = "completed"
+FAILED = "failed"
+PREEMPTED = "preempted"
+DIVERGED = "diverged"
+TRAINER_STATES = (RUNNING, COMPLETED, FAILED, PREEMPTED, DIVERGED)
 """The states the trainer writes into status.json."""
-FINAL_STATES = ("completed", "diverged")
+FINAL_STATES = (COMPLETED, DIVERGED)
 """A finished run is never launched again (a diverged run is a result: refit gates it)."""
 
 

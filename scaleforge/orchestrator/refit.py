@@ -124,11 +124,11 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
     rec = replace(rec, evals=tuple((int(r["step"]), _number(r.get("tokens")), _number(r.get("eval_loss")))
                                    for r in evals))
     losses = [_number(r.get("loss")) for r in train] + [_number(r.get("eval_loss")) for r in evals]
-    if state == "diverged" or not all(math.isfinite(v) for v in losses):
+    if state == rundir.DIVERGED or not all(math.isfinite(v) for v in losses):
         bad = next((v for v in losses if not math.isfinite(v)), None)
         why = f"a {bad} loss" if bad is not None else "status diverged"
         return replace(rec, excluded=f"diverged ({why})")
-    if state != "completed":
+    if state != rundir.COMPLETED:
         return replace(rec, excluded=f"not completed (state {state})")
     if not train:
         return replace(rec, excluded="no training lines in metrics.jsonl")

@@ -281,7 +281,7 @@ def run_states(entries: list[RunEntry], *, runner: Runner = run_command, now: fl
 def _with_waits(states: list[RunState]) -> list[RunState]:
     out = []
     for st in states:
-        waits = tuple(run_name(p) for p in st.entry.after if read_run_dir(p).state != "completed")
+        waits = tuple(run_name(p) for p in st.entry.after if read_run_dir(p).state != rundir.COMPLETED)
         out.append(replace(st, waits_for=waits) if waits and st.state not in FINAL_STATES else st)
     return out
 
@@ -329,16 +329,16 @@ def _state(entry: RunEntry, d: DirState, record: JobRecord | None, job: JobState
     if job.kind == UNKNOWN:
         return RunState(state="unknown", job_state=job.label or "?", why=job.why, **base)
     if job.kind == ACTIVE:
-        if written == "failed":
+        if written == rundir.FAILED:
             # the trainer already failed (a rank died, a node was lost): its job is only ending
-            return RunState(state="failed", job_state=job.label, job_active=True, **base)
-        return RunState(state="running" if job.running else "queued", job_state=job.label, **base)
+            return RunState(state=rundir.FAILED, job_state=job.label, job_active=True, **base)
+        return RunState(state=rundir.RUNNING if job.running else "queued", job_state=job.label, **base)
     return RunState(state=_from_dir(written, d, record), job_state=job.label, **base)
 
 
 def _from_dir(written: str | None, d: DirState, record: JobRecord | None) -> str:
     """The state of a run no job holds, from what its directory says."""
-    if written == "running":
+    if written == rundir.RUNNING:
         # status.json says running but no job holds the run: killed without a chance to save
         return "interrupted"
     if written in TRAINER_STATES:
@@ -346,5 +346,5 @@ def _from_dir(written: str | None, d: DirState, record: JobRecord | None) -> str
     never_launched = record is None or (record.executor == "local" and not record.attempts)
     if not never_launched and d.step == 0 and d.latest_checkpoint is None:
         # submitted, never started training, and the job is gone (cancelled, or it failed at start)
-        return "failed"
+        return rundir.FAILED
     return "new" if d.step == 0 else "interrupted"

@@ -163,6 +163,6 @@ def _run_exit_code(out: Path, code: int) -> int:
     # torchrun reports any failed rank as 1; a preempted run must still exit with the requeue code.
     from scaleforge import rundir
 
-    if code != 0 and rundir.read_status(out).get("state") == "preempted":
+    if code != 0 and rundir.read_status(out).get("state") == rundir.PREEMPTED:
         return rundir.REQUEUE_EXIT_CODE
     return code

@@ -156,20 +156,20 @@ def train(spec: Any, run_dir: Path) -> int:
         log.close()
         shutdown()
         raise
-    state = "failed"
+    state = rundir.FAILED
     try:
         if rank0:
             metrics_mod.truncate_after(rundir.metrics_path(run_dir), step)
             metrics_mod.write_atomic(rundir.spec_path(run_dir), spec_to_yaml(spec))
-        log.status("running", step)
+        log.status(rundir.RUNNING, step)
         state, step = _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step)
     finally:
         log.status(state, step)
         log.close()
         shutdown()
-    if state == "preempted":
+    if state == rundir.PREEMPTED:
         return hooks.requeue_exit_code
-    if state == "diverged":
+    if state == rundir.DIVERGED:
         if rank0:
             print(f"error: loss is not finite at step {step}; lower train.lr", file=sys.stderr)
         return DIVERGED_EXIT_CODE
@@ -196,7 +196,7 @@ def _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step):
                   grad_norm=grad_norm, tokens_per_s=tokens_per_step / elapsed, **extra)
         progress.update(step, loss, tokens_per_step / elapsed)
         if not math.isfinite(loss):
-            return "diverged", step
+            return rundir.DIVERGED, step
         last = step == spec.train.steps
         if spec.eval.every and (step % spec.eval.every == 0 or last):
             eval_loss = evaluate(built, spec, val_sampler)
@@ -205,12 +205,12 @@ def _loop(spec, built, train_sampler, val_sampler, log, hooks, run_dir, step):
         if stop or last or (spec.checkpoint.every and step % spec.checkpoint.every == 0):
             hooks.save(run_dir, step, built, spec, train_sampler)
             timer.lap()
-        log.status("running", step)
+        log.status(rundir.RUNNING, step)
         if stop:
             progress.close()
-            return "preempted", step
+            return rundir.PREEMPTED, step
     progress.close()
-    return "completed", step
+    return rundir.COMPLETED, step
 
 
 class _Hooks:

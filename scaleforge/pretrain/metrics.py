@@ -16,7 +16,6 @@ from typing import Any
 from scaleforge import rundir
 from scaleforge.rundir import read_metrics, write_atomic  # noqa: F401  (the trainer's names for them)
 
-STATES = ("running", "completed", "failed", "preempted", "diverged")
 TRAIN_KEYS = ("step", "tokens", "flops", "loss", "lr", "grad_norm", "tokens_per_s")
 EVAL_KEYS = ("step", "tokens", "flops", "eval_loss")
 
@@ -79,7 +78,7 @@ class RunLog:
 
     def status(self, state: str, step: int) -> None:
         """Rewrite status.json atomically."""
-        if state not in STATES:
+        if state not in rundir.TRAINER_STATES:
             raise ValueError(f"unknown run state {state!r}")
         if not self.enabled:
             return

@@ -179,7 +179,7 @@ def run_local(
 
 
 def _source_done(path: Path) -> bool:
-    return rundir.read_status(path).get("state") == "completed"
+    return rundir.read_status(path).get("state") == rundir.COMPLETED
 
 
 def _blocked_for_good(queue: list[RunEntry], running: list[_Slot]) -> list[tuple[RunEntry, str]]:

@@ -275,9 +275,9 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
         # a continuation, or a job Slurm requeued (after a node failure): a failed run is resumed
         # by `orchestrate submit`, not retried behind the user's back
         state = _status(run_dir).get("state")
-        if state in rundir.FINAL_STATES or state == "failed":
+        if state in rundir.FINAL_STATES or state == rundir.FAILED:
             return {"run_dir": str(run_dir), "state": state, "job": job, "skipped": True}
-    waiting = [p for p in task.after if _status(Path(p)).get("state") != "completed"]
+    waiting = [p for p in task.after if _status(Path(p)).get("state") != rundir.COMPLETED]
     if waiting:
         # its source did not complete (a dependency Slurm cancelled, then this continuation ran)
         return {"run_dir": str(run_dir), "state": "waiting", "waits_for": waiting, "job": job,
@@ -319,7 +319,7 @@ def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
         # Only rank 0 fails the job (which starts the continuation): srun --kill-on-bad-exit would
         # end rank 0 the moment another rank exited non-zero, while rank 0 still writes status.json
         # after the save's last barrier. In an array, the job ends well instead (`stop_ok`).
-        return {"run_dir": str(run_dir), "state": "preempted", "job": job, "rank": rank}
+        return {"run_dir": str(run_dir), "state": rundir.PREEMPTED, "job": job, "rank": rank}
     if code == code_requeue:
         raise RunStopped(f"{run_dir.name}: saved at step {status.get('step')} and stopped "
                          f"(signals: {signals}); the next continuation job resumes it")
@@ -517,7 +517,7 @@ def _dependency(e: RunEntry, known: dict[Path, JobRecord]) -> str | None:
     """`afterok:J0?afterok:J1...` over the job chains of e's not-yet-completed sources."""
     parts = []
     for source in e.after:
-        if rundir.read_status(source).get("state") == "completed":
+        if rundir.read_status(source).get("state") == rundir.COMPLETED:
             continue
         record = known.get(source)
         if record is None or record.executor != "slurm" or not record.job_ids:
