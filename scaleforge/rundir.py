@@ -9,7 +9,7 @@ spelling a file name:
     metrics.jsonl         one JSON object per line (training and evaluation lines)
     status.json           the trainer's state: running | completed | failed | preempted | diverged
     checkpoints/latest    names the last complete checkpoint (`step_NNNNNNN`)
-    checkpoints/step_NNNNNNN/   a complete checkpoint (it holds COMPLETE, its manifest, written last)
+    checkpoints/step_NNNNNNN/  a complete checkpoint (COMPLETE, its manifest, is written last)
     checkpoints/.tmp_*    a checkpoint save (or a `latest`) being written
     job.json              the executor's record of the run's submission (JobRecord)
     logs/                 the executors' per-job and per-rank logs

@@ -281,7 +281,8 @@ def run_states(entries: list[RunEntry], *, runner: Runner = run_command, now: fl
 def _with_waits(states: list[RunState]) -> list[RunState]:
     out = []
     for st in states:
-        waits = tuple(run_name(p) for p in st.entry.after if read_run_dir(p).state != rundir.COMPLETED)
+        waits = tuple(run_name(p) for p in st.entry.after
+                      if read_run_dir(p).state != rundir.COMPLETED)
         out.append(replace(st, waits_for=waits) if waits and st.state not in FINAL_STATES else st)
     return out
 
@@ -332,7 +333,8 @@ def _state(entry: RunEntry, d: DirState, record: JobRecord | None, job: JobState
         if written == rundir.FAILED:
             # the trainer already failed (a rank died, a node was lost): its job is only ending
             return RunState(state=rundir.FAILED, job_state=job.label, job_active=True, **base)
-        return RunState(state=rundir.RUNNING if job.running else "queued", job_state=job.label, **base)
+        return RunState(state=rundir.RUNNING if job.running else "queued", job_state=job.label,
+                        **base)
     return RunState(state=_from_dir(written, d, record), job_state=job.label, **base)
 
 

@@ -230,7 +230,7 @@ def latest_dir(run_dir: str | Path) -> Path | None:
     path = root / name
     if not path.is_dir():
         raise CheckpointError(
-            f"{rundir.latest_path(run_dir)} names {name}, which does not exist; restore it or remove {root}"
+            f"{root / rundir.LATEST} names {name}, which does not exist; restore it or remove {root}"
             " to start afresh"
         )
     if not (path / MARKER).is_file():
