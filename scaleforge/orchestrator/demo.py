@@ -57,7 +57,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleforge import cli
     from scaleforge.orchestrator.cluster import cpu_cluster
     from scaleforge.orchestrator.plan import _number, make_plan
     from scaleforge.orchestrator.planfile import load_plan, save_plan
@@ -98,33 +97,33 @@ def run(args: argparse.Namespace) -> int:
         print(f"note: {line}")
 
     _stage(3, "train", f"{len(plan.ladder)} ladder runs with the {args.executor} executor")
-    _submit(cli, plan_path, args)
+    _submit(plan_path, args)
 
     _stage(4, "refit", "the law from the ladder's own losses")
-    _check(cli.main(["refit", str(plan_path), "--bootstrap", "400"]), "refit")
+    _check(_verb(["refit", str(plan_path), "--bootstrap", "400"]), "refit")
 
     _stage(5, "extend", f"{args.extend} runs that shrink the target's interval most")
-    _check(cli.main(["plan", str(plan_path), "--extend", str(args.extend),
-                     "--allowance", f"{_seed_cost(plan):.3g}"]), "plan --extend")
+    _check(_verb(["plan", str(plan_path), "--extend", str(args.extend),
+                  "--allowance", f"{_seed_cost(plan):.3g}"]), "plan --extend")
 
     _stage(6, "train", f"the added runs, and {SEEDS - 1} more seeds of one largest-budget run")
     seeds = _background_submit(seeds_path, args)
     try:
-        _submit(cli, plan_path, args)
+        _submit(plan_path, args)
     except BaseException:
         _stop(seeds)  # the demo ends here: its background submit must not go on training alone
         raise
     _check(seeds.wait(), "submit (seeds)")
 
     _stage(7, "refit", "with the added runs; forecast the target")
-    _check(cli.main(["refit", str(plan_path), "--bootstrap", "400"]), "refit")
+    _check(_verb(["refit", str(plan_path), "--bootstrap", "400"]), "refit")
     replanned = load_plan(plan_path)
     t = replanned.target
     print(f"forecast at {replanned.budget:.3g} FLOPs: N={t.N:.3g}, D={t.D:.3g}: loss {t.loss:.4f} "
           f"[{t.loss_ci[0]:.4f}, {t.loss_ci[1]:.4f}]")
 
     _stage(8, "check run", f"{t.name} at the forecast's shape")
-    _submit(cli, plan_path, args, target=True)
+    _submit(plan_path, args, target=True)
     body = forecast_json(replanned, plan_path, seeds_path)
     path = out / "forecast.json"
     rundir.write_atomic(path, json.dumps(body, indent=1) + "\n")
@@ -203,12 +202,29 @@ def print_forecast(body: dict) -> None:
     )
 
 
-def _submit(cli, plan_path: Path, args, *, target: bool = False) -> None:
+def _verb(argv: list[str]) -> int:
+    """`orchestrate VERB ...` for the demo's verbs (plan, submit, refit), in this process: the verb
+    module's own arguments and `run`; an error is printed and becomes the exit code, as on the
+    command line."""
+    from scaleforge.orchestrator import plan, refit, submit
+
+    module = {"plan": plan, "submit": submit, "refit": refit}[argv[0]]
+    parser = argparse.ArgumentParser(prog=f"orchestrate {argv[0]}")
+    module.add_arguments(parser)
+    args = parser.parse_args(argv[1:])
+    try:
+        return int(module.run(args) or 0)
+    except ScaleforgeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+
+
+def _submit(plan_path: Path, args, *, target: bool = False) -> None:
     cmd = ["submit", str(plan_path), "--executor", args.executor] + (["--target"] if target else [])
     if args.cores:
         cmd += ["--cores", str(args.cores)]
     with ladder_progress(plan_path, target=target):
-        _check(cli.main(cmd), "submit")
+        _check(_verb(cmd), "submit")
         if args.executor == "slurm":
             from scaleforge.orchestrator import runs
 

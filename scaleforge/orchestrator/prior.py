@@ -8,9 +8,9 @@ and the 95% intervals below. N counts all parameters (Chinchilla includes the em
 
 Its uncertainty: `prior_samples()` (400 bootstrap refits on Epoch's data, correlations kept).
 
-Compute-optimal allocation under C = 6 N D (Hoffmann et al. 2022, appendix D.2):
-G = (alpha A / (beta B))^(1/(alpha+beta)), N_opt = G (C/6)^a, D_opt = (C/6)^b / G,
-a = beta / (alpha+beta), b = alpha / (alpha+beta).
+The closed forms (the loss, the compute-optimal allocation under C = 6 N D) live in
+`arch/common/law.py`, below the planner, where a family's planning rules reach them too; they are
+re-exported here as `chinchilla_loss` and `compute_optimal`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import json
 import math
 from pathlib import Path
 
+from scaleforge.arch.common.law import chinchilla_loss, compute_optimal  # noqa: F401  (the planner's names for them)
 from scaleforge.errors import ConfigError
 
 PARAM_NAMES = ("A", "B", "E", "alpha", "beta")
@@ -173,25 +174,6 @@ def write_samples(csv_path: str | Path, count: int = 400, seed: int = 0) -> Path
         lines.append("- [" + ", ".join(f"{p[k]:.6g}" for k in PARAM_NAMES) + "]")
     SAMPLES_FILE.write_text("\n".join(lines) + "\n")
     return SAMPLES_FILE
-
-
-def chinchilla_loss(params: dict, n: float, d: float) -> float:
-    """L(N, D) = E + A / N^alpha + B / D^beta."""
-    return params["E"] + params["A"] / n ** params["alpha"] + params["B"] / d ** params["beta"]
-
-
-def compute_optimal(params: dict, flops: float) -> tuple[float, float]:
-    """(N_opt, D_opt) minimising L(N, D) subject to 6 N D = flops."""
-    alpha, beta = params["alpha"], params["beta"]
-    # A bootstrap refit on few points can land on a bound: with beta = 0 (or B = 0) tokens do not
-    # lower the loss, so all compute goes to parameters; with alpha = 0 (or A = 0) the reverse.
-    if beta <= 0 or params["B"] <= 0:
-        return math.inf, 0.0
-    if alpha <= 0 or params["A"] <= 0:
-        return 0.0, math.inf
-    g = (alpha * params["A"] / (beta * params["B"])) ** (1.0 / (alpha + beta))
-    a, b = beta / (alpha + beta), alpha / (alpha + beta)
-    return g * (flops / 6.0) ** a, (flops / 6.0) ** b / g
 
 
 def interval(fn, params: dict, ci: dict, samples: list[dict] | None = None) -> tuple[float, float]:

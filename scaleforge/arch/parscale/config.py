@@ -24,6 +24,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from scaleforge.arch.common.family import Divisible, LayerKind
+from scaleforge.arch.common import law
 from scaleforge.arch.dense.config import DenseConfig
 from scaleforge.errors import ConfigError
 
@@ -137,7 +138,7 @@ class ParScaleConfig(DenseConfig):
 
         k = planning.law_k(params)
         m = planning.multiplier(self.streams, k)
-        n_eff, d = planning._chinchilla_optimum(params, budget * m / self.streams)
+        n_eff, d = law.compute_optimal(params, budget * m / self.streams)
         return n_eff / m, d
 
     def law_loss(self, params: dict, n: float, d: float) -> float:

@@ -22,6 +22,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from scaleforge.arch.common.law import chinchilla_loss, compute_optimal
+
 STREAM_CHOICES = (1, 2, 4, 8)
 """The P the planner considers (the paper's)."""
 DEFAULT_K = 0.3345
@@ -35,22 +37,14 @@ def multiplier(p: int, k: float = DEFAULT_K) -> float:
     return 1.0 + k * math.log(p)
 
 
-def _chinchilla_optimum(params: dict, flops: float) -> tuple[float, float]:
-    from scaleforge.orchestrator.prior import compute_optimal
-
-    return compute_optimal(params, flops)
-
-
 def optimal_n(params: dict, budget: float, p: int, k: float = DEFAULT_K) -> float:
     """Compute-optimal N (weights) of a P-stream model at training compute `budget`."""
     m = multiplier(p, k)
-    return _chinchilla_optimum(params, budget * m / p)[0] / m
+    return compute_optimal(params, budget * m / p)[0] / m
 
 
 def predicted_loss(params: dict, n: float, d: float, p: int, k: float = DEFAULT_K) -> float:
     """L(N, D, P) = E + A / (N m)^alpha + B / D^beta (the assumption above)."""
-    from scaleforge.orchestrator.prior import chinchilla_loss
-
     return chinchilla_loss(params, n * multiplier(p, k), d)
 
 
@@ -77,7 +71,7 @@ def stream_options(params: dict, budget: float, k: float = DEFAULT_K) -> list[St
     rows = []
     for p in STREAM_CHOICES:
         m = multiplier(p, k)
-        n_eff, d = _chinchilla_optimum(params, budget * m / p)
+        n_eff, d = compute_optimal(params, budget * m / p)
         n = n_eff / m
         rows.append(StreamOption(
             p=p, n=n, d=d, loss=predicted_loss(params, n, d, p, k),
