@@ -5,18 +5,14 @@ checked here on their stderr (DeprecationWarnings shown: rank_env sets PYTHONWAR
 
 from __future__ import annotations
 
-import re
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import rank_env, seed_from_checkpoint, warning_lines
+from conftest import seed_from_checkpoint, train_records, warning_lines
 from scaleforge import _warnings
-from scaleforge.pretrain.metrics import read_metrics
 
 
 def test_warning_lines_finds_formatted_warnings():
@@ -64,22 +60,12 @@ def _spec(directory: Path, store: Path) -> Path:
     return path
 
 
-def _train(spec: Path, out: Path, *args: str) -> str:
-    proc = subprocess.run([sys.executable, "-m", "scaleforge.cli", "train", str(spec), "--out",
-                           str(out), *args], env=rank_env(1), capture_output=True, text=True,
-                          timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stderr
-
-
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_training_and_resharded_resume_print_no_warning(tmp_path, tiny_store):
     """One rank trains and saves; two ranks (tp=2) resume from its first checkpoint."""
     spec = _spec(tmp_path, tiny_store)
-    one = _train(spec, tmp_path / "one")
+    train_records(spec, tmp_path / "one", 1, [])  # it asserts that stderr holds no warning line
     seed_from_checkpoint(tmp_path / "one", tmp_path / "two", 2)
-    two = _train(spec, tmp_path / "two", "--nproc", "2", "--set", "parallel.tp=2")
-    resumed = [r["step"] for r in read_metrics(tmp_path / "two" / "metrics.jsonl") if "loss" in r]
-    assert resumed == [3, 4]
-    assert warning_lines(one) == [] and warning_lines(two) == [], (one[-3000:], two[-3000:])
+    resumed = train_records(spec, tmp_path / "two", 2, ["parallel.tp=2"])
+    assert [r["step"] for r in resumed] == [3, 4]

@@ -233,7 +233,7 @@ def latest_dir(run_dir: str | Path) -> Path | None:
             f"{root / rundir.LATEST} names {name}, which does not exist; restore it or remove {root}"
             " to start afresh"
         )
-    if not (path / MARKER).is_file():
+    if not rundir.is_complete(path):
         raise CheckpointError(f"{path / MARKER} is missing: checkpoint {path} is incomplete")
     return path
 
