@@ -27,9 +27,16 @@ def cluster_nodes() -> int:
     return min(2, len(os.sched_getaffinity(0)))
 
 
+# The daemons' ports sit between the jobs' rendezvous ports and the kernel's ephemeral range: a job's
+# MASTER_PORT is 20000 + its job id (parallel.setup; a test cluster's ids stay below 1000), and Linux
+# hands out outgoing ports from 32768 up, so a daemon port in either range could be taken by a job's
+# store or a client socket.
+PORT_RANGE = (21000, 32760)
+
+
 def free_port_base() -> int:
     for _ in range(50):
-        base = random.randrange(20000, 40000, PORTS_PER_CLUSTER)
+        base = random.randrange(*PORT_RANGE, PORTS_PER_CLUSTER)
         try:
             for port in range(base, base + PORTS_PER_CLUSTER):
                 with socket.socket() as s:
