@@ -9,6 +9,7 @@ from typing import Any
 
 from scaleforge.arch.registry import config_class
 from scaleforge.errors import ConfigError
+from scaleforge.parallel.memory import SHARD_LEVELS  # one spelling: the memory model's levels
 
 RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 DEVICE_KINDS = ("any", "cpu", "gpu")
@@ -103,10 +104,6 @@ class TrainSpec:
                 f"train.global_batch={self.global_batch} is not divisible by "
                 f"train.micro_batch={self.micro_batch}"
             )
-
-
-SHARD_LEVELS = ("none", "optimizer", "grads", "full")
-"""`parallel.shard`: what data-parallel ranks split among themselves (docs/memory.md)."""
 
 
 @dataclass(kw_only=True, frozen=True)
