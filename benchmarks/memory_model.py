@@ -1,4 +1,4 @@
-"""The memory model (scaleforge/parallel/layout.py, fp32 CPU mode) against what PyTorch holds.
+"""The memory model (scaleforge/parallel/memory.py, fp32 CPU mode) against what PyTorch holds.
 
     python benchmarks/memory_model.py [--peak-steps 2]
 
@@ -6,10 +6,10 @@
    sequence parallelism, two gloo ranks under torchrun), the bytes autograd saves for one of the
    project's dense transformer layers (megatron TransformerLayer, SDPA, RMSNorm, SwiGLU, RoPE, GQA;
    fp32, no dropout), summed through `saved_tensors_hooks` with each storage counted once and the
-   parameters left out, against `layout.transformer_saved_bytes` for the same shapes.
+   parameters left out, against `memory.transformer_saved_bytes` for the same shapes.
 2. Peak: a short training run (the trainer's build and steps: megatron DDP, AdamW) of a model the
    memory model puts at 2 GB or more; the peak resident set size minus the resident set before the
-   model is built, against `layout.memory_per_gpu(..., fp32=True).total`.
+   model is built, against `memory.memory_per_gpu(..., fp32=True).total`.
 
 Last line: `activation_model_error=<max relative error> peak_model_error=<relative error>`.
 
@@ -89,12 +89,12 @@ def layer_saved_bytes(seq: int, batch: int, hidden: int, heads: int, tp: int, sp
 
 
 def activation_rows(tp: int, sp: bool) -> list[dict]:
-    from scaleforge.parallel import layout
+    from scaleforge.parallel import memory
 
     rows = []
     for seq, batch, hidden, heads in SHAPES:
         measured = layer_saved_bytes(seq, batch, hidden, heads, tp, sp)
-        predicted = layout.transformer_saved_bytes(
+        predicted = memory.transformer_saved_bytes(
             seq_len=seq, micro_batch=batch, hidden=hidden, heads=heads, kv_heads=heads // 2,
             ffn_hidden=_ffn(hidden), tp=tp, sp=sp)
         rows.append(dict(seq=seq, batch=batch, hidden=hidden, heads=heads, tp=tp, sp=sp,
@@ -139,13 +139,13 @@ def _rss() -> int:
 def peak_row(steps: int) -> dict:
     import torch
 
-    from scaleforge.parallel import layout
+    from scaleforge.parallel import memory
     from scaleforge.parallel.setup import init_distributed, shutdown
     from scaleforge.pretrain import loop, model_build
 
     seq, batch, hidden, heads, layers, vocab = 512, 4, 768, 12, 12, 32768
     spec = _spec(seq, batch, hidden, heads, layers=layers, vocab=vocab, steps=steps)
-    predicted = layout.memory_per_gpu(spec.model, seq_len=seq, micro_batch=batch, fp32=True,
+    predicted = memory.memory_per_gpu(spec.model, seq_len=seq, micro_batch=batch, fp32=True,
                                       flash=True)
     assert predicted.total >= 2e9, predicted.total
     init_distributed(spec)

@@ -36,7 +36,7 @@ def test_torch_free_modules_import_without_torch():
         names = [m.name for m in pkgutil.walk_packages(orch.__path__, "scaleforge.orchestrator.")]
         names += [f"scaleforge.arch.{m.name}.config" for m in pkgutil.iter_modules(arch.__path__) if m.ispkg
                   and m.name != "common"]
-        names += ["scaleforge.parallel.layout", "scaleforge.rundir"]
+        names += ["scaleforge.parallel.layout", "scaleforge.parallel.memory", "scaleforge.rundir"]
         for name in names:
             importlib.import_module(name)
         print(len(names))

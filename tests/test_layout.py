@@ -10,6 +10,7 @@ from scaleforge.arch.dense.config import DenseConfig
 from scaleforge.errors import LayoutError
 from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, cpu_cluster
 from scaleforge.parallel import layout as L
+from scaleforge.parallel import memory as M
 
 MIB = 2**20
 GPT3 = DenseConfig(layers=96, hidden=12288, heads=96, kv_heads=96, ffn_hidden=32768, vocab_size=51200)
@@ -19,25 +20,25 @@ SMALL = DenseConfig(layers=4, hidden=256, heads=4, kv_heads=4, ffn_hidden=704, v
 def test_korthikanti_gpt3_per_layer_table():
     # methods 9: GPT-3 175B, s=2048, b=1, h=12288, a=96, t=8 -> MiB per layer
     kw = dict(seq_len=2048, micro_batch=1, hidden=12288, heads=96)
-    assert L.activation_bytes_per_layer(**kw) / MIB == 2736.0
-    assert L.activation_bytes_per_layer(**kw, tp=8) / MIB == 552.0
-    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True) / MIB == 342.0
-    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True, recompute="selective") / MIB == 102.0
-    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True, recompute="full") / MIB == 6.0
+    assert M.activation_bytes_per_layer(**kw) / MIB == 2736.0
+    assert M.activation_bytes_per_layer(**kw, tp=8) / MIB == 552.0
+    assert M.activation_bytes_per_layer(**kw, tp=8, sp=True) / MIB == 342.0
+    assert M.activation_bytes_per_layer(**kw, tp=8, sp=True, recompute="selective") / MIB == 102.0
+    assert M.activation_bytes_per_layer(**kw, tp=8, sp=True, recompute="full") / MIB == 6.0
     # flash attention drops the 5as/h term exactly as selective recomputation does
-    assert L.activation_bytes_per_layer(**kw, tp=8, sp=True, flash=True) / MIB == 102.0
+    assert M.activation_bytes_per_layer(**kw, tp=8, sp=True, flash=True) / MIB == 102.0
 
 
 def test_model_state_bytes():
-    assert [L.zero_bytes_per_param(s, 8) for s in range(4)] == [16, 4 + 1.5, 2 + 14 / 8, 2.0]
-    assert L.megatron_state_bytes(1) == 18.0  # fp32 gradient accumulation
-    assert L.megatron_state_bytes(4) == 6 + 3.0
-    assert L.megatron_state_bytes(4, distributed_optimizer=False) == 18.0
+    assert [M.zero_bytes_per_param(s, 8) for s in range(4)] == [16, 4 + 1.5, 2 + 14 / 8, 2.0]
+    assert M.megatron_state_bytes(1) == 18.0  # fp32 gradient accumulation
+    assert M.megatron_state_bytes(4) == 6 + 3.0
+    assert M.megatron_state_bytes(4, distributed_optimizer=False) == 18.0
 
 
 def test_memory_by_hand_single_stage():
     assert SMALL.num_params() == 3_725_568 and SMALL.non_embedding_params() == 3_213_568
-    mem = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2)
+    mem = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2)
     assert mem.states == 3_725_568 * 18
     # s b h = 65,536; 34 + 5 a s / h = 34 + 10 = 44 bytes each, 4 layers
     assert mem.activations == 65_536 * 44 * 4
@@ -45,16 +46,16 @@ def test_memory_by_hand_single_stage():
     # backward: one layer's gradients of its saved tensors + the bf16 output-weight gradient
     assert mem.working == 65_536 * 44 + 1000 * 256 * 2
     assert mem.total == 79_618_560 + 65_536 * 44 + 512_000
-    sharded = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
+    sharded = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
     assert sharded.states == 3_725_568 * 9
 
 
 def test_memory_first_pipeline_stage_holds_pp_microbatches():
     per_layer = 65_536 * 44
-    mem = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, microbatches=8)
+    mem = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, microbatches=8)
     assert mem.states == (3_213_568 / 2 + 256_000) * 18
     assert mem.activations == per_layer * 2 * 2 and mem.logits == 0  # the first stage is fuller
-    few = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, microbatches=1)
+    few = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, microbatches=1)
     assert few.activations == per_layer * 2 and few.logits == 4 * 128 * 2 * 1000  # now the last
 
 
@@ -109,37 +110,37 @@ def test_search_respects_megatron_divisibility():
 
 
 def test_offload_terms():
-    base = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
-    half = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, optimizer_offload=0.5)
+    base = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4)
+    half = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, optimizer_offload=0.5)
     assert base.states - half.states == 3_725_568 * 12 / 4 * 0.5
     assert half.host == 3_725_568 * 12 / 4 * 0.5
-    swapped = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, activation_offload=0.5)
+    swapped = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, activation_offload=0.5)
     assert swapped.activations == 65_536 * 44 * 2  # two of four layers stay resident
     # the other two go to the host: input (2 s b h) + attention output (2 s b h) + half the rest
     assert swapped.host == 2 * (4 * 65_536 + 0.5 * (44 - 4) * 65_536)
-    megatron = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, offload_layers=3)
+    megatron = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, offload_layers=3)
     assert megatron.activations == 65_536 * 44 and megatron.host == 3 * 65_536 * 44
     with pytest.raises(LayoutError, match="pp=1"):
-        L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, activation_offload=0.5)
+        M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, pp=2, activation_offload=0.5)
 
 
 def test_shard_levels_bytes_per_parameter():
     # bf16 weights 2, fp32 gradients 4, fp32 master + Adam 12; fp32 mode 4 / 4 / 8
-    assert [L.state_bytes_per_param(s, 8) for s in L.SHARD_LEVELS] == [18, 2 + 4 + 1.5, 2 + 2, 2.25]
-    assert [L.state_bytes_per_param(s, 8, fp32=True) for s in L.SHARD_LEVELS] == [16, 9, 5.5, 2]
-    assert L.state_bytes_per_param("optimizer", 1) == 18 == L.megatron_state_bytes(1)
-    assert L.state_bytes_per_param("optimizer", 4) == L.megatron_state_bytes(4)
-    assert L.state_bytes_per_param("full", 8, optimizer_offload=1.0) == 6 / 8
+    assert [M.state_bytes_per_param(s, 8) for s in M.SHARD_LEVELS] == [18, 2 + 4 + 1.5, 2 + 2, 2.25]
+    assert [M.state_bytes_per_param(s, 8, fp32=True) for s in M.SHARD_LEVELS] == [16, 9, 5.5, 2]
+    assert M.state_bytes_per_param("optimizer", 1) == 18 == M.megatron_state_bytes(1)
+    assert M.state_bytes_per_param("optimizer", 4) == M.megatron_state_bytes(4)
+    assert M.state_bytes_per_param("full", 8, optimizer_offload=1.0) == 6 / 8
 
 
 def test_full_shard_memory_counts_gathered_layers():
     n = 3_725_568
     widest = max(layer.params for layer in SMALL.layer_kinds())
-    full = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, shard="full")
+    full = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, shard="full")
     assert full.states == n * 18 / 4 + 2 * widest * (2 + 4)
-    grads = L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, shard="grads")
+    grads = M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4, shard="grads")
     assert grads.states == n * (2 + 16 / 4) + 2 * widest * 4
-    assert L.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4,
+    assert M.memory_per_gpu(SMALL, seq_len=128, micro_batch=2, dp=4,
                             shard="none").states == n * 18
 
 
@@ -148,12 +149,12 @@ def test_memo_alpha_by_hand():
     sbh = 128 * 2 * 256
     io, other = 4 * sbh, 40 * sbh
     kw = dict(seq_len=128, micro_batch=2, host_bytes=1e30)
-    alpha = L.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=(io + 0.25 * other) / 1e9, **kw)
+    alpha = M.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=(io + 0.25 * other) / 1e9, **kw)
     assert alpha == pytest.approx(0.25)
-    assert L.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=1.0, **kw) == 1.0
-    assert L.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=io / 2e9, **kw) is None
+    assert M.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=1.0, **kw) == 1.0
+    assert M.memo_alpha(SMALL, link_bytes_per_s=1e9, layer_seconds=io / 2e9, **kw) is None
     # host memory binds: (n - 2) = 2 layers of copies
-    bound = L.memo_alpha(SMALL, seq_len=128, micro_batch=2, link_bytes_per_s=1e12, layer_seconds=1.0,
+    bound = M.memo_alpha(SMALL, seq_len=128, micro_batch=2, link_bytes_per_s=1e12, layer_seconds=1.0,
                          host_bytes=2 * (io + 0.5 * other))
     assert bound == pytest.approx(0.5)
 
@@ -201,25 +202,25 @@ def test_layout_summary_records_the_levers():
 
 def test_bf16_gradients_bytes():
     # bf16 gradients: w 2, g 2, o 12 -> 16 unsharded; every level saves g's 2 bytes (/dp if sharded)
-    assert L.state_parts(grad_reduce_fp32=False) == (2, 2, 12)
-    assert [L.state_bytes_per_param(s, 8, grad_reduce_fp32=False) for s in L.SHARD_LEVELS] == [
+    assert M.state_parts(grad_reduce_fp32=False) == (2, 2, 12)
+    assert [M.state_bytes_per_param(s, 8, grad_reduce_fp32=False) for s in M.SHARD_LEVELS] == [
         16, 2 + 2 + 1.5, 2 + 14 / 8, 2.0]
     # fp32 precision: the gradients are the parameters' fp32 either way
-    assert [L.state_bytes_per_param(s, 8, fp32=True, grad_reduce_fp32=False)
-            for s in L.SHARD_LEVELS] == [16, 9, 5.5, 2]
+    assert [M.state_bytes_per_param(s, 8, fp32=True, grad_reduce_fp32=False)
+            for s in M.SHARD_LEVELS] == [16, 9, 5.5, 2]
     n = 3_725_568
     kw = dict(seq_len=128, micro_batch=2)
-    fp32_grads = L.memory_per_gpu(SMALL, **kw)
-    bf16_grads = L.memory_per_gpu(SMALL, **kw, grad_reduce_fp32=False)
+    fp32_grads = M.memory_per_gpu(SMALL, **kw)
+    bf16_grads = M.memory_per_gpu(SMALL, **kw, grad_reduce_fp32=False)
     assert fp32_grads.states - bf16_grads.states == n * 2
     assert (bf16_grads.activations, bf16_grads.working) == (fp32_grads.activations,
                                                             fp32_grads.working)
     # ZeRO-3 over 4 ranks: (2 + 2 + 12) / 4 a parameter, plus two gathered layers' weights and
     # bf16 gradients
     widest = max(layer.params for layer in SMALL.layer_kinds())
-    full = L.memory_per_gpu(SMALL, **kw, dp=4, shard="full", grad_reduce_fp32=False)
+    full = M.memory_per_gpu(SMALL, **kw, dp=4, shard="full", grad_reduce_fp32=False)
     assert full.states == n * 16 / 4 + 2 * widest * (2 + 2)
-    assert L.memory_per_gpu(SMALL, **kw, fp32=True, grad_reduce_fp32=False).states == n * 16
+    assert M.memory_per_gpu(SMALL, **kw, fp32=True, grad_reduce_fp32=False).states == n * 16
 
 
 def _plan(budget: float, cluster):

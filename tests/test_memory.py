@@ -20,7 +20,7 @@ import yaml
 from conftest import rank_env, seed_from_checkpoint, train_records
 from scaleforge.config import ParallelSpec, RunSpec, apply_overrides, load_runspec
 from scaleforge.errors import ConfigError, LayoutError
-from scaleforge.parallel import layout
+from scaleforge.parallel import memory
 from scaleforge.parallel.checks import check_layout
 
 STEPS = 10
@@ -117,8 +117,8 @@ def test_activation_offload_is_bit_identical_and_reports_bytes(reference, tmp_pa
     (layer,) = set(model.layer_kinds())
     shape = dict(seq_len=64, micro_batch=2, tp=1, sp=False, recompute="none", flash=False)
     qkv_rest = 2 * 4 * (64 * 2) * (64 + 64 * 2 // 4) * 4
-    copies = 2 * 4 * layout.memo_layer_bytes(model, layer, alpha, fp32=True, **shape)
-    saved = 2 * 4 * layout._layer_activation(model, layer, fp32=True, **shape) - qkv_rest
+    copies = 2 * 4 * memory.memo_layer_bytes(model, layer, alpha, fp32=True, **shape)
+    saved = 2 * 4 * memory._layer_activation(model, layer, fp32=True, **shape) - qkv_rest
     assert (moved[0], moved[0] + dropped[0]) == (copies - alpha * qkv_rest, saved)
     assert (dropped[0] == 0) == (alpha == 1)
 

@@ -75,7 +75,7 @@ def install() -> bool:
     # raises "Wrapped parameters must be one of torch.cuda.FloatTensor..." otherwise.
     torch.Tensor.type = _cuda_type_name(torch.Tensor.type)
     # DistributedOptimizer.get_parameter_state_dp_zero (used by the model-space `fully_reshardable`
-    # checkpoint format of scaleforge.pretrain.checkpoint) moves its all-gather buffer with
+    # checkpoint format of scaleforge.pretrain.optimizer_state) moves its all-gather buffer with
     # `Tensor.cuda()`: "Torch not compiled with CUDA enabled" without this.
     torch.Tensor.cuda = lambda self, *args, **kwargs: self
 

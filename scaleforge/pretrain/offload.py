@@ -12,7 +12,7 @@ of megatron's TransformerLayers, so it works for every family built from them an
   the MLP under sequence parallelism) has its first alpha x s tokens copied, the rest dropped;
   tensors without one, and expanded views (stride 0), are copied whole. A region saved twice in one
   forward (the input, the attention output, each norm's rsqrt: every one of them is) is copied once,
-  so the bytes moved are the memory model's (`parallel/layout.py`, tests/test_memory.py).
+  so the bytes moved are the memory model's (`parallel/memory.py`, tests/test_memory.py).
 - unpack (backward): copies come back to the device; at the first dropped tensor of a layer, the
   layer's forward is run again from the stored input (same RNG states, the saved tensors captured in
   the order autograd packs them), and each dropped part is taken from that run. The result has the

@@ -78,7 +78,7 @@ class FamilyConfig:
         recompute: str = "none", flash: bool = False,
     ) -> float:
         """Activation bytes one layer keeps for backward (bf16); the base knows transformer layers."""
-        from scaleforge.parallel.layout import activation_bytes_per_layer
+        from scaleforge.parallel.memory import activation_bytes_per_layer
 
         return activation_bytes_per_layer(
             seq_len=seq_len, micro_batch=micro_batch, hidden=self.hidden,
