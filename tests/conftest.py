@@ -98,7 +98,7 @@ from slurm_cluster import slurm_root  # noqa: E402,F401  (the Slurm dev cluster,
 GROUP_SECONDS = {
     "test_resume": 305, "slurm": 296, "test_mamba": 291, "test_memory": 184, "test_moe": 154,
     "test_train_cli": 137, "test_loop_e2e": 132, "test_families[tokenformer]": 128,
-    "test_parallel_equality": 107, "test_families[parscale]": 80, "test_families[mamba]": 78,
+    "test_parallel_equality": 107, "test_family_contract": 100, "test_families[parscale]": 80, "test_families[mamba]": 78,
     "test_families[moe]": 77, "test_tokenformer": 72, "test_families[dense]": 71,
     "test_families[mor]": 68, "test_parscale": 57, "test_mor": 57, "test_rewire": 50,
     "test_export": 49, "test_golden": 46, "test_forecast": 25, "test_growth_ladder": 23,
