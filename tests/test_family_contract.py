@@ -21,12 +21,13 @@ import pytest
 from conftest import rank_env
 from scaleforge.config import RunSpec, apply_overrides, spec_to_yaml
 from scaleforge.orchestrator.planfile import load_plan
-from test_families import (
+from test_families import (  # the checks the six go through, and their megatron fixture
     check_built_parameters,
     check_dry_run,
     check_kill_and_rerun,
     check_parallel_equals_single,
     check_plan_torch_free,
+    megatron_single,  # noqa: F401  (a fixture)
 )
 from test_resume import _finish
 
@@ -71,15 +72,6 @@ def single(spec_path, tmp_path_factory) -> dict[int, float]:
     return losses
 
 
-@pytest.fixture(scope="module")
-def megatron_single():
-    from scaleforge.parallel.setup import init_distributed, shutdown
-
-    init_distributed(RunSpec())
-    yield
-    shutdown()
-
-
 def test_nothing_under_the_package_names_it():
     hits = [p for p in (TESTS.parent / "scaleforge").rglob("*")
             if p.is_file() and p.suffix in (".py", ".md", ".yaml", ".toml")
@@ -120,7 +112,7 @@ def test_sigkill_and_rerun_gives_identical_losses(spec_path, single, tmp_path):
     ("families.parallel_block.config", "is not module:Class"),
     ("families.no_such_family:Config", "cannot import 'families.no_such_family'"),
     ("families.parallel_block.config:Nope", "has no 'Nope'"),
-    ("families.parallel_block.config:HEAD_DIM", "is not a FamilyConfig subclass"),
+    ("families.parallel_block.config:dataclass", "is not a FamilyConfig subclass"),
     ("scaleforge.arch.dense.config:DenseConfig", "model.arch='dense', which is taken"),
 ])
 def test_a_bad_hook_is_one_line_naming_it(value, message, tmp_path):

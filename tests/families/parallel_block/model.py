@@ -47,16 +47,12 @@ class ParallelLayer(TransformerLayer):
 def layer_spec(config: TransformerConfig) -> ModuleSpec:
     """The block spec: megatron's local layer spec with the parallel forward and no pre-MLP norm."""
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
-    layer.module = ParallelLayer
-    layer.submodules.self_attention.submodules.core_attention = core_attention(config.params_dtype)
-    layer.submodules.input_layernorm = RMSNorm
-    layer.submodules.pre_mlp_layernorm = IdentityOp
-    layer.submodules.mlp.module = SwiGLUMLP
-    return ModuleSpec(
-        module=TransformerBlock,
-        submodules=TransformerBlockSubmodules(
-            layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=RMSNorm),
-    )
+    parts = layer.submodules
+    parts.self_attention.submodules.core_attention = core_attention(config.params_dtype)
+    parts.input_layernorm, parts.pre_mlp_layernorm, parts.mlp.module = RMSNorm, IdentityOp, SwiGLUMLP
+    layers = [ModuleSpec(module=ParallelLayer, submodules=parts)] * get_num_layers_to_build(config)
+    blocks = TransformerBlockSubmodules(layer_specs=layers, layer_norm=RMSNorm)
+    return ModuleSpec(module=TransformerBlock, submodules=blocks)
 
 
 class ParallelBlockBuilder(FamilyBuilder):
