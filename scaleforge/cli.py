@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     _warnings.install()
     argv = list(sys.argv[1:] if argv is None else argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(verb if verb in VERBS else None)
-    args = parser.parse_args(argv)
-    try:
+    try:  # a verb's options may ask the registry (a bad SCALEFORGE_FAMILIES: one line)
+        parser = build_parser(verb if verb in VERBS else None)
+        args = parser.parse_args(argv)
         return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
     except ScaleforgeError as exc:
         print(f"error: {exc}", file=sys.stderr)

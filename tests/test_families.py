@@ -5,7 +5,8 @@ test store: the built model's parameter count equals the config's accounting exa
 prints the contract's counts; TP=2 and (where the stack can be cut) PP=2 reproduce the
 single-process losses within 1e-5 for 10 steps; a SIGKILL mid-run and the same command again give
 bit-identical losses; `orchestrate plan --arch` plans it torch-free (its time printed),
-deterministically. One single-process run per family is trained once and reused.
+deterministically. One single-process run per family is trained once and reused. The checks are
+functions (`check_*`) that tests/test_family_contract.py runs on a family defined outside the package.
 """
 
 from __future__ import annotations
@@ -101,41 +102,93 @@ def megatron_single():
     shutdown()
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_built_parameters_equal_accounting(arch, family_specs, megatron_single):
+# ----------------------------------------------------------------------------------------------
+# the checks, each on one family's RunSpec file (tests/test_family_contract.py runs them too)
+
+
+def check_built_parameters(spec_path: Path) -> None:
+    """The built model (one process, megatron initialised) has exactly the accounting's parameters."""
     import torch
 
     from scaleforge.arch.registry import builder_module
 
-    spec = _spec(arch, family_specs)
+    spec = from_dict(RunSpec, load_yaml_file(spec_path))
     runtime = dict(use_cpu_initialization=True, params_dtype=torch.float32)
-    model = builder_module(arch).build_model(spec.model, seq_len=spec.data.seq_len, seed=1,
-                                             runtime=runtime)
+    model = builder_module(spec.model.arch).build_model(spec.model, seq_len=spec.data.seq_len,
+                                                        seed=1, runtime=runtime)
     built = sum(p.numel() for p in model.parameters())
-    assert built == spec.model.num_params(), (arch, built, spec.model.num_params())
+    assert built == spec.model.num_params(), (spec.model.arch, built, spec.model.num_params())
     assert spec.model.active_params() <= spec.model.num_params()
     assert spec.model.non_embedding_params() == spec.model.num_params() - spec.model.embedding_params()
 
 
-@pytest.mark.parametrize("arch", FAMILIES)
-def test_dry_run_prints_the_contract_counts(arch, family_specs):
+def check_dry_run(spec_path: Path) -> None:
+    """`orchestrate train --dry-run` prints the contract's counts."""
     proc = subprocess.run(
-        [sys.executable, "-m", "scaleforge.cli", "train", str(family_specs[arch]), "--dry-run"],
+        [sys.executable, "-m", "scaleforge.cli", "train", str(spec_path), "--dry-run"],
         env=rank_env(1), capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     head, tail = proc.stdout.split("\n---\n")
-    assert yaml.safe_load(head)["model"]["arch"] == arch
+    spec = from_dict(RunSpec, load_yaml_file(spec_path))
+    assert yaml.safe_load(head)["model"]["arch"] == spec.model.arch
     lines = dict(line.split(": ", 1) for line in tail.splitlines())
-    model = _spec(arch, family_specs).model
+    model = spec.model
     assert int(lines["parameters"].replace(",", "")) == model.num_params()
     assert int(lines["active_parameters"].replace(",", "")) == model.active_params()
     assert int(lines["non_embedding_parameters"].replace(",", "")) == model.non_embedding_params()
-    assert float(lines["flops_per_token"]) == pytest.approx(model.flops_per_token(64), rel=1e-3)
+    assert float(lines["flops_per_token"]) == pytest.approx(
+        model.flops_per_token(spec.data.seq_len), rel=1e-3)
 
 
-def _parallel(arch: str, family_specs, tmp_path, sets: list[str]) -> dict[int, float]:
-    return _finish(family_specs[arch], tmp_path / "run", nproc=2, sets=sets)
+def check_parallel_equals_single(spec_path: Path, single: dict[int, float], out: Path,
+                                 sets: list[str]) -> None:
+    """Two ranks with `sets` (`parallel.tp=2`) give the single process's losses within TOL."""
+    losses = _finish(spec_path, out, nproc=2, sets=sets)
+    diffs = [abs(single[s] - losses[s]) for s in single]
+    assert max(diffs) < TOL, f"{sets}: |loss - single| = {diffs}"
+
+
+def check_kill_and_rerun(spec_path: Path, single: dict[int, float], out: Path, *,
+                         every: int) -> None:
+    """SIGKILL after the step after a checkpoint, the same command again: the losses of the
+    uninterrupted run, bit for bit, every step once."""
+    run = Run(spec_path, out, env={signals.TEST_STOP_ENV: str(every + 2)})
+    run.wait_stopped()
+    run.kill()
+    logged = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
+    assert max(logged) == every + 1  # killed mid-run, after the checkpoint of step `every`
+    assert _finish(spec_path, out) == single  # exact float equality, every step once
+
+
+def check_plan_torch_free(arch: str) -> None:
+    """`make_plan --arch` with torch and megatron unimportable, twice the same plan."""
+    code = (
+        "import sys, time; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
+        "from scaleforge.orchestrator.plan import make_plan, plan_to_yaml\n"
+        "start = time.perf_counter()\n"
+        f"a = plan_to_yaml(make_plan(1e21, arch={arch!r}, unique_tokens=1e13))\n"
+        "print(time.perf_counter() - start)\n"
+        f"assert a == plan_to_yaml(make_plan(1e21, arch={arch!r}, unique_tokens=1e13))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    seconds = float(proc.stdout.strip().splitlines()[-1])
+    print(f"plan --budget 1e21 --arch {arch}: {seconds:.3f} s")
+
+
+# ----------------------------------------------------------------------------------------------
+# the six (every registered family)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_built_parameters_equal_accounting(arch, family_specs, megatron_single):
+    check_built_parameters(family_specs[arch])
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_dry_run_prints_the_contract_counts(arch, family_specs):
+    check_dry_run(family_specs[arch])
 
 
 @pytest.mark.slow
@@ -143,9 +196,7 @@ def _parallel(arch: str, family_specs, tmp_path, sets: list[str]) -> dict[int, f
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_tp2_equals_single_process(arch, family_specs, reference, tmp_path):
     _, single = reference(arch)
-    losses = _parallel(arch, family_specs, tmp_path, ["parallel.tp=2"])
-    diffs = [abs(single[s] - losses[s]) for s in single]
-    assert max(diffs) < TOL, f"{arch} TP=2: |loss - single| = {diffs}"
+    check_parallel_equals_single(family_specs[arch], single, tmp_path / "run", ["parallel.tp=2"])
     assert single[STEPS] < single[1] - 0.1  # it learned: not two constant curves
 
 
@@ -157,22 +208,14 @@ def test_pp2_equals_single_process(arch, family_specs, reference, tmp_path):
     if model.pipeline_layers() % 2:
         pytest.skip(f"{arch}: {model.pipeline_layers()} layers cannot be cut in two")
     _, single = reference(arch)
-    losses = _parallel(arch, family_specs, tmp_path, ["parallel.pp=2"])
-    diffs = [abs(single[s] - losses[s]) for s in single]
-    assert max(diffs) < TOL, f"{arch} PP=2: |loss - single| = {diffs}"
+    check_parallel_equals_single(family_specs[arch], single, tmp_path / "run", ["parallel.pp=2"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_sigkill_and_rerun_gives_identical_losses(arch, family_specs, reference, tmp_path):
     _, single = reference(arch)
-    out = tmp_path / "run"
-    run = Run(family_specs[arch], out, env={signals.TEST_STOP_ENV: str(EVERY + 2)})
-    run.wait_stopped()
-    run.kill()
-    logged = [r["step"] for r in read_metrics(out / "metrics.jsonl") if "loss" in r]
-    assert max(logged) == EVERY + 1  # killed mid-run, after the checkpoint of step EVERY
-    assert _finish(family_specs[arch], out) == single  # exact float equality, every step once
+    check_kill_and_rerun(family_specs[arch], single, tmp_path / "run", every=EVERY)
 
 
 @pytest.mark.slow
@@ -190,18 +233,7 @@ def test_activation_offload_is_bit_identical(arch, family_specs, reference, tmp_
 
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_plan_for_the_family_is_torch_free_and_deterministic(arch):
-    code = (
-        "import sys, time; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
-        "from scaleforge.orchestrator.plan import make_plan, plan_to_yaml\n"
-        "start = time.perf_counter()\n"
-        f"a = plan_to_yaml(make_plan(1e21, arch={arch!r}, unique_tokens=1e13))\n"
-        "print(time.perf_counter() - start)\n"
-        f"assert a == plan_to_yaml(make_plan(1e21, arch={arch!r}, unique_tokens=1e13))\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    seconds = float(proc.stdout.strip().splitlines()[-1])
-    print(f"plan --budget 1e21 --arch {arch}: {seconds:.3f} s")
+    check_plan_torch_free(arch)
 
 
 @pytest.mark.slow

@@ -57,6 +57,24 @@ def test_flops_count_the_streams():
         assert p * 0.85 < ratio < p * 1.05, (p, ratio)
 
 
+
+@pytest.mark.parametrize("fp32", [False, True])
+def test_activations_carry_the_streams_in_both_precisions(fp32):
+    """The P streams ride the micro-batch: each layer keeps a dense layer's bytes at P x the
+    micro-batch, in bf16 and in the fp32 CPU mode (the memory model asks the family in both)."""
+    from scaleforge.parallel.memory import memory_per_gpu
+
+    dense = DenseConfig(**TINY)
+    for p in (1, 4):
+        cfg = ParScaleConfig(**TINY, streams=p)
+        layer = cfg.layer_kinds()[0]
+        shape = dict(seq_len=64, tp=2, sp=True, recompute="none", flash=False, fp32=fp32)
+        assert cfg.activation_bytes(layer, micro_batch=2, **shape) == dense.activation_bytes(
+            dense.layer_kinds()[0], micro_batch=2 * p, **shape)
+    one, four = (memory_per_gpu(ParScaleConfig(**TINY, streams=p), seq_len=64, micro_batch=2,
+                                fp32=fp32).activations for p in (1, 4))
+    assert 3 * one < four <= 4 * one  # (fp32 counts the RoPE tables once a micro-batch)
+
 def test_law_sees_n_and_p():
     cfg = ParScaleConfig(**SHAPE_4B, streams=4)
     law = cfg.law_variables()

@@ -57,11 +57,8 @@ def check_stages(model, stages: int) -> None:
     """The checks the planner makes before it plans anything (one-line ConfigErrors)."""
     if isinstance(stages, bool) or not isinstance(stages, int) or stages < 2:
         raise ConfigError(f"--growth-stages must be an integer of at least 2, got {stages!r}")
-    if getattr(model, "growth_stages", None) is None:
-        raise ConfigError(
-            f"--growth-stages: model.arch={model.arch} has no planned growth ladder (its config "
-            "defines no growth_stages); plan it from scratch"
-        )
+    if not model.plans_growth():
+        model.growth_stages(stages)  # the contract's default: its one-line refusal
 
 
 def source_name(run) -> str | None:

@@ -124,22 +124,18 @@ def for_cluster(spec: RunSpec, cluster: Cluster) -> RunSpec:
 
 
 def _variant(base: RunSpec, params: dict, budget: float, user_keys: frozenset) -> RunSpec:
-    """`base` with what the family plans besides the shape (ParScale: P), if it has such a rule."""
-    rule = getattr(base.model, "plan_variant", None)
-    return base if rule is None else dataclasses.replace(base, model=rule(params, budget, user_keys))
+    """`base` with what the family plans besides the shape (ParScale: P)."""
+    return dataclasses.replace(base, model=base.model.plan_variant(params, budget, user_keys))
 
 
 def _optimum(model, params: dict, budget: float) -> tuple[float, float]:
-    """Compute-optimal (N, D): the family's own where its compute is not 6 N D (ParScale), else the
-    law's."""
-    rule = getattr(model, "compute_optimal", None)
-    return rule(params, budget) if rule else prior.compute_optimal(params, budget)
+    """Compute-optimal (N, D): the family's (the law's unless its compute is not 6 N D: ParScale)."""
+    return model.compute_optimal(params, budget)
 
 
 def _loss(model, params: dict, n: float, d: float) -> float:
-    """Predicted loss: the family's join with the law where it has one (ParScale), else the law's."""
-    rule = getattr(model, "law_loss", None)
-    return rule(params, n, d) if rule else prior.chinchilla_loss(params, n, d)
+    """Predicted loss: the family's (the law's unless it joins its own to it: ParScale)."""
+    return model.law_loss(params, n, d)
 
 
 def plan_run(

@@ -67,8 +67,7 @@ def print_plan(plan: Plan, console: Console | None = None) -> None:
     # a pipe gets a wide table rather than rich's 80 columns of ellipses
     console = console or Console(width=None if sys.stdout.isatty() else 170)
     console.print(plan_table(plan))
-    notes = getattr(plan.target.spec.model, "plan_notes", None)  # a family's own table (ParScale)
-    for line in notes(plan.law.params, plan.budget) if notes else ():
+    for line in plan.target.spec.model.plan_notes(plan.law.params, plan.budget):  # ParScale's
         console.print(line, markup=False, highlight=False)
     for run in [*plan.ladder, plan.target]:  # the memory levers a run needed, and why
         if run.layout.get("levers"):

@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
             "run": st.entry.name,
             "role": "target" if st.entry.name == plan.target.name
             else "growth" if st.entry.name in growth else "ladder",
-            "arch": getattr(planned.spec.model, "arch", plan.arch),
+            "arch": planned.spec.model.arch,
             "N": planned.N,
             "D": planned.D,
             "state": st.state,

@@ -174,15 +174,7 @@ class Memory:
 
 
 def _layer_activation(model: Any, layer: Any, *, fp32: bool, **kw: Any) -> float:
-    if fp32 and layer.kind == "transformer" and hasattr(model, "ffn_hidden"):
-        return transformer_saved_bytes(
-            hidden=model.hidden, heads=model.heads, kv_heads=model.kv_heads,
-            ffn_hidden=model.ffn_hidden, seq_len=kw["seq_len"], micro_batch=kw["micro_batch"],
-            tp=kw["tp"], sp=kw["sp"],
-        ) if kw["recompute"] != "full" else 4 * kw["seq_len"] * kw["micro_batch"] * model.hidden / (
-            kw["tp"] if kw["sp"] else 1)
-    # other kinds in fp32: the family's bf16 count at 4 bytes an element (masks are then over-counted)
-    return model.activation_bytes(layer, **kw) * (2 if fp32 else 1)
+    return model.activation_bytes(layer, fp32=fp32, **kw)  # the family counts, in each precision
 
 
 def memory_per_gpu(

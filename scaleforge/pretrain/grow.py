@@ -12,14 +12,14 @@ space, layers stacked as megatron saves them, in any old layout), asks the famil
 shard of each into the freshly initialised model. The optimizer state is fresh and the schedule starts
 at step 0. A run that already has a checkpoint resumes from it (init_from is then ignored).
 
-The family's growth rule (docs/families.md "Growth") has two halves:
+The family's growth rule (docs/families.md "Growth") has two halves, both in the family contract:
 - torch-free, on its config: `grow_from(self, old) -> config`: refuses a change it cannot make (a
   one-line ConfigError naming the field) and returns the config the grown run trains (TokenFormer sets
-  its frozen score scale there, so a resumed grown run rebuilds with it). A family without
-  `grow_from` has no growth rule and is refused.
-- torch, in its builder module: `grow_state(old_cfg, new_cfg, old) -> dict[key, full tensor]`; the
-  keys it returns are loaded, the others keep the seed's initialisation. Optional: without it every old
-  tensor whose key the new model has is loaded as it is (a shape change is then an error).
+  its frozen score scale there, so a resumed grown run rebuilds with it). The contract's default
+  refuses: a family that does not override it has no growth rule.
+- torch, on its builder: `grow_state(old_cfg, new_cfg, old) -> dict[key, full tensor]`; the keys it
+  returns are loaded, the others keep the seed's initialisation. The default returns every old tensor
+  as it is; unless the builder's `growth_fills_prefix`, a shape change is then an error.
 
 This module imports no torch at module level (the CLI imports it to build its parser).
 """
@@ -81,13 +81,7 @@ def grown_model(new_model: Any, old_model: Any) -> Any:
             f"model.arch={new_model.arch}: growing from a {old_model.arch} run into another "
             f"family is not possible; keep model.arch={old_model.arch}"
         )
-    rule = getattr(new_model, "grow_from", None)
-    if rule is None:
-        raise ConfigError(
-            f"model.arch={new_model.arch} has no growth rule (its config defines no grow_from); "
-            "start the run from its seed instead"
-        )
-    return rule(old_model)
+    return new_model.grow_from(old_model)  # the contract's default refuses (no growth rule)
 
 
 def check(spec: Any) -> Any:
@@ -255,11 +249,8 @@ def start_from(spec: Any, built: Any, run_dir: str | Path | None = None) -> list
     path = last_checkpoint(source_dir(spec, run_dir))
     checkpoint.verify(path)
     old_tensors = read_model_tensors(path)
-    rule = getattr(built.builder, "grow_state", None)
-    if rule is None:
-        loaded = load_into(built.model, old_tensors)
-    else:
-        loaded = load_into(built.model, rule(old.model, spec.model, old_tensors), prefix=True)
+    tensors = built.builder.grow_state(old.model, spec.model, old_tensors)
+    loaded = load_into(built.model, tensors, prefix=built.builder.growth_fills_prefix)
     # mixed precision keeps fp32 main copies made when the optimizer was built: refresh them
     reload = getattr(built.optimizer, "reload_model_params", None)
     if reload is not None:

@@ -62,7 +62,7 @@ def _micro_batches(rows: torch.Tensor, micro_batch: int, device: torch.device):
 
 
 def _forward_step(builder: Any):
-    """megatron's forward_step_func over the family's own forward and loss (its builder module)."""
+    """megatron's forward_step_func over the family's own forward and loss (its builder)."""
 
     def step(data_iterator, model):
         tokens, labels, positions = next(data_iterator)

@@ -27,7 +27,7 @@ class Built:
     config: Any
     """The model's megatron TransformerConfig."""
     builder: Any
-    """The family's builder module (`forward_step`, `step_metrics`; docs/families.md)."""
+    """The family's builder half, an `arch.common.builder.FamilyBuilder` (docs/families.md)."""
     offload: Any = None
     """The activation-offload hooks (`parallel.activation_offload` > 0; pretrain/offload.py)."""
 

@@ -21,8 +21,3 @@ def loss_func(output_tensor: torch.Tensor):
 def forward_step(model: Any, tokens: torch.Tensor, positions: torch.Tensor, labels: torch.Tensor):
     """megatron's forward_step contract: (per-token losses, the function that reduces them)."""
     return model(tokens, positions, None, labels=labels), loss_func
-
-
-def no_metrics(model: Any, *, num_microbatches: int) -> dict[str, float]:
-    """A family without metrics of its own."""
-    return {}

@@ -24,6 +24,8 @@ from scaleforge.errors import ConfigError
 class DenseConfig(FamilyConfig):
     """A LLaMA-style GPT: RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases."""
 
+    builder_class: ClassVar[str] = "scaleforge.arch.dense.model:DenseBuilder"
+    """The builder half (arch/common/builder.py), imported when a model is built."""
     planned_fields: ClassVar[tuple[str, ...]] = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden")
     """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them."""
 
@@ -95,6 +97,25 @@ class DenseConfig(FamilyConfig):
         """`layers` identical attention + SwiGLU blocks."""
         block = LayerKind("transformer", self.layer_params(), kv_heads=self.kv_heads)
         return [block] * self.layers
+
+    def activation_bytes(
+        self, layer: LayerKind, *, seq_len: int, micro_batch: int, tp: int = 1, sp: bool = False,
+        recompute: str = "none", flash: bool = False, fp32: bool = False,
+    ) -> float:
+        """The contract's count (Korthikanti's), except a transformer layer in fp32: what autograd
+        saves in this layer, storage by storage (`transformer_saved_bytes`; full recompute: the
+        fp32 layer input)."""
+        from scaleforge.parallel.memory import transformer_saved_bytes
+
+        if not (fp32 and layer.kind == "transformer"):
+            return super().activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
+                                            sp=sp, recompute=recompute, flash=flash, fp32=fp32)
+        if recompute == "full":
+            return 4 * seq_len * micro_batch * self.hidden / (tp if sp else 1)
+        return transformer_saved_bytes(
+            hidden=self.hidden, heads=self.heads, kv_heads=self.kv_heads, ffn_hidden=self.ffn_hidden,
+            seq_len=seq_len, micro_batch=micro_batch, tp=tp, sp=sp,
+        )
 
     def summary(self) -> str:
         """`layers x hidden`, the table's shape column."""

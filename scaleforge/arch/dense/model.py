@@ -21,8 +21,8 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from scaleforge.arch.common import lm
 from scaleforge.arch.common.attention import core_attention, have_te
+from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
@@ -78,5 +78,7 @@ def build_model(
     return model
 
 
-forward_step = lm.forward_step
-step_metrics = lm.no_metrics
+class DenseBuilder(FamilyBuilder):
+    """The builder half (arch/common/builder.py): the language model's step, no metrics."""
+
+    build_model = staticmethod(build_model)

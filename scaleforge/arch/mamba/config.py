@@ -50,6 +50,8 @@ _MOE_FIELDS = ("experts", "top_k", "moe_ffn_hidden", "shared_expert_ffn", "capac
 class MambaConfig(FamilyConfig):
     """A Mamba-2 stack, optionally hybrid with attention and MLP layers (`pattern`)."""
 
+    builder_class: ClassVar[str] = "scaleforge.arch.mamba.model:MambaBuilder"
+    """The builder half (arch/common/builder.py), imported when a model is built."""
     planned_fields: ClassVar[tuple[str, ...]] = ("layers", "hidden", "heads", "kv_heads",
                                                  "ffn_hidden", "headdim", "moe_ffn_hidden")
     """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them. The
@@ -401,8 +403,15 @@ class MambaConfig(FamilyConfig):
 
     def activation_bytes(
         self, layer: LayerKind, *, seq_len: int, micro_batch: int, tp: int = 1, sp: bool = False,
-        recompute: str = "none", flash: bool = False,
+        recompute: str = "none", flash: bool = False, fp32: bool = False,
     ) -> float:
+        """Activation bytes one layer keeps for backward (in fp32: twice the bf16 count below)."""
+        bf16 = self._bf16_activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
+                                           sp=sp, recompute=recompute, flash=flash)
+        return bf16 * (2 if fp32 else 1)
+
+    def _bf16_activation_bytes(self, layer: LayerKind, *, seq_len: int, micro_batch: int, tp: int,
+                               sp: bool, recompute: str, flash: bool) -> float:
         """Activation bytes one layer keeps for backward (bf16, 2 bytes an element), per token x
         seq_len x micro_batch; `r` = what is replicated over tp (divided by tp under SP):
         - mamba: r 2 d (norm input and in_proj input) + 2 (Ed + H) (in_proj's z, x, dt) + (Ed + H)

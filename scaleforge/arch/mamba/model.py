@@ -31,8 +31,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
-from scaleforge.arch.common import lm
 from scaleforge.arch.common.attention import core_attention
+from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import Init, Rule, gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
@@ -215,8 +215,9 @@ def build_model(
     return model
 
 
-forward_step = lm.forward_step
+class MambaBuilder(FamilyBuilder):
+    """The builder half (arch/common/builder.py): the language model's step; the MoE metrics
+    (only with `E` layers): the moe family's, over the pattern's `E` layers."""
 
-
-# MoE metrics (only with `E` layers): the moe family's, over the pattern's `E` layers
-step_metrics = moe_model.step_metrics
+    build_model = staticmethod(build_model)
+    step_metrics = staticmethod(moe_model.step_metrics)

@@ -39,6 +39,8 @@ DROP_POLICIES = ("probs", "position")
 class MoEConfig(DenseConfig):
     """A LLaMA-style GPT whose MLPs are (every `moe_every`-th layer) top-k routed SwiGLU experts."""
 
+    builder_class: ClassVar[str] = "scaleforge.arch.moe.model:MoEBuilder"
+    """The builder half (arch/common/builder.py), imported when a model is built."""
     planned_fields: ClassVar[tuple[str, ...]] = (
         "layers", "hidden", "heads", "kv_heads", "ffn_hidden", "moe_ffn_hidden",
     )
@@ -240,9 +242,10 @@ class MoEConfig(DenseConfig):
 
     def activation_bytes(
         self, layer: LayerKind, *, seq_len: int, micro_batch: int, tp: int = 1, sp: bool = False,
-        recompute: str = "none", flash: bool = False,
+        recompute: str = "none", flash: bool = False, fp32: bool = False,
     ) -> float:
-        """Korthikanti's layer bytes with the dense MLP's share replaced by the routed experts'.
+        """Korthikanti's layer bytes with the dense MLP's share replaced by the routed experts' (in
+        fp32: twice these bf16 bytes; a dense layer as the dense family counts it).
 
         Of Korthikanti's 34 s b h, 19 are the MLP's (fc1 input 2, fc1 output 2 x 2 x 8h/3, SwiGLU
         output 2 x 8h/3, dropout mask 1); under TP without SP 3 of them are not split (fc1 input,
@@ -251,17 +254,18 @@ class MoEConfig(DenseConfig):
         outputs, the shared expert's 2h + 6 s / tp once, the dropout mask, and the router's fp32
         logits and probabilities 8 E. Full recompute keeps only the layer input, as for dense.
         """
+        if layer.kind != "transformer_moe" or recompute == "full":
+            return super().activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
+                                            sp=sp, recompute=recompute, flash=flash, fp32=fp32)
         base = super().activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
                                         sp=sp, recompute=recompute, flash=flash)
-        if layer.kind != "transformer_moe" or recompute == "full":
-            return base
         sb, h = seq_len * micro_batch, self.hidden
         dense_mlp = sb * h * (19 / tp if sp else 3 + 16 / tp)
         routed = self.top_k * (2 * h + 6 * self.moe_ffn_hidden / tp)
         shared = (2 * h + 6 * self.shared_expert_ffn / tp) if self.shared_expert_ffn else 0.0
         mask = h / tp if sp else h
         router = 8 * self.experts
-        return base - dense_mlp + sb * (routed + shared + mask + router)
+        return (base - dense_mlp + sb * (routed + shared + mask + router)) * (2 if fp32 else 1)
 
     def summary(self) -> str:
         """`layers x hidden, E experts top-k`, the table's shape column."""

@@ -38,8 +38,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from scaleforge.arch.common import lm
 from scaleforge.arch.common.attention import core_attention
+from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
@@ -143,8 +143,6 @@ def build_model(
     return model
 
 
-forward_step = lm.forward_step
-
 
 # ----------------------------------------------------------------------------------------------
 # metrics
@@ -230,3 +228,9 @@ def step_metrics(model: Any, *, num_microbatches: int) -> dict[str, float]:
         out["moe/load_max_over_mean"] = float((counts.max(dim=1).values / mean).mean())
     return out
 
+
+class MoEBuilder(FamilyBuilder):
+    """The builder half (arch/common/builder.py): the language model's step, the MoE metrics."""
+
+    build_model = staticmethod(build_model)
+    step_metrics = staticmethod(step_metrics)

@@ -47,6 +47,8 @@ GATE_SCALE = 0.1
 class MoRConfig(DenseConfig):
     """A LLaMA-style GPT whose middle layers are one shared block applied recursively, routed."""
 
+    builder_class: ClassVar[str] = "scaleforge.arch.mor.model:MoRBuilder"
+    """The builder half (arch/common/builder.py), imported when a model is built."""
     planned_fields: ClassVar[tuple[str, ...]] = ("layers", "hidden", "heads", "kv_heads", "ffn_hidden")
     """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them."""
 
@@ -199,13 +201,14 @@ class MoRConfig(DenseConfig):
         return kinds
 
     def activation_bytes(self, layer: LayerKind, *, seq_len: int, micro_batch: int, tp: int = 1,
-                         sp: bool = False, recompute: str = "none", flash: bool = False) -> float:
+                         sp: bool = False, recompute: str = "none", flash: bool = False,
+                         fp32: bool = False) -> float:
         """A recursion step's layer keeps Korthikanti's bytes for its k_r tokens (attention over
         k_r tokens: the score term shrinks with them too)."""
         if layer.kind.startswith("recursion_"):
             seq_len = self.capacity_tokens(int(layer.kind.split("_")[1]), seq_len)
         return super().activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch, tp=tp,
-                                        sp=sp, recompute=recompute, flash=flash)
+                                        sp=sp, recompute=recompute, flash=flash, fp32=fp32)
 
     def summary(self) -> str:
         """`layers x hidden / r N_r`: applied depth, width, recursions."""

@@ -49,6 +49,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import make_viewless_tensor
 
+from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import gpt_rule, init_params
 from scaleforge.arch.common.transformer import gpt_model, llama_fields
 from scaleforge.arch.dense.model import layer_spec as dense_layer_spec
@@ -278,3 +279,11 @@ def step_metrics(model: Any, *, num_microbatches: int) -> dict[str, float]:
     if float(sums[3]) > 0:
         out["mor/mean_depth"] = float(sums[2] / sums[3])
     return out
+
+
+class MoRBuilder(FamilyBuilder):
+    """The builder half (arch/common/builder.py): the loss with the router's, the MoR metrics."""
+
+    build_model = staticmethod(build_model)
+    forward_step = staticmethod(forward_step)
+    step_metrics = staticmethod(step_metrics)

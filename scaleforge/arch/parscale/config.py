@@ -33,6 +33,8 @@ from scaleforge.errors import ConfigError
 class ParScaleConfig(DenseConfig):
     """A dense LLaMA-style GPT run as P parallel streams (prefix K/V per stream), aggregated."""
 
+    builder_class: ClassVar[str] = "scaleforge.arch.parscale.model:ParScaleBuilder"
+    """The builder half (arch/common/builder.py), imported when a model is built."""
     planned_fields: ClassVar[tuple[str, ...]] = DenseConfig.planned_fields
     """Fields the shape rule decides; `streams` is the user's (`--set model.streams=`) or the
     planner's choice among 1, 2, 4, 8."""
@@ -225,11 +227,11 @@ class ParScaleConfig(DenseConfig):
 
     def activation_bytes(
         self, layer: LayerKind, *, seq_len: int, micro_batch: int, tp: int = 1, sp: bool = False,
-        recompute: str = "none", flash: bool = False,
+        recompute: str = "none", flash: bool = False, fp32: bool = False,
     ) -> float:
         """A dense layer's bytes at a micro-batch P times as large (the streams ride the batch)."""
         return super().activation_bytes(layer, seq_len=seq_len, micro_batch=micro_batch * self.streams,
-                                        tp=tp, sp=sp, recompute=recompute, flash=flash)
+                                        tp=tp, sp=sp, recompute=recompute, flash=flash, fp32=fp32)
 
     def summary(self) -> str:
         """`layers x hidden P<streams>`, the table's shape column."""

@@ -38,8 +38,8 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from scaleforge.arch.common import lm
 from scaleforge.arch.common.attention import SDPAttention
+from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import Init, gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
@@ -215,8 +215,6 @@ def build_model(cfg: ParScaleConfig, *, seq_len: int, seed: int, runtime: dict[s
     return model
 
 
-forward_step = lm.forward_step
-
 
 def step_metrics(model: Any, *, num_microbatches: int) -> dict[str, float]:
     """`parscale/weight_entropy` (nats; ln P: the streams weighed equally, 0: one stream takes all)
@@ -234,3 +232,10 @@ def step_metrics(model: Any, *, num_microbatches: int) -> dict[str, float]:
     if not tokens:
         return {}
     return {"parscale/weight_entropy": entropy / tokens, "parscale/weight_max": top / tokens}
+
+
+class ParScaleBuilder(FamilyBuilder):
+    """The builder half (arch/common/builder.py): the language model's step, the stream metrics."""
+
+    build_model = staticmethod(build_model)
+    step_metrics = staticmethod(step_metrics)

@@ -29,6 +29,8 @@ class TokenFormerConfig(FamilyConfig):
     """A TokenFormer decoder: Pattention Q, K, V, output projection and FFN; rotary on a fraction of
     the head dims; non-parametric pre-norms; tied embeddings."""
 
+    builder_class: ClassVar[str] = "scaleforge.arch.tokenformer.model:TokenFormerBuilder"
+    """The builder half (arch/common/builder.py), imported when a model is built."""
     planned_fields: ClassVar[tuple[str, ...]] = (
         "layers", "hidden", "heads", "qkv_tokens", "proj_tokens", "ffn_tokens")
     """Fields the shape rule (`for_params`) decides; the planner refuses `--set` on them."""

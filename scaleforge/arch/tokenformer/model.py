@@ -45,8 +45,8 @@ from megatron.core.transformer.utils import (
     make_sharded_tensors_for_checkpoint,
 )
 
-from scaleforge.arch.common import lm
 from scaleforge.arch.common.attention import core_attention
+from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import Init, Rule, init_params
 from scaleforge.arch.common.transformer import MEGATRON_DEFAULTS, gpt_model, keep
 from scaleforge.arch.tokenformer.config import TokenFormerConfig
@@ -306,9 +306,6 @@ def build_model(
     return model
 
 
-forward_step = lm.forward_step
-step_metrics = lm.no_metrics
-
 
 # ----------------------------------------------------------------------------------------------
 # growth (pretrain/grow.py, docs/families.md "Growth")
@@ -332,3 +329,12 @@ def grow_state(old_cfg: TokenFormerConfig, new_cfg: TokenFormerConfig,
         else:
             out[key] = tensor  # value tokens: the first rows (pretrain/grow.py fills a prefix)
     return out
+
+
+class TokenFormerBuilder(FamilyBuilder):
+    """The builder half (arch/common/builder.py): the language model's step, no metrics, and the
+    growth rule's tensor half (appended tokens fill the tensors' leading part)."""
+
+    growth_fills_prefix = True
+    build_model = staticmethod(build_model)
+    grow_state = staticmethod(grow_state)
