@@ -18,6 +18,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from scaleforge.arch.common.hf import Target
+from scaleforge.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Divisible:
@@ -84,3 +87,10 @@ class FamilyConfig:
             seq_len=seq_len, micro_batch=micro_batch, hidden=self.hidden,
             heads=getattr(self, "heads", 1), tp=tp, sp=sp, recompute=recompute, flash=flash,
         )
+
+    def hf_target(self, seq_len: int) -> Target:
+        """The Hugging Face model this shape exports to: `orchestrate export` asks before it reads
+        the checkpoint. A family that transformers has overrides it with its mapping
+        (`arch/<family>/hf.py`), refusing a setting transformers cannot express with a one-line
+        ConfigError naming it; a family without a counterpart says why. Torch-free."""
+        raise ConfigError(f"model.arch={self.arch}: no Hugging Face export for this family")
