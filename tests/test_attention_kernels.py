@@ -28,7 +28,7 @@ def megatron_single():
 
 def _config(heads: int, kv_heads: int):
     from scaleforge.arch.dense.config import DenseConfig
-    from scaleforge.arch.dense.model import transformer_config
+    from scaleforge.arch.common.transformer import transformer_config
 
     cfg = DenseConfig(layers=1, hidden=64 * heads, heads=heads, kv_heads=kv_heads,
                       ffn_hidden=128, vocab_size=128)

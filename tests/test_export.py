@@ -269,13 +269,12 @@ def test_fresh_models_export_exactly(example, sets, architecture, tiny_store, tm
     from scaleforge.config import RunSpec, apply_overrides, from_dict, load_yaml_file
     from scaleforge.data_pipeline import open_store
     from scaleforge.export import gather, writer
-    from scaleforge.export.targets import target_for
     from scaleforge.pretrain.model_build import runtime_config
 
     spec = apply_overrides(
         from_dict(RunSpec, load_yaml_file(ROOT / "examples" / f"{example}-tiny.yaml")),
         [*(x for x in SHRINK if x.startswith(("model.", "data.seq"))), *sets])
-    target = target_for(spec.model, seq_len=spec.data.seq_len)
+    target = spec.model.hf_target(spec.data.seq_len)
     assert target.architecture == architecture
     ids = torch.randint(0, spec.model.vocab_size, (2, spec.data.seq_len),
                         generator=torch.Generator().manual_seed(0))
@@ -299,15 +298,14 @@ def test_fresh_models_export_exactly(example, sets, architecture, tiny_store, tm
     ("mamba", {"pattern": "M*M-"}, "model.pattern"),
     ("mamba", {"pattern": "ME"}, "model.pattern"),
     ("parscale", {"streams": 2}, "model.streams"),
-    ("tokenformer", {}, "TokenFormer"),
-    ("mor", {}, "Mixture-of-Recursions"),
+    ("tokenformer", {}, "model.arch=tokenformer: transformers has no TokenFormer"),
+    ("mor", {}, "model.arch=mor: transformers has no Mixture-of-Recursions"),
 ])
 def test_targets_refuse_what_transformers_cannot_express(arch, fields, named):
     from scaleforge.arch.registry import config_class
-    from scaleforge.export.targets import target_for
 
     with pytest.raises(ConfigError, match=named) as info:
-        target_for(config_class(arch)(**fields), seq_len=32)
+        config_class(arch)(**fields).hf_target(32)
     assert "\n" not in str(info.value)
 
 
@@ -319,6 +317,5 @@ def test_targets_refuse_what_transformers_cannot_express(arch, fields, named):
 ])
 def test_targets_pick_the_architecture(arch, fields, architecture):
     from scaleforge.arch.registry import config_class
-    from scaleforge.export.targets import target_for
 
-    assert target_for(config_class(arch)(**fields), seq_len=32).architecture == architecture
+    assert config_class(arch)(**fields).hf_target(32).architecture == architecture

@@ -32,7 +32,7 @@ def test_sdpa_attention_equals_megatron_dot_product_attention(megatron_single, h
     from megatron.core.transformer.enums import AttnMaskType
 
     from scaleforge.arch.common.attention import SDPAttention
-    from scaleforge.arch.dense.model import transformer_config
+    from scaleforge.arch.common.transformer import transformer_config
 
     cfg = DenseConfig(layers=1, hidden=64, heads=heads, kv_heads=kv_heads, ffn_hidden=128,
                       vocab_size=128)
@@ -115,7 +115,7 @@ def test_fused_swiglu_mlp_equals_megatron_mlp(megatron_single):
     from megatron.core.transformer.spec_utils import build_module
 
     from scaleforge.arch.common.mlp import SwiGLUMLP
-    from scaleforge.arch.dense.model import transformer_config
+    from scaleforge.arch.common.transformer import transformer_config
 
     cfg = DenseConfig(layers=1, hidden=32, heads=4, kv_heads=2, ffn_hidden=48, vocab_size=64)
     config = transformer_config(cfg, _runtime())

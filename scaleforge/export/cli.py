@@ -1,7 +1,8 @@
 """`orchestrate export RUN_DIR --to hf OUT`: a trained run as a Hugging Face model directory.
 
 Everything that can be refused is checked before anything heavy runs: the target directory, the
-run's last complete checkpoint, its family and settings (export/targets.py), the run's tokenizer.
+run's last complete checkpoint, its family and settings (the model config's `hf_target`, which
+names the family's mapping or says why it has none), the run's tokenizer.
 This module imports no torch at module level (the CLI imports it to build its parser).
 """
 
@@ -26,7 +27,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def export_hf(run_dir: str | Path, out: str | Path) -> dict:
     """Export RUN_DIR's last complete checkpoint to OUT; returns {architecture, step, path}."""
     from scaleforge.config import load_runspec
-    from scaleforge.export.targets import target_for
     from scaleforge.export.writer import check_target, run_tokenizer
     from scaleforge.pretrain.grow import last_checkpoint
 
@@ -39,7 +39,7 @@ def export_hf(run_dir: str | Path, out: str | Path) -> dict:
         raise ConfigError(f"{run_dir} has no complete checkpoint ({latest} naming a step directory "
                           "with COMPLETE); train the run first") from None
     spec = load_runspec(rundir.spec_path(path))  # the spec the checkpoint was made with
-    target = target_for(spec.model, seq_len=spec.data.seq_len)
+    target = spec.model.hf_target(spec.data.seq_len)
     tokenizer = run_tokenizer(spec)
 
     from scaleforge.export import gather, writer

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from scaleforge.arch.common import law
+from scaleforge.arch.common.hf import Target
 from scaleforge.errors import ConfigError
 
 
@@ -200,3 +201,10 @@ class FamilyConfig:
         """Whether the family defines `growth_stages` (the planner refuses `--growth-stages`
         before it plans anything when it does not). Not for a family to override."""
         return type(self).growth_stages is not FamilyConfig.growth_stages
+
+    def hf_target(self, seq_len: int) -> Target:
+        """The Hugging Face model this shape exports to: `orchestrate export` asks before it reads
+        the checkpoint. A family that transformers has overrides it with its mapping
+        (`arch/<family>/hf.py`), refusing a setting transformers cannot express with a one-line
+        ConfigError naming it; a family without a counterpart says why. Torch-free."""
+        raise ConfigError(f"model.arch={self.arch}: no Hugging Face export for this family")

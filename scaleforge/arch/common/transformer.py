@@ -1,4 +1,5 @@
-"""The TransformerConfig fields every family with LLaMA-style attention and MLP layers shares.
+"""The LLaMA-style decoder in megatron-core: the TransformerConfig fields every family with its
+attention and MLP layers shares, the decoder's block spec and its GPTModel.
 
 RMSNorm, SwiGLU, no biases, no dropout; weights drawn by `arch.common.init` (layout-independent), so
 megatron's own draw is a no-op. `perform_initialization` must stay on: megatron tags the
@@ -13,6 +14,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlock,
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from scaleforge.arch.common.attention import core_attention, have_te
+from scaleforge.arch.common.mlp import SwiGLUMLP
+from scaleforge.arch.common.norm import RMSNorm
 
 
 class _QuietSubclassedMLP(logging.Filter):
@@ -62,6 +75,45 @@ def llama_fields(*, layers: int, hidden: int, heads: int, kv_heads: int, head_di
         init_method=keep,
         output_layer_init_method=keep,
         **MEGATRON_DEFAULTS,
+    )
+
+
+def transformer_config(cfg: Any, runtime: dict[str, Any]) -> TransformerConfig:
+    """megatron TransformerConfig of the decoder shape `cfg` (arch/common/decoder.py) under `runtime`
+    (layout, dtype, fusions)."""
+    return TransformerConfig(
+        **llama_fields(layers=cfg.layers, hidden=cfg.hidden, heads=cfg.heads,
+                       kv_heads=cfg.kv_heads, head_dim=cfg.head_dim, ffn_hidden=cfg.ffn_hidden,
+                       norm_eps=cfg.norm_eps, init_std=cfg.init_std),
+        **runtime,
+    )
+
+
+def layer_spec(config: TransformerConfig) -> ModuleSpec:
+    """The decoder's block spec: TE modules where Transformer Engine imports, else local +
+    flash-attn/SDPA."""
+    if have_te():
+        from megatron.core.models.gpt.gpt_layer_specs import (
+            get_gpt_layer_with_transformer_engine_spec,
+        )
+
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        # TE's fused norm-linears and TENorm read config.normalization (RMSNorm) themselves
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        final_norm = TENorm
+    else:
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        attn = layer.submodules.self_attention
+        attn.submodules.core_attention = core_attention(config.params_dtype)
+        layer.submodules.input_layernorm = RMSNorm
+        layer.submodules.pre_mlp_layernorm = RMSNorm
+        layer.submodules.mlp.module = SwiGLUMLP
+        final_norm = RMSNorm
+    layers = get_num_layers_to_build(config)
+    return ModuleSpec(
+        module=TransformerBlock,
+        submodules=TransformerBlockSubmodules(layer_specs=[layer] * layers, layer_norm=final_norm),
     )
 
 

@@ -5,7 +5,7 @@ The layer string `pattern` (megatron's hybrid_override_pattern letters) says wha
 unit tiled over `layers` (repeated, the last repeat cut): layers=6, pattern="M*" builds M*M*M*;
 layers=4, pattern="MM*" builds MM*M. `E` is a MoE block (megatron's MoELayer: a top-k router over
 `experts` SwiGLU experts of `moe_ffn_hidden`, optionally a shared expert), with the moe family's keys
-and checks (arch/moe/config.py).
+and checks (arch/common/experts.py).
 
 Parameters, per layer (d hidden, E expand, Ed = E d, N d_state, G groups, H = Ed / headdim Mamba
 heads, K d_conv; every block has a pre-norm RMSNorm weight of d and no linear bias):
@@ -35,7 +35,11 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from scaleforge.arch.common import shapes
+from scaleforge.arch.common.experts import check_expert_keys
 from scaleforge.arch.common.family import Divisible, FamilyConfig, LayerKind
+from scaleforge.arch.common.hf import Target
+from scaleforge.arch.mamba import hf
 from scaleforge.errors import ConfigError
 
 LETTERS = {"M": "mamba", "*": "attention", "-": "mlp", "E": "moe"}
@@ -174,7 +178,7 @@ class MambaConfig(FamilyConfig):
         if not 0 < self.dt_init_floor:
             raise ConfigError(f"model.dt_init_floor={self.dt_init_floor} must be positive")
         if self.has_moe:
-            self._moe_view()  # the moe family's checks of its keys (one-line ConfigErrors)
+            check_expert_keys(self)  # the moe family's checks of its keys (one-line ConfigErrors)
         else:
             # an MoE key on a stack without experts would be silently ignored: refuse it
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
@@ -217,15 +221,6 @@ class MambaConfig(FamilyConfig):
     def has_moe(self) -> bool:
         """Whether the built stack has an `E` layer."""
         return "E" in self.layer_pattern
-
-    def _moe_view(self):
-        """The moe family's config with this shape's MoE keys: its validation and expert counts."""
-        from scaleforge.arch.moe.config import MoEConfig
-
-        keys = ("hidden", "heads", "kv_heads", "vocab_size", "experts", "top_k", "moe_ffn_hidden",
-                "shared_expert_ffn", "capacity_factor", "drop_policy", "router_score",
-                "expert_bias", "aux_loss_coeff", "z_loss_coeff", "dispatcher")
-        return MoEConfig(layers=1, **{k: getattr(self, k) for k in keys})
 
     # ------------------------------------------------------------------------------------------
     # accounting
@@ -319,8 +314,6 @@ class MambaConfig(FamilyConfig):
         groups = gcd(base groups, Mamba heads) so that they divide the heads at every width; `E`
         experts as wide as the MLP rule (8/3 d, Mixtral, as the moe family), N = active parameters
         (the law's), shared_expert_ffn and the expert count as in `base`."""
-        from scaleforge.arch.dense import shapes
-
         if not (isinstance(n, (int, float)) and math.isfinite(n) and n > 0):
             raise ConfigError(f"target parameter count must be a positive number, got {n!r}")
         unit = _period(base.pattern) if base.pattern else "M"
@@ -453,6 +446,10 @@ class MambaConfig(FamilyConfig):
         """`layers x hidden` plus the pattern unit of a hybrid."""
         shape = f"{self.layers}x{self.hidden}"
         return f"{shape} {self.pattern}" if self.pattern and set(self.pattern) != {"M"} else shape
+
+    def hf_target(self, seq_len: int) -> Target:
+        """Mamba2ForCausalLM or NemotronHForCausalLM (arch/mamba/hf.py)."""
+        return hf.target(self, seq_len=seq_len)
 
 
 def _period(pattern: str) -> str:

@@ -34,13 +34,12 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from scaleforge.arch.common.attention import core_attention
 from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import Init, Rule, gpt_rule, init_params
+from scaleforge.arch.common import moe as moe_layers
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
 from scaleforge.arch.common.transformer import llama_fields
 from scaleforge.arch.mamba.config import MambaConfig
 from scaleforge.arch.mamba.mixer import MambaMixer
-from scaleforge.arch.moe import model as moe_model
-from scaleforge.arch.moe.model import moe_fields, moe_runtime
 
 
 class _Stack(MambaStack):
@@ -85,9 +84,9 @@ def transformer_config(cfg: MambaConfig, runtime: dict[str, Any]) -> Transformer
         # (unused) rather than refuse a tp that divides everything the stack splits
         heads = kv_heads = runtime.get("tensor_model_parallel_size", 1)
     moe: dict[str, Any] = {}
-    if cfg.has_moe:  # the moe family's settings, for the same reasons (arch/moe/model.py)
-        runtime = moe_runtime(runtime)
-        moe = moe_fields(cfg)
+    if cfg.has_moe:  # the moe family's settings, for the same reasons (arch/common/moe.py)
+        runtime = moe_layers.moe_runtime(runtime)
+        moe = moe_layers.moe_fields(cfg)
     return TransformerConfig(
         **llama_fields(layers=cfg.layers, hidden=cfg.hidden, heads=heads, kv_heads=kv_heads,
                        head_dim=cfg.head_dim, ffn_hidden=cfg.ffn_hidden, norm_eps=cfg.norm_eps,
@@ -209,7 +208,7 @@ def build_model(
     )
     init_params(model, seed=seed, rule=mamba_rule(cfg), tied=cfg.tied_embeddings)
     if cfg.has_moe:
-        moe_model.track_expert_load(
+        moe_layers.track_expert_load(
             model, layers=cfg.layers, experts=cfg.experts,
             moe_layers=[i for i, c in enumerate(cfg.layer_pattern) if c == "E"])
     return model
@@ -217,7 +216,7 @@ def build_model(
 
 class MambaBuilder(FamilyBuilder):
     """The builder half (arch/common/builder.py): the language model's step; the MoE metrics
-    (only with `E` layers): the moe family's, over the pattern's `E` layers."""
+    (only with `E` layers), over the pattern's `E` layers."""
 
     build_model = staticmethod(build_model)
-    step_metrics = staticmethod(moe_model.step_metrics)
+    step_metrics = staticmethod(moe_layers.step_metrics)

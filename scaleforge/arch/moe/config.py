@@ -1,6 +1,6 @@
 """Mixture-of-Experts decoder shape (torch-free) with its exact parameter and FLOP accounting.
 
-A LLaMA-style GPT (RoPE, RMSNorm, GQA, no biases, as `arch/dense`) whose MLP is, every `moe_every`-th
+A LLaMA-style GPT (RoPE, RMSNorm, GQA, no biases, arch/common/decoder.py) whose MLP is, every `moe_every`-th
 layer (megatron's `moe_layer_freq`: layers 0, k, 2k, ... counted from 0), a token-choice top-k MoE:
 a router W_r [experts, hidden] (no bias), `experts` SwiGLU experts of width `moe_ffn_hidden`
 (fc1 [2 f, h] = [gate; up], fc2 [h, f]) and optionally one shared SwiGLU expert of width
@@ -26,17 +26,17 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from scaleforge.arch.common import shapes
+from scaleforge.arch.common.decoder import DecoderConfig
+from scaleforge.arch.common.experts import check_expert_keys
 from scaleforge.arch.common.family import Divisible, LayerKind
-from scaleforge.arch.dense.config import DenseConfig
+from scaleforge.arch.common.hf import Target
+from scaleforge.arch.moe import hf
 from scaleforge.errors import ConfigError
-
-ROUTER_SCORES = ("softmax", "sigmoid")
-DISPATCHERS = ("allgather", "alltoall")
-DROP_POLICIES = ("probs", "position")
 
 
 @dataclass(kw_only=True, frozen=True)
-class MoEConfig(DenseConfig):
+class MoEConfig(DecoderConfig):
     """A LLaMA-style GPT whose MLPs are (every `moe_every`-th layer) top-k routed SwiGLU experts."""
 
     builder_class: ClassVar[str] = "scaleforge.arch.moe.model:MoEBuilder"
@@ -87,46 +87,9 @@ class MoEConfig(DenseConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("experts", "top_k", "moe_ffn_hidden", "moe_every"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"model.{name} must be a positive integer, got {value!r}")
-        if (not isinstance(self.shared_expert_ffn, int) or isinstance(self.shared_expert_ffn, bool)
-                or self.shared_expert_ffn < 0):
-            raise ConfigError(
-                f"model.shared_expert_ffn must be an integer >= 0 (0: no shared expert), "
-                f"got {self.shared_expert_ffn!r}"
-            )
-        if self.top_k > self.experts:
-            raise ConfigError(
-                f"model.top_k={self.top_k} exceeds model.experts={self.experts}; lower top_k or add "
-                "experts"
-            )
-        for name in ("capacity_factor", "aux_loss_coeff", "z_loss_coeff"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"model.{name} must be a finite number, got {value!r}")
-            if value < 0:
-                what = ("0 means dropless; use 0 or a factor such as 1.25"
-                        if name == "capacity_factor" else "use 0 to turn it off")
-                raise ConfigError(f"model.{name}={value} must be >= 0 ({what})")
-        if self.router_score not in ROUTER_SCORES:
-            raise ConfigError(
-                f"model.router_score={self.router_score!r} is not one of {', '.join(ROUTER_SCORES)}"
-            )
-        if self.expert_bias and self.router_score != "sigmoid":
-            raise ConfigError(
-                "model.expert_bias=true needs model.router_score=sigmoid (megatron's aux-loss-free "
-                "balancing biases sigmoid scores)"
-            )
-        if self.dispatcher not in DISPATCHERS:
-            raise ConfigError(
-                f"model.dispatcher={self.dispatcher!r} is not one of {', '.join(DISPATCHERS)}"
-            )
-        if self.drop_policy not in DROP_POLICIES:
-            raise ConfigError(
-                f"model.drop_policy={self.drop_policy!r} is not one of {', '.join(DROP_POLICIES)}"
-            )
+        check_expert_keys(self)
+        if not isinstance(self.moe_every, int) or isinstance(self.moe_every, bool) or self.moe_every < 1:
+            raise ConfigError(f"model.moe_every must be a positive integer, got {self.moe_every!r}")
 
     # ------------------------------------------------------------------------------------------
     # layer pattern
@@ -271,6 +234,10 @@ class MoEConfig(DenseConfig):
         """`layers x hidden, E experts top-k`, the table's shape column."""
         return f"{self.layers}x{self.hidden} E{self.experts}k{self.top_k}"
 
+    def hf_target(self, seq_len: int) -> Target:
+        """MixtralForCausalLM or Qwen2MoeForCausalLM (arch/moe/hf.py)."""
+        return hf.target(self, seq_len=seq_len)
+
 
 # ----------------------------------------------------------------------------------------------
 # the shape rule
@@ -278,25 +245,21 @@ class MoEConfig(DenseConfig):
 
 def expert_width(hidden: int) -> int:
     """Routed-expert width at `hidden`: the dense rule's SwiGLU width, 8h/3 rounded up to a multiple
-    of 64 (of 32 below 256; arch/dense/shapes.py `ffn_for`), as in Mixtral, where each expert is a full
-    dense MLP. A finer-grained base is not scaled down: its width is planned like the rest."""
-    from scaleforge.arch.dense.shapes import ffn_for
-
-    return ffn_for(hidden)
+    of 64 (of 32 below 256; arch/common/shapes.py `ffn_for`), as in Mixtral, where each expert is a
+    full dense MLP. A finer-grained base is not scaled down: its width is planned like the rest."""
+    return shapes.ffn_for(hidden)
 
 
 def moe_shape(n_target: float, base: MoEConfig) -> MoEConfig:
     """The MoE shape with about `n_target` ACTIVE parameters.
 
-    Rule: dense's width grid, head size and aspect-ratio depth rule (arch/dense/shapes.py) with
+    Rule: dense's width grid, head size and aspect-ratio depth rule (arch/common/shapes.py) with
     `experts`, `top_k`, `moe_every`, the routing and the losses kept from `base`; each expert as wide
     as the dense rule's MLP (`expert_width`, Mixtral); a shared expert, if `base` has one
     (shared_expert_ffn > 0), as wide as one routed expert; dense layers' ffn_hidden by the dense rule. Among widths on the grid and depths within 4/3 of the rule, the shape
     whose active N is within 5% of the target and nearest the aspect rule wins; if none is within 5%,
     the nearest active N wins. The law then sees N = active parameters (law_variables).
     """
-    from scaleforge.arch.dense import shapes
-
     if not (isinstance(n_target, (int, float)) and math.isfinite(n_target) and n_target > 0):
         raise ConfigError(f"target parameter count must be a positive number, got {n_target!r}")
 

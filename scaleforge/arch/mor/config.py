@@ -1,6 +1,6 @@
 """Mixture-of-Recursions shape (torch-free) with its exact parameter and FLOP accounting.
 
-MoR (Bae et al. 2025, methods.md section 3): a LLaMA-style GPT (as `arch/dense`) of `layers` applied
+MoR (Bae et al. 2025, methods.md section 3): a LLaMA-style GPT (arch/common/decoder.py) of `layers` applied
 layers whose weights are shared across `recursions` recursion steps, with a router that decides per
 token how many steps it takes.
 
@@ -33,8 +33,10 @@ import math
 from dataclasses import dataclass
 from typing import ClassVar
 
+from scaleforge.arch.common.decoder import DecoderConfig
 from scaleforge.arch.common.family import Divisible, LayerKind
-from scaleforge.arch.dense.config import DenseConfig
+from scaleforge.arch.common.hf import Target
+from scaleforge.arch.common.shapes import dense_shape
 from scaleforge.errors import ConfigError
 
 SHARINGS = ("middle_cycle", "cycle", "middle_sequence", "sequence")
@@ -44,7 +46,7 @@ GATE_SCALE = 0.1
 
 
 @dataclass(kw_only=True, frozen=True)
-class MoRConfig(DenseConfig):
+class MoRConfig(DecoderConfig):
     """A LLaMA-style GPT whose middle layers are one shared block applied recursively, routed."""
 
     builder_class: ClassVar[str] = "scaleforge.arch.mor.model:MoRBuilder"
@@ -143,14 +145,12 @@ class MoRConfig(DenseConfig):
 
     @classmethod
     def for_params(cls, n: float, base: "MoRConfig") -> "MoRConfig":
-        """About `n` UNIQUE parameters: dense's rule (arch/dense/shapes.py) picks the width and the
+        """About `n` UNIQUE parameters: dense's rule (arch/common/shapes.py) picks the width and the
         number of unique layers U; the applied depth is then L = 2 + (U - 2) N_r (middle schemes,
         U >= 3) or U N_r, the recursions, sharing and routing from `base`."""
-        from scaleforge.arch.dense.shapes import dense_shape
-
-        common = {f.name: getattr(base, f.name) for f in dataclasses.fields(DenseConfig)}
-        common["arch"] = "dense"
-        dense = dense_shape(n, DenseConfig(**common))
+        # the rule counts the unshared decoder's parameters, not MoR's
+        common = {f.name: getattr(base, f.name) for f in dataclasses.fields(DecoderConfig)}
+        dense = dense_shape(n, DecoderConfig(**common))
         r = base.recursions
         if base.middle:
             layers = 2 + max(1, dense.layers - 2) * r
@@ -213,6 +213,13 @@ class MoRConfig(DenseConfig):
     def summary(self) -> str:
         """`layers x hidden / r N_r`: applied depth, width, recursions."""
         return f"{self.layers}x{self.hidden}/r{self.recursions}"
+
+    def hf_target(self, seq_len: int) -> Target:
+        """Refused: transformers has no MoR model."""
+        raise ConfigError(
+            f"model.arch={self.arch}: transformers has no Mixture-of-Recursions architecture "
+            "(shared recursed blocks with a per-token depth router); export is not possible"
+        )
 
     # ------------------------------------------------------------------------------------------
     # accounting

@@ -51,8 +51,7 @@ from megatron.core.utils import make_viewless_tensor
 
 from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import gpt_rule, init_params
-from scaleforge.arch.common.transformer import gpt_model, llama_fields
-from scaleforge.arch.dense.model import layer_spec as dense_layer_spec
+from scaleforge.arch.common.transformer import gpt_model, layer_spec, llama_fields
 from scaleforge.arch.mor.config import GATE_SCALE, MoRConfig
 
 
@@ -229,7 +228,7 @@ def build_model(cfg: MoRConfig, *, seq_len: int, seed: int, runtime: dict[str, A
     their global names (layers.0 .. layers.U-1), residual output projections scaled by the APPLIED
     depth (std / sqrt(2 L)), the router normal(init_std)."""
     config = transformer_config(cfg, runtime)
-    spec: ModuleSpec = dense_layer_spec(config)
+    spec: ModuleSpec = layer_spec(config)
     model = gpt_model(cfg, config, spec, seq_len=seq_len)
     MoRBlock.adopt(model.decoder, cfg)
     rule = gpt_rule(std=cfg.init_std, layers=cfg.layers, gated=True)

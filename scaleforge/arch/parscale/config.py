@@ -25,17 +25,20 @@ from typing import ClassVar
 
 from scaleforge.arch.common.family import Divisible, LayerKind
 from scaleforge.arch.common import law
-from scaleforge.arch.dense.config import DenseConfig
+from scaleforge.arch.common.decoder import DecoderConfig
+from scaleforge.arch.common.hf import Target
+from scaleforge.arch.common.shapes import dense_shape
+from scaleforge.arch.parscale import hf
 from scaleforge.errors import ConfigError
 
 
 @dataclass(kw_only=True, frozen=True)
-class ParScaleConfig(DenseConfig):
+class ParScaleConfig(DecoderConfig):
     """A dense LLaMA-style GPT run as P parallel streams (prefix K/V per stream), aggregated."""
 
     builder_class: ClassVar[str] = "scaleforge.arch.parscale.model:ParScaleBuilder"
     """The builder half (arch/common/builder.py), imported when a model is built."""
-    planned_fields: ClassVar[tuple[str, ...]] = DenseConfig.planned_fields
+    planned_fields: ClassVar[tuple[str, ...]] = DecoderConfig.planned_fields
     """Fields the shape rule decides; `streams` is the user's (`--set model.streams=`) or the
     planner's choice among 1, 2, 4, 8."""
 
@@ -115,11 +118,13 @@ class ParScaleConfig(DenseConfig):
 
     @classmethod
     def for_params(cls, n: float, base: "ParScaleConfig") -> "ParScaleConfig":
-        """Dense's shape rule (arch/dense/shapes.py) on the ParScale count (the prefixes are part of
-        each layer, the aggregator of the fixed part): about `n` total parameters at `base`'s P."""
-        from scaleforge.arch.dense.shapes import dense_shape
-
+        """Dense's shape rule (arch/common/shapes.py) on the ParScale count (the prefixes are part
+        of each layer, the aggregator of the fixed part): about `n` total parameters at `base`'s P."""
         return dense_shape(n, base)
+
+    def hf_target(self, seq_len: int) -> Target:
+        """LlamaForCausalLM at P=1, refused for P > 1 (arch/parscale/hf.py)."""
+        return hf.target(self, seq_len=seq_len)
 
     # planner hooks (orchestrator/plan.py asks for them by name; arch/parscale/planning.py)
 

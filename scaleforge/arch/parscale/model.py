@@ -43,8 +43,8 @@ from scaleforge.arch.common.builder import FamilyBuilder
 from scaleforge.arch.common.init import Init, gpt_rule, init_params
 from scaleforge.arch.common.mlp import SwiGLUMLP
 from scaleforge.arch.common.norm import RMSNorm
+from scaleforge.arch.common import transformer as decoder
 from scaleforge.arch.common.transformer import gpt_model
-from scaleforge.arch.dense import model as dense
 from scaleforge.arch.parscale.config import ParScaleConfig
 
 _PREFIX = ("core_attention.prefix_k", "core_attention.prefix_v")
@@ -164,18 +164,20 @@ class ParScaleGPT(GPTModel):
 
 
 def transformer_config(cfg: ParScaleConfig, runtime: dict[str, Any]) -> TransformerConfig:
-    """dense's TransformerConfig; with P > 1 the stage-to-stage tensor is [s, P b, h], not the
-    schedule's [s, b, h], so the pipeline exchanges shapes first (megatron's variable_seq_lengths)."""
-    config = dense.transformer_config(cfg, runtime)
+    """dense's TransformerConfig (arch/common/transformer.py); with P > 1 the stage-to-stage tensor
+    is [s, P b, h], not the schedule's [s, b, h], so the pipeline exchanges shapes first (megatron's
+    variable_seq_lengths)."""
+    config = decoder.transformer_config(cfg, runtime)
     if cfg.streams > 1:
         config.variable_seq_lengths = True
     return config
 
 
 def layer_spec(cfg: ParScaleConfig, config: TransformerConfig) -> ModuleSpec:
-    """dense's spec at P = 1; else the local spec with `PrefixAttention` as core attention."""
+    """dense's spec (arch/common/transformer.py) at P = 1; else the local spec with
+    `PrefixAttention` as core attention."""
     if cfg.streams == 1:
-        return dense.layer_spec(config)
+        return decoder.layer_spec(config)
     layer = get_gpt_layer_local_spec(normalization="RMSNorm")
     attn = layer.submodules.self_attention
     # no prefix (prefix_tokens 0): the streams are identical copies through SDPA

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from scaleforge.arch.common.family import Divisible, FamilyConfig, LayerKind
+from scaleforge.arch.common.hf import Target
 from scaleforge.errors import ConfigError
 
 _COUNTS = ("qkv_tokens", "proj_tokens", "ffn_tokens")
@@ -137,6 +138,13 @@ class TokenFormerConfig(FamilyConfig):
     def summary(self) -> str:
         """`layers x hidden`, the table's shape column."""
         return f"{self.layers}x{self.hidden}"
+
+    def hf_target(self, seq_len: int) -> Target:
+        """Refused: transformers has no TokenFormer model."""
+        raise ConfigError(
+            f"model.arch={self.arch}: transformers has no TokenFormer architecture (Pattention "
+            "token-parameter layers with GeLU-normalised scores); export is not possible"
+        )
 
     def grow_from(self, old: "TokenFormerConfig") -> "TokenFormerConfig":
         """The growth rule (docs/families.md "Growth"): only the token counts may change, none may

@@ -3,7 +3,8 @@
 A layer is GPT-J's (Wang & Komatsuzaki 2021) and PaLM's: attention and MLP read the same pre-norm
 output and both add to the residual, x + attn(norm(x)) + mlp(norm(x)); RoPE, RMSNorm, SwiGLU,
 grouped-query attention, no biases. The shape, its checks, the FLOPs (the same matmuls as the
-sequential block) and the shape rule are the LLaMA-style decoder's, which this config extends; what
+sequential block) and the shape rule are the LLaMA-style decoder's (arch/common/decoder.py), which this
+config extends; what
 differs is the parameter count of the megatron model `model.py` builds: one RMSNorm weight per layer
 (there is no pre-MLP norm) besides the fused QKV, the output projection, the fused [gate; up] fc1 and
 fc2.
@@ -14,11 +15,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from scaleforge.arch.dense.config import DenseConfig
+from scaleforge.arch.common.decoder import DecoderConfig
 
 
 @dataclass(kw_only=True, frozen=True)
-class ParallelBlockConfig(DenseConfig):
+class ParallelBlockConfig(DecoderConfig):
     """A decoder of parallel attention + MLP blocks sharing one pre-norm."""
 
     builder_class: ClassVar[str] = "families.parallel_block.model:ParallelBlockBuilder"

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from scaleforge.arch.common.hf import Target, embeddings, stack, swiglu
+from scaleforge.arch.common.hf_llama import attention_fields, block
 from scaleforge.errors import ConfigError
-from scaleforge.export.common import embeddings, swiglu
-from scaleforge.export.llama import attention_fields, block
-from scaleforge.export.targets import Target
 
 
 def refuse_router(cfg: Any, where: str = "transformers' Mixtral and Qwen2-MoE") -> None:
@@ -65,32 +64,29 @@ def target(cfg: Any, *, seq_len: int) -> Target:
 def experts(state: dict, src: str, dst: str, count: int) -> dict:
     """Router and routed experts of one megatron MoELayer (`src`: its `mlp`) as transformers 5's
     fused expert tensors under `dst`."""
-    import torch
-
     local = f"{src}.experts.local_experts"
     return {
         f"{dst}.gate.weight": state[f"{src}.router.weight"],
-        f"{dst}.experts.gate_up_proj": torch.stack(
+        f"{dst}.experts.gate_up_proj": stack(
             [state[f"{local}.{e}.linear_fc1.weight"] for e in range(count)]),
-        f"{dst}.experts.down_proj": torch.stack(
+        f"{dst}.experts.down_proj": stack(
             [state[f"{local}.{e}.linear_fc2.weight"] for e in range(count)]),
     }
 
 
 def shared_expert(state: dict, src: str, dst: str, cfg: Any) -> dict:
     """Qwen2-MoE's sigmoid-gated shared expert from the ungated one (gate 0 -> 0.5, down x 2)."""
-    import torch
-
     hidden = cfg.hidden
+    like = state[f"{src}.router.weight"]  # new tensors take its dtype and device
     if cfg.shared_expert_ffn == 0:
-        width = torch.zeros(0, hidden)
+        width = like.new_zeros(0, hidden)
         out = {f"{dst}.shared_expert.gate_proj.weight": width,
                f"{dst}.shared_expert.up_proj.weight": width.clone(),
-               f"{dst}.shared_expert.down_proj.weight": torch.zeros(hidden, 0)}
+               f"{dst}.shared_expert.down_proj.weight": like.new_zeros(hidden, 0)}
     else:
         out = swiglu(state, f"{src}.shared_experts", f"{dst}.shared_expert")
         out[f"{dst}.shared_expert.down_proj.weight"] = 2 * out[f"{dst}.shared_expert.down_proj.weight"]
-    out[f"{dst}.shared_expert_gate.weight"] = torch.zeros(1, hidden)
+    out[f"{dst}.shared_expert_gate.weight"] = like.new_zeros(1, hidden)
     return out
 
 

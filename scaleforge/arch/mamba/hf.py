@@ -17,9 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from scaleforge.arch.common.hf import Target, attention, cat, embeddings
 from scaleforge.errors import ConfigError
-from scaleforge.export.common import attention, embeddings
-from scaleforge.export.targets import Target
 
 
 def _mixer_fields(cfg: Any) -> dict:
@@ -60,15 +59,13 @@ def target(cfg: Any, *, seq_len: int) -> Target:
 
 def mixer(state: dict, src: str, dst: str) -> dict:
     """One Mamba-2 mixer in mamba_ssm's fused layout."""
-    import torch
-
     in_proj = state[f"{src}.in_proj.weight"]  # [z, x, dt]
     heads = state[f"{src}.A_log"].shape[0]
     zx, dt = in_proj[:-heads], in_proj[-heads:]
     return {
-        f"{dst}.in_proj.weight": torch.cat([zx, state[f"{src}.bc_proj.weight"], dt]),
-        f"{dst}.conv1d.weight": torch.cat([state[f"{src}.conv_x.weight"], state[f"{src}.conv_bc.weight"]]),
-        f"{dst}.conv1d.bias": torch.cat([state[f"{src}.conv_x.bias"], state[f"{src}.conv_bc.bias"]]),
+        f"{dst}.in_proj.weight": cat([zx, state[f"{src}.bc_proj.weight"], dt]),
+        f"{dst}.conv1d.weight": cat([state[f"{src}.conv_x.weight"], state[f"{src}.conv_bc.weight"]]),
+        f"{dst}.conv1d.bias": cat([state[f"{src}.conv_x.bias"], state[f"{src}.conv_bc.bias"]]),
         f"{dst}.dt_bias": state[f"{src}.dt_bias"],
         f"{dst}.A_log": state[f"{src}.A_log"],
         f"{dst}.D": state[f"{src}.D"],

@@ -1,4 +1,5 @@
-"""Dense (and ParScale at P=1, which is the dense model) -> LlamaForCausalLM.
+"""LLaMA-style decoder -> LlamaForCausalLM: the mapping of the dense family and of every family whose
+model is that decoder (ParScale at P=1), and the attention blocks the MoE mappings reuse.
 
 Same block as megatron's local GPT spec: RMSNorm pre-norms, RoPE (rotate-half) over the whole head,
 grouped-query attention without biases, SwiGLU MLP. transformers 5 defaults `rms_norm_eps` to 1e-6:
@@ -9,9 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from scaleforge.errors import ConfigError
-from scaleforge.export.common import attention, embeddings, rope, swiglu
-from scaleforge.export.targets import Target
+from scaleforge.arch.common.hf import Target, attention, embeddings, rope, swiglu
 
 
 def attention_fields(cfg: Any, seq_len: int) -> dict:
@@ -26,14 +25,7 @@ def attention_fields(cfg: Any, seq_len: int) -> dict:
 
 
 def target(cfg: Any, *, seq_len: int) -> Target:
-    """LlamaForCausalLM of a dense shape (ParScale only at streams=1)."""
-    streams = getattr(cfg, "streams", 1)
-    if streams != 1:
-        raise ConfigError(
-            f"model.streams={streams}: transformers has no ParScale architecture (P parallel "
-            "streams with learned prefixes and an aggregator); only streams=1, the dense model, "
-            "exports (as LlamaForCausalLM)"
-        )
+    """LlamaForCausalLM of a decoder shape (arch/common/decoder.py)."""
     fields = dict(attention_fields(cfg, seq_len), intermediate_size=cfg.ffn_hidden,
                   attention_bias=False, mlp_bias=False)
     return Target(architecture="LlamaForCausalLM", model_type="llama", config=fields,

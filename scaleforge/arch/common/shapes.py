@@ -1,6 +1,8 @@
-"""`DenseConfig.for_params`: target parameter count -> dense model shape (layers, hidden, heads, kv_heads, ffn_hidden).
+"""The dense shape rule: parameter count -> (layers, hidden, heads, kv_heads, ffn_hidden).
 
-Torch-free and deterministic. Rules (the exact N is then recomputed by `DenseConfig.num_params`):
+`DecoderConfig.for_params` (dense, ParScale) is this rule; MoE, MoR and Mamba build theirs on its
+grid, head sizes and depth rule. Torch-free and deterministic. Rules (the exact N is then recomputed
+by the config's own `num_params`):
 - Width grid and head size (the head count must be divisible by the tensor-parallel size):
     16   ..  127:   steps of 16,   head_dim 16  (tiny CPU models, 3e4-1e5 parameters, the demo's)
     128  ..  255:   steps of 32,   head_dim 32  (tiny CPU models, 1e5-1e7 parameters)
@@ -22,13 +24,15 @@ Torch-free and deterministic. Rules (the exact N is then recomputed by `DenseCon
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import TypeVar
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from scaleforge.arch.dense.config import DenseConfig
 from scaleforge.errors import ConfigError
+
+Shape = TypeVar("Shape")
+"""A decoder config (arch/common/decoder.py or a family extending it): `base` and what the rule
+returns, its type kept."""
 
 TOLERANCE = 0.05
 """Accept shapes whose N is within 5% of the target, then prefer the aspect rule."""
@@ -90,10 +94,8 @@ def ffn_for(hidden: int) -> int:
     return -(-8 * hidden // (3 * step)) * step
 
 
-def shape_for(hidden: int, layers: int, base: DenseConfig) -> DenseConfig:
+def shape_for(hidden: int, layers: int, base: Shape) -> Shape:
     """`base` with the rule's heads and ffn at this width and depth."""
-    import dataclasses
-
     heads = hidden // head_dim_for(hidden)
     return dataclasses.replace(
         base, layers=layers, hidden=hidden, heads=heads, kv_heads=heads, ffn_hidden=ffn_for(hidden)
@@ -109,7 +111,7 @@ def widths() -> list[int]:
     return out
 
 
-def dense_shape(n_target: float, base: DenseConfig) -> DenseConfig:
+def dense_shape(n_target: float, base: Shape) -> Shape:
     """The dense shape with about `n_target` total parameters (vocab and tying taken from `base`)."""
     if not (isinstance(n_target, (int, float)) and math.isfinite(n_target) and n_target > 0):
         raise ConfigError(f"target parameter count must be a positive number, got {n_target!r}")

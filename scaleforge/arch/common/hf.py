@@ -1,9 +1,56 @@
-"""Tensor pieces every mapping shares: megatron's fused attention and SwiGLU projections split into
-the separate Hugging Face matrices (full TP=1 tensors; `gather.py` makes them)."""
+"""What a family's Hugging Face mapping (`arch/<family>/hf.py`) returns, and the tensor pieces the
+mappings share: megatron's fused attention and SwiGLU projections split into the separate Hugging Face
+matrices (full TP=1 tensors, as `orchestrate export` gathers them).
+
+Torch-free: a family config's `hf_target` (arch/common/family.py) refuses what transformers cannot
+express at validation time, without loading torch; the conversions work on the tensors' own methods.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
+
+from scaleforge.errors import ConfigError
+
+
+@dataclass(kw_only=True, frozen=True)
+class Target:
+    """What one run becomes in transformers."""
+
+    architecture: str
+    """The transformers model class (`LlamaForCausalLM`), written into config.json."""
+    model_type: str
+    """transformers' config `model_type` (`llama`): AutoConfig builds the config from it."""
+    config: dict = field(default_factory=dict)
+    """Config fields of the shape (the tokenizer's special ids are added by the writer)."""
+    convert: Callable[[dict], dict]
+    """Gathered single-process model state {name: full tensor} -> transformers' state dict."""
+
+    def __post_init__(self) -> None:
+        if not self.architecture.endswith("ForCausalLM") or not self.model_type:
+            raise ConfigError(f"export target {self.architecture!r}/{self.model_type!r} is not a "
+                              "causal language model")
+
+
+def stack(tensors: list[Any]) -> Any:
+    """`torch.stack(tensors)` (equal shapes) through the tensors' own methods (no torch import)."""
+    out = tensors[0].new_empty((len(tensors), *tensors[0].shape))
+    for i, tensor in enumerate(tensors):
+        out[i] = tensor
+    return out
+
+
+def cat(tensors: list[Any]) -> Any:
+    """`torch.cat(tensors)` along dim 0 through the tensors' own methods (no torch import)."""
+    first = tensors[0]
+    out = first.new_empty((sum(t.shape[0] for t in tensors), *first.shape[1:]))
+    row = 0
+    for tensor in tensors:
+        out[row:row + tensor.shape[0]] = tensor
+        row += tensor.shape[0]
+    return out
 
 
 def split_qkv(qkv: Any, *, heads: int, kv_heads: int, head_dim: int) -> tuple[Any, Any, Any]:
