@@ -17,6 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from scaleforge.errors import FitError
+from scaleforge.orchestrator.fit import fitter, laws
+from scaleforge.orchestrator.fit.laws.annealing import areas
 
 VARIABLES = ("N", "D", "C", "P", "M", "S1", "S2", "LR", "L")
 
@@ -87,8 +89,6 @@ def variables(table: dict[str, list[str]], mapping: dict[str, str], needed: tupl
     if "M" not in found and "D" in found and "N" in found:
         found["M"] = found["D"] / found["N"]
     if ("S1" not in found or "S2" not in found) and "LR" in found:
-        from scaleforge.orchestrator.laws.annealing import areas
-
         found["S1"], found["S2"] = areas(found["LR"])
     want = (*needed, "L") if with_loss else needed
     missing = [v for v in want if v not in found]
@@ -100,9 +100,6 @@ def variables(table: dict[str, list[str]], mapping: dict[str, str], needed: tupl
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleforge.orchestrator import fit as fitter
-    from scaleforge.orchestrator import laws
-
     if args.law not in laws.NAMES:
         raise FitError(f"unknown law {args.law!r}: choose one of {', '.join(laws.NAMES)}")
     if args.drop_highest < 0 or args.bootstrap < 0:

@@ -1,10 +1,10 @@
-"""`orchestrate refit PLAN`: fit the laws to a plan's finished ladder runs and re-plan the target.
+"""Refit: the laws fitted to a plan's finished ladder runs (what `orchestrate refit` writes).
 
 Reads each ladder run's directory (run.yaml, metrics.jsonl, status.json), keeps the runs whose final
 loss can be trusted, fits Chinchilla Approach 3 (with bootstrap intervals) and, where the ladder has
-IsoFLOP groups, Approach 2 beside it, and the LR-annealing law to each kept run's whole curve. Writes
-fit.json next to the plan and PNG plots under `plots/`, then re-plans the target from the new fit
-(the previous target moves to the plan's history). Bad input writes nothing.
+IsoFLOP groups, Approach 2 beside it, and the LR-annealing law to each kept run's whole curve; the
+result becomes fit.json (`fit_json`). The verb itself (`report/refit_cli.py`) writes it with the
+plots and re-plans the target from it.
 
 A run is left out, with a warning naming it and why, when it
 - has not completed (status.json `state` other than `completed`, or no metrics),
@@ -19,8 +19,6 @@ A run is left out, with a warning naming it and why, when it
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,7 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from scaleforge import rundir
-from scaleforge.errors import ConfigError, FitError
+from scaleforge.config import load_runspec
+from scaleforge.errors import FitError
+from scaleforge.orchestrator.fit import fitter
+from scaleforge.orchestrator.fit.laws import annealing, chinchilla, isoflop
+from scaleforge.orchestrator.plan import planfile
+from scaleforge.pretrain.schedules import lr_at
 
 UNDERCOOLED_DROP = 0.01
 """Relative drop between the last two 5% windows above which a run with a high final lr is still cooling."""
@@ -107,8 +110,6 @@ def collect_run(run_dir: str | Path, *, name: str, budget: float, n_params: floa
         return replace(rec, excluded="no run directory (not submitted)")
     spec_file = rundir.spec_path(run_dir)
     if spec_file.is_file():
-        from scaleforge.config import load_runspec
-
         try:
             spec = load_runspec(spec_file)
             rec = replace(rec, N=float(spec.model.law_variables()["N"]), train=spec.train)
@@ -178,9 +179,7 @@ def exclude_dominated(records: list[RunRecord]) -> list[RunRecord]:
 
 def collect_plan(plan, plan_path: str | Path) -> list[RunRecord]:
     """RunRecords of a plan's ladder runs, with exclusions applied."""
-    from scaleforge.orchestrator.plan import run_dir
-
-    records = [collect_run(run_dir(plan, plan_path, r), name=r.name, budget=r.budget, n_params=r.N) for r in plan.ladder]
+    records = [collect_run(planfile.run_dir(plan, plan_path, r), name=r.name, budget=r.budget, n_params=r.N) for r in plan.ladder]
     return exclude_dominated(records)
 
 
@@ -210,9 +209,6 @@ class Refit:
 
 def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP, seed: int = 0,
                 intermediate: bool = True) -> Refit:
-    from scaleforge.orchestrator import fit as fitter
-    from scaleforge.orchestrator.laws import chinchilla, isoflop
-
     warnings = [f"excluded {r.name}: {r.excluded}" for r in records if r.excluded]
     kept = usable(records)
     points, curves = fit_points(kept, intermediate, warnings)
@@ -233,8 +229,6 @@ def fit_records(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP,
 
 def usable(records: list[RunRecord]) -> list[RunRecord]:
     """The runs a fit can use; too few is a FitError saying so."""
-    from scaleforge.orchestrator.laws import chinchilla
-
     kept = [r for r in records if not r.excluded]
     if not kept:
         causes = sorted({r.excluded.split(" (")[0] for r in records}) or ["no ladder runs"]
@@ -248,9 +242,6 @@ def usable(records: list[RunRecord]) -> list[RunRecord]:
 def fit_points(kept: list[RunRecord], intermediate: bool, warnings: list[str]) -> tuple[list, dict]:
     """(Approach-3 points, annealing-law parameters by run): each run's final loss, plus its
     annealing-corrected intermediate evaluations when `intermediate`."""
-    from scaleforge.orchestrator import fit as fitter
-    from scaleforge.orchestrator.laws import annealing
-
     curves = {}
     for r in kept:
         s1, s2, loss = annealing_points(r)
@@ -300,9 +291,6 @@ def intermediate_points(r: RunRecord, law: dict | None) -> list[Point]:
     the one actually followed up to s; the point is the evaluation plus that difference. Without an
     annealing fit, a schedule other than WSD, or no evaluations, there are none.
     """
-    from scaleforge.orchestrator.laws import annealing
-    from scaleforge.pretrain.schedules import lr_at
-
     train = r.train
     if law is None or train is None or train.schedule != "wsd" or not r.evals:
         return []
@@ -330,9 +318,6 @@ def rollout(kept: list[RunRecord], points: list[Point], *, bootstrap: int = 0) -
     target (Choshen et al. put the floor from seed noise at about 4%). With `bootstrap`, each
     prediction carries its 95% interval over the refits.
     """
-    from scaleforge.orchestrator import fit as fitter
-    from scaleforge.orchestrator.laws import chinchilla
-
     top = max(r.budget for r in kept)
     held = [r for r in kept if r.budget >= top]
     held_names = {r.name for r in held}
@@ -364,15 +349,13 @@ def rollout(kept: list[RunRecord], points: list[Point], *, bootstrap: int = 0) -
 
 def annealing_points(r: RunRecord, max_points: int = 200) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(S1, S2, loss) along a run's curve from its logged learning rates (warmup: lr still rising)."""
-    from scaleforge.orchestrator.laws.annealing import areas
-
     if not r.curve or not np.all(np.isfinite(r.curve["lr"])) or r.curve["lr"].max() <= 0:
         return np.zeros(0), np.zeros(0), np.zeros(0)
     lr, step, loss = r.curve["lr"], r.curve["step"], r.curve["loss"]
     # Metrics may be logged every k steps: expand to one learning rate per step.
     per_step = np.interp(np.arange(1, int(step[-1]) + 1), step, lr)
     warmup = int(np.argmax(per_step >= per_step.max() * (1 - 1e-9)))
-    s1, s2 = areas(per_step, warmup=warmup)
+    s1, s2 = annealing.areas(per_step, warmup=warmup)
     idx = step.astype(int) - 1 - warmup
     ok = idx >= 0
     idx, loss = idx[ok], loss[ok]
@@ -385,8 +368,6 @@ def annealing_points(r: RunRecord, max_points: int = 200) -> tuple[np.ndarray, n
 
 
 def fit_json(refit: Refit) -> dict:
-    from scaleforge.orchestrator.laws import chinchilla
-
     a3 = refit.chinchilla
     out = a3.to_json()
     out["samples"] = [chinchilla.published(t) for t in a3.samples]
@@ -409,58 +390,6 @@ def _json_num(v: float) -> float | None:
     return float(v) if math.isfinite(v) else None
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("plan", metavar="PLAN", help="plan.yaml written by `orchestrate plan`")
-    parser.add_argument("--bootstrap", type=int, default=DEFAULT_BOOTSTRAP, metavar="N", help="bootstrap resamples for the intervals")
-    parser.add_argument("--no-replan", action="store_true", help="write fit.json and plots but leave plan.yaml as it is")
-    parser.add_argument("--json", action="store_true", help="print fit.json's summary as JSON")
-    parser.add_argument("--holdout-largest", action="store_true",
-                        help="fit without the largest budget's runs and report how well that fit "
-                        "predicts them (writes holdout.json; fit.json and the plan stay as they are)")
-    parser.add_argument("--no-intermediate", action="store_true",
-                        help="fit final losses only (not the annealing-corrected intermediate evaluations)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from scaleforge.orchestrator.plan import LawInfo, load_plan, replan_target, save_plan
-    from scaleforge.orchestrator.laws import chinchilla
-
-    if args.bootstrap < 0:
-        raise ConfigError("--bootstrap must be >= 0")
-    plan_path = Path(args.plan)
-    if not plan_path.is_file():
-        raise ConfigError(f"{plan_path}: no such plan file")
-    plan = load_plan(plan_path)
-    records = collect_plan(plan, plan_path)
-    if args.holdout_largest:
-        return _holdout(records, plan_path, bootstrap=args.bootstrap, intermediate=not args.no_intermediate)
-    refit = fit_records(records, bootstrap=args.bootstrap, intermediate=not args.no_intermediate)
-    out_dir = plan_path.resolve().parent
-    fit_path = out_dir / "fit.json"
-    body = fit_json(refit)
-    new_plan = None
-    if not args.no_replan:
-        law = LawInfo(
-            name="chinchilla", params=dict(refit.chinchilla.params),
-            ci={k: [float(lo), float(hi)] for k, (lo, hi) in refit.chinchilla.ci.items()},
-            source="fit", path=str(fit_path),
-        )
-        samples = [chinchilla.published(t) for t in refit.chinchilla.samples] or None
-        new_plan = replan_target(plan, law, samples)
-    # Everything is computed: only now write.
-    from scaleforge.orchestrator import report
-
-    rundir.write_atomic(fit_path, json.dumps(body, indent=1) + "\n")
-    plots = report.write_plots(refit, out_dir / "plots", target_budget=plan.budget)
-    if new_plan is not None:
-        save_plan(new_plan, plan_path)
-    if args.json:
-        print(json.dumps({k: body[k] for k in ("law", "params", "objective", "ci", "r2", "n_points", "warnings")}))
-    else:
-        report.print_summary(refit, fit_path, plots, new_plan)
-    return 0
-
-
 def holdout_check(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRAP, intermediate: bool = True) -> dict:
     """The `--holdout-largest` report: Approach 3 without the largest budget, scored on its runs."""
     warnings: list[str] = [f"excluded {r.name}: {r.excluded}" for r in records if r.excluded]
@@ -473,16 +402,3 @@ def holdout_check(records: list[RunRecord], *, bootstrap: int = DEFAULT_BOOTSTRA
             "6 runs): plan more budgets"
         )
     return {**out, "warnings": warnings}
-
-
-def _holdout(records: list[RunRecord], plan_path: Path, *, bootstrap: int, intermediate: bool) -> int:
-    body = holdout_check(records, bootstrap=bootstrap, intermediate=intermediate)
-    out = plan_path.resolve().parent / "holdout.json"
-    rundir.write_atomic(out, json.dumps(body, indent=1) + "\n")
-    print(f"fit without budget {body['budget']:.3g} ({len(body['runs'])} runs held out):")
-    intervals = body.get("interval") or [None] * len(body["runs"])
-    for name, pred, act, err, iv in zip(body["runs"], body["predicted"], body["actual"], body["rel_error"], intervals):
-        where = f" [{iv[0]:.4f}, {iv[1]:.4f}] {'inside' if iv[0] <= act <= iv[1] else 'OUTSIDE'}" if iv else ""
-        print(f"  {name}: predicted {pred:.4f}{where}, actual {act:.4f}, error {100 * err:+.2f}%")
-    print(f"mean |relative error| {100 * body['mean_abs_rel_error']:.2f}%; wrote {out}")
-    return 0

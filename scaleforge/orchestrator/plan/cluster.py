@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from scaleforge.config import load_yaml_file
 from scaleforge.errors import ConfigError
 
 KINDS = ("gpu", "cpu")
@@ -150,8 +151,6 @@ def cluster_from_dict(data: Any, where: str = "cluster") -> Cluster:
 
 def load_cluster(path: str | Path) -> Cluster:
     """Read a cluster YAML file."""
-    from scaleforge.config import load_yaml_file
-
     data = load_yaml_file(path)
     try:
         return cluster_from_dict(data, where=str(path))

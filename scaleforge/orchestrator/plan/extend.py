@@ -27,6 +27,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from scaleforge.errors import ConfigError
+from scaleforge.orchestrator.plan import prior
+from scaleforge.orchestrator.plan.hparams import round_sig
+from scaleforge.orchestrator.plan.plan import _keys, _variant, base_spec, for_cluster, plan_run
 
 SIZE_SPAN = 3.0
 """Candidate sizes span N_opt / 3 .. 3 N_opt at each candidate budget."""
@@ -135,8 +138,6 @@ def choose(
 
 def candidate_budgets(lo: float, hi: float) -> list[float]:
     """Budgets lo, lo * BUDGET_STEP, ... up to hi (2 significant digits each)."""
-    from scaleforge.orchestrator.hparams import round_sig
-
     out, c = [], lo
     while c <= hi * (1 + 1e-9):
         out.append(round_sig(c, 2))
@@ -163,9 +164,6 @@ def residual_sigma(fit: dict) -> float:
 
 def extend_plan(plan, fit: dict, *, k: int, allowance: float | None = None):
     """(plan with up to k new ladder runs, Choice, candidate runs) from a refit's fit.json."""
-    from scaleforge.orchestrator import prior
-    from scaleforge.orchestrator.plan import base_spec, for_cluster, plan_run, _keys, _variant
-
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ConfigError(f"--extend must be a positive integer, got {k!r}")
     if plan.law.source != "fit":

@@ -21,6 +21,7 @@ import dataclasses
 
 from scaleforge.config import run_id
 from scaleforge.errors import ConfigError
+from scaleforge.orchestrator.plan.plan import plan_run
 
 INIT_FROM_PREFIX = "../"
 """A stage names the run it starts from relative to its own run directory (a sibling under runs_dir)."""
@@ -29,8 +30,6 @@ INIT_FROM_PREFIX = "../"
 def plan_growth(target, *, stages: int, base, cluster, seq_len: int, unique_tokens: float,
                 user_keys: frozenset) -> tuple[tuple, list[str]]:
     """The growth stages (PlannedRuns) ending at `target`'s shape, and the planner's warnings."""
-    from scaleforge.orchestrator.plan import plan_run
-
     check_stages(target.spec.model, stages)
     shapes = target.spec.model.growth_stages(stages)
     fpt = [shape.flops_per_token(seq_len) for shape, _ in shapes]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from scaleforge.orchestrator.planfile import Plan, PlannedRun
+from scaleforge.orchestrator.plan.planfile import Plan, PlannedRun
 
 
 def _memory_levers(p) -> str:

@@ -1,6 +1,6 @@
 """plan.yaml: the planner's output, read by submit, status, refit and demo.
 
-Torch-free. `scaleforge.orchestrator.plan` re-exports everything here; import from there.
+Torch-free.
 
 Top-level keys, in file order:
   budget        the target compute in FLOPs
@@ -36,7 +36,7 @@ import yaml
 from scaleforge import rundir
 from scaleforge.config import RunSpec, from_dict, load_yaml_file, to_dict
 from scaleforge.errors import ConfigError
-from scaleforge.orchestrator.cluster import Cluster, cluster_from_dict, cluster_to_dict
+from scaleforge.orchestrator.plan.cluster import Cluster, cluster_from_dict, cluster_to_dict
 
 LAW_SOURCES = ("prior", "fit")
 

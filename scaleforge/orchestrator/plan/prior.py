@@ -39,7 +39,8 @@ EPOCH_CI = {
 
 
 SAMPLES_FILE = Path(__file__).with_name("prior_samples.yaml")
-"""400 bootstrap refits of Approach 3 on Epoch's 240 points (written by `write_samples`)."""
+"""400 bootstrap refits of Approach 3 on Epoch's 240 points (written by `fit/prior_fit.py`'s
+`write_samples`)."""
 
 SMALL_BELOW = 1e14
 """Plans for budgets below this many FLOPs start from the small-model prior: about 50x the largest
@@ -48,9 +49,9 @@ puts the compute-optimal model below the smallest shape of a 512-id vocabulary a
 4x too high."""
 SMALL_DATA = Path(__file__).with_name("small_ladder.csv")
 """The small-model prior's data: final losses of scaleforge's own CPU ladders on the bundled corpus
-(512-id BPE, 128-token samples, WSD), one row a run (`collect_small`)."""
+(512-id BPE, 128-token samples, WSD), one row a run (`fit/prior_fit.py`'s `collect_small`)."""
 SMALL_FILE = Path(__file__).with_name("small_prior.yaml")
-"""Its fit: parameters, 95% intervals and bootstrap samples (`write_small`)."""
+"""Its fit: parameters, 95% intervals and bootstrap samples (`fit/prior_fit.py`'s `write_small`)."""
 SMALL_PATH = "small"
 """`LawInfo.path` of the small-model prior (the Chinchilla one has an empty path)."""
 
@@ -68,68 +69,6 @@ def small_prior() -> dict:
     }
 
 
-def collect_small(plan_paths: list[str | Path]) -> Path:
-    """Append the points refit fits (each used run's final loss and its annealing-corrected
-    intermediate evaluations) of finished plans to SMALL_DATA."""
-    import csv
-
-    from scaleforge.orchestrator.planfile import load_plan
-    from scaleforge.orchestrator.refit import collect_plan, fit_points
-
-    rows = []
-    if SMALL_DATA.is_file():
-        with open(SMALL_DATA, newline="") as handle:
-            rows = [r for r in csv.DictReader(line for line in handle if not line.startswith("#"))]
-    have = {r["run"] for r in rows}
-    for path in plan_paths:
-        kept = [r for r in collect_plan(load_plan(path), path) if not r.excluded and Path(r.path).name not in have]
-        points, _ = fit_points(kept, True, [])
-        ids = {r.name: Path(r.path).name for r in kept}
-        for q in points:
-            rows.append({"run": ids[q.run], "kind": q.kind, "step": q.step, "N": f"{q.N:.0f}",
-                         "D": f"{q.D:.0f}", "L": f"{q.L:.5f}"})
-        have |= set(ids.values())
-    with open(SMALL_DATA, "w", newline="") as handle:
-        handle.write("# CPU ladders on the bundled corpus (512-id BPE, seq_len 128, WSD): refit's points, final\n")
-        handle.write("# eval losses and annealing-corrected intermediate evaluations; one run a directory name\n")
-        handle.write("# (python -m scaleforge.orchestrator.prior --collect PLAN.yaml ...; then --small)\n")
-        writer = csv.DictWriter(handle, fieldnames=["run", "kind", "step", "N", "D", "L"])
-        writer.writeheader()
-        writer.writerows(rows)
-    return SMALL_DATA
-
-
-def write_small(count: int = 200, seed: int = 0) -> Path:
-    """Fit Approach 3 to SMALL_DATA with `count` bootstrap refits and write SMALL_FILE."""
-    import csv
-
-    import numpy as np
-
-    from scaleforge.orchestrator.fit import FitOptions, fit
-    from scaleforge.orchestrator.laws.chinchilla import LAW, published
-
-    with open(SMALL_DATA, newline="") as handle:
-        rows = list(csv.DictReader(line for line in handle if not line.startswith("#")))
-    data = {k: np.array([float(r[k]) for r in rows]) for k in ("N", "D", "L")}
-    groups = np.array([r["run"] for r in rows])  # resample whole runs
-    result = fit(LAW, data, FitOptions(bootstrap=count, seed=seed), groups=groups)
-    p = result.params
-    lines = [
-        f"# Approach 3 on the {len(rows)} points of {len(set(groups))} runs of {SMALL_DATA.name} "
-        f"with {count} bootstrap refits (whole runs resampled)",
-        "# (python -m scaleforge.orchestrator.prior --small).",
-        "params: {" + ", ".join(f"{k}: {p[k]:.6g}" for k in PARAM_NAMES) + "}",
-        "ci: {" + ", ".join(f"{k}: [{result.ci[k][0]:.6g}, {result.ci[k][1]:.6g}]" for k in PARAM_NAMES) + "}",
-        f"columns: [{', '.join(PARAM_NAMES)}]",
-        "samples:",
-    ]
-    for theta in result.samples:
-        q = published(theta)
-        lines.append("- [" + ", ".join(f"{q[k]:.6g}" for k in PARAM_NAMES) + "]")
-    SMALL_FILE.write_text("\n".join(lines) + "\n")
-    return SMALL_FILE
-
-
 def prior_samples() -> list[dict]:
     """The prior's bootstrap samples as parameter dicts: its joint (correlated) uncertainty.
 
@@ -144,36 +83,6 @@ def prior_samples() -> list[dict]:
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     data = yaml.load(SAMPLES_FILE.read_text(), Loader=loader)
     return [dict(zip(PARAM_NAMES, (float(v) for v in row))) for row in data["samples"]]
-
-
-def write_samples(csv_path: str | Path, count: int = 400, seed: int = 0) -> Path:
-    """Regenerate `prior_samples.yaml` from Epoch's CSV (needs numpy and the fitter; ~15 s)."""
-    import csv
-
-    import numpy as np
-
-    from scaleforge.orchestrator.fit import FitOptions, fit
-    from scaleforge.orchestrator.laws.chinchilla import LAW, published
-
-    with open(csv_path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
-    n = np.array([float(r["Model Size"]) for r in rows])
-    flops = np.array([float(r["Training FLOP"]) for r in rows])
-    loss = np.array([float(r["loss"]) for r in rows])
-    keep = np.sort(np.argsort(loss)[:-5])  # Epoch drops the 5 highest-loss points
-    data = {"N": n[keep], "D": flops[keep] / (6 * n[keep]), "L": loss[keep]}
-    result = fit(LAW, data, FitOptions(bootstrap=count, seed=seed))
-    lines = [
-        "# Bootstrap refits of L = E + A/N^alpha + B/D^beta on Epoch's 240 Chinchilla points",
-        f"# (scaleforge.orchestrator.prior.write_samples, {count} resamples, seed {seed}).",
-        f"columns: [{', '.join(PARAM_NAMES)}]",
-        "samples:",
-    ]
-    for theta in result.samples:
-        p = published(theta)
-        lines.append("- [" + ", ".join(f"{p[k]:.6g}" for k in PARAM_NAMES) + "]")
-    SAMPLES_FILE.write_text("\n".join(lines) + "\n")
-    return SAMPLES_FILE
 
 
 def interval(fn, params: dict, ci: dict, samples: list[dict] | None = None) -> tuple[float, float]:
@@ -240,15 +149,3 @@ def load_fit(path: str | Path) -> dict:
 
 def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-if __name__ == "__main__":
-    import sys
-
-    args = sys.argv[1:]
-    if args[:1] == ["--collect"]:
-        print(collect_small(args[1:]))
-    elif args[:1] == ["--small"]:
-        print(write_small())
-    else:
-        print(write_samples(args[0] if args else "tests/data/chinchilla_fig4_epoch.csv"))

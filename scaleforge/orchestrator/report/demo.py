@@ -28,7 +28,19 @@ import time
 from pathlib import Path
 
 from scaleforge import rundir
+from scaleforge.config import run_id
+from scaleforge.data_pipeline import prepare
+from scaleforge.data_pipeline.tokenizer import scaleforge_home
 from scaleforge.errors import ConfigError, ScaleforgeError
+from scaleforge.orchestrator.fit.refit import collect_run
+from scaleforge.orchestrator.plan import plan_cli
+from scaleforge.orchestrator.plan.cluster import cpu_cluster
+from scaleforge.orchestrator.plan.ladder import make_plan
+from scaleforge.orchestrator.plan.plan_table import print_plan
+from scaleforge.orchestrator.plan.planfile import load_plan, run_dir, save_plan
+from scaleforge.orchestrator.report import refit_cli
+from scaleforge.orchestrator.run import runs, submit
+from scaleforge.orchestrator.run.entries import entries_from_plan
 
 DEMO_VOCAB = 512
 """BPE ids of the demo store: keeps the embedding small beside 5e4-3e5-parameter models."""
@@ -57,14 +69,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleforge.orchestrator.cluster import cpu_cluster
-    from scaleforge.orchestrator.plan import _number, make_plan
-    from scaleforge.orchestrator.planfile import load_plan, save_plan
-
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: name a folder for the demo")
-    budget = _number("--budget", args.budget)
+    budget = plan_cli._number("--budget", args.budget)
     if not args.ladder_max * 4 <= 1 + 1e-9:
         raise ConfigError(f"--ladder-max must be <= 1/4 (the check run is 4x the ladder's top), got {args.ladder_max:g}")
     out.mkdir(parents=True, exist_ok=True)
@@ -90,8 +98,6 @@ def run(args: argparse.Namespace) -> int:
         save_plan(plan, plan_path)
     seeds_path = out / "seeds.yaml"
     save_plan(seed_plan(plan), seeds_path)
-    from scaleforge.orchestrator.plan_table import print_plan
-
     print_plan(plan)
     for line in plan.warnings:
         print(f"note: {line}")
@@ -137,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
 def seed_plan(plan):
     """A plan whose ladder is SEEDS - 1 copies, other seeds, of the middle-sized run of the largest
     budget (the plan's own run is the first seed); its runs live in `seeds/`."""
-    from scaleforge.config import run_id
-
     top = max(r.budget for r in plan.ladder if "-ladder-" in r.name)
     rungs = sorted((r for r in plan.ladder if r.budget == top and "-ladder-" in r.name), key=lambda r: r.N)
     base = rungs[len(rungs) // 2]
@@ -158,9 +162,6 @@ def _seed_cost(plan) -> float:
 
 def forecast_json(plan, plan_path: Path, seeds_path: Path) -> dict:
     """The check: the target's forecast against its trained final eval loss, and the seed spread."""
-    from scaleforge.orchestrator.planfile import load_plan, run_dir
-    from scaleforge.orchestrator.refit import collect_run
-
     def record(p, path: Path, r):
         return collect_run(run_dir(p, path, r), name=r.name, budget=r.budget, n_params=r.N)
 
@@ -206,9 +207,7 @@ def _verb(argv: list[str]) -> int:
     """`orchestrate VERB ...` for the demo's verbs (plan, submit, refit), in this process: the verb
     module's own arguments and `run`; an error is printed and becomes the exit code, as on the
     command line."""
-    from scaleforge.orchestrator import plan, refit, submit
-
-    module = {"plan": plan, "submit": submit, "refit": refit}[argv[0]]
+    module = {"plan": plan_cli, "submit": submit, "refit": refit_cli}[argv[0]]
     parser = argparse.ArgumentParser(prog=f"orchestrate {argv[0]}")
     module.add_arguments(parser)
     args = parser.parse_args(argv[1:])
@@ -226,9 +225,7 @@ def _submit(plan_path: Path, args, *, target: bool = False) -> None:
     with ladder_progress(plan_path, target=target):
         _check(_verb(cmd), "submit")
         if args.executor == "slurm":
-            from scaleforge.orchestrator import runs
-
-            runs.wait_for_runs(runs.entries_from_plan(plan_path, target=target), poll_s=5.0)
+            runs.wait_for_runs(entries_from_plan(plan_path, target=target), poll_s=5.0)
 
 
 def _background_submit(plan_path: Path, args) -> subprocess.Popen:
@@ -254,9 +251,6 @@ def _stop(proc: subprocess.Popen, timeout: float = 120.0) -> None:
 
 def demo_store() -> Path:
     """The bundled corpus tokenised with a DEMO_VOCAB-id BPE (built once, then reused)."""
-    from scaleforge.data_pipeline import prepare
-    from scaleforge.data_pipeline.tokenizer import scaleforge_home
-
     path = scaleforge_home() / "stores" / f"bundled-v{DEMO_VOCAB}"
     code = prepare.main(["--out", str(path), "--vocab-size", str(DEMO_VOCAB)])
     _check(code, "building the demo token store")
@@ -268,9 +262,7 @@ def ladder_progress(plan_path: Path, poll_s: float = 1.0, *, target: bool = Fals
     """A progress bar over all ladder steps, read from the run directories while the block runs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from scaleforge.orchestrator import runs
-
-    entries = runs.entries_from_plan(plan_path, target=target)
+    entries = entries_from_plan(plan_path, target=target)
     if target:
         entries = entries[-1:]
     total = sum(e.spec.train.steps for e in entries)

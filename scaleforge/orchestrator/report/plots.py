@@ -1,4 +1,4 @@
-"""Refit's plots (matplotlib, Agg backend: no display needed) and its terminal summary.
+"""`orchestrate refit`'s plots (matplotlib, Agg backend: no display needed) and its terminal summary.
 
 - isoflop.png: final loss against N per budget, each IsoFLOP parabola and its minimum, and the
   Approach-3 law's curve L(N, C / 6N) at the same budgets;
@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+from scaleforge.orchestrator.fit.laws import chinchilla
 
 
 def _pyplot():
@@ -42,8 +44,6 @@ def _kept(refit):
 
 
 def _isoflop_plot(plt, refit, path: Path) -> Path:
-    from scaleforge.orchestrator.laws import chinchilla
-
     kept = _kept(refit)
     params = refit.chinchilla.params
     fig, ax = plt.subplots(figsize=(7, 5))
@@ -77,8 +77,6 @@ def _isoflop_plot(plt, refit, path: Path) -> Path:
 
 
 def _optimal_plot(plt, refit, path: Path, target_budget: float | None) -> Path:
-    from scaleforge.orchestrator.laws import chinchilla
-
     kept = _kept(refit)
     lo_c = min(r.budget for r in kept) / 3
     hi_c = max(target_budget or 0, max(r.budget for r in kept)) * 3
@@ -123,8 +121,6 @@ def _optimal_plot(plt, refit, path: Path, target_budget: float | None) -> Path:
 
 
 def _residual_plot(plt, refit, path: Path) -> Path:
-    import numpy as np
-
     pts = refit.points
     res = np.asarray(refit.chinchilla.residuals)
     final = np.array([q.kind == "final" for q in pts], dtype=bool)

@@ -12,6 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from scaleforge.orchestrator.plan import planfile
+from scaleforge.orchestrator.run import runs
+from scaleforge.orchestrator.run.entries import entries_from_plan
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("plan", metavar="PLAN", help="plan.yaml written by `orchestrate plan`")
@@ -19,12 +23,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleforge.orchestrator import planfile, runs
-
     plan = planfile.load_plan(args.plan)
-    entries = runs.entries_from_plan(args.plan, target=True, growth=True, plan=plan)
-    growth = {r.name for r in getattr(plan, "growth", ())}
-    info = {r.name: r for r in (*plan.runs(), *getattr(plan, "growth", ()))}
+    entries = entries_from_plan(args.plan, target=True, growth=True, plan=plan)
+    growth = {r.name for r in plan.growth}
+    info = {r.name: r for r in (*plan.runs(), *plan.growth)}
     states = runs.run_states(entries, tolerant=True)
     rows = []
     for st in states:
@@ -33,7 +35,7 @@ def run(args: argparse.Namespace) -> int:
             "run": st.entry.name,
             "role": "target" if st.entry.name == plan.target.name
             else "growth" if st.entry.name in growth else "ladder",
-            "arch": getattr(planned.spec.model, "arch", plan.arch),
+            "arch": planned.spec.model.arch,
             "N": planned.N,
             "D": planned.D,
             "state": st.state,

@@ -6,7 +6,7 @@ skipped, a run whose job is still pending or running is skipped, an interrupted,
 run is resumed from its last checkpoint, and a new run is started. Submitting twice queues nothing the
 second time.
 
-The state of each run's job comes from its executor (`executors.job_states`); when the executor
+The state of each run's job comes from its executor (`runs.job_states`); when the executor
 cannot be asked (squeue or sacct failing, psutil missing), `submit` retries with backoff, then stops
 with a one-line error and launches nothing. A run that starts from another run of the plan
 (`checkpoint.init_from`, a growth stage) is launched after it: locally once it completed, on Slurm
@@ -17,8 +17,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import fcntl
 
 from scaleforge.errors import ConfigError
+from scaleforge.orchestrator.run import runs
+from scaleforge.orchestrator.run.entries import entries_from_plan
+from scaleforge.orchestrator.run.executors import retry
+from scaleforge.orchestrator.run.executors.local import run_local
+from scaleforge.orchestrator.run.executors.slurm import (
+    SlurmOptions, check_cluster_fits, describe_plan, submit_slurm,
+)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -65,8 +73,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from scaleforge.orchestrator import runs
-
     if args.max_requeues < 0:
         raise ConfigError(f"--max-requeues must be >= 0, got {args.max_requeues}")
     if args.time_min is not None and args.time_min < 1:
@@ -74,12 +80,10 @@ def run(args: argparse.Namespace) -> int:
     if args.cores is not None and args.cores < 1:
         raise ConfigError(f"--cores must be >= 1, got {args.cores}")
     only = [n for item in args.only for n in item.split(",") if n]
-    entries = runs.entries_from_plan(args.plan, target=args.target, time_min=args.time_min,
-                                     only=only, growth=args.growth)
+    entries = entries_from_plan(args.plan, target=args.target, time_min=args.time_min,
+                                only=only, growth=args.growth)
     options = _slurm_options(args) if args.executor == "slurm" else None
     if options is not None:
-        from scaleforge.orchestrator.executors.slurm import check_cluster_fits
-
         check_cluster_fits(entries, options.partition)
     if args.executor != "slurm":
         return _submit(args, entries, options)
@@ -92,9 +96,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace, entries: list, options) -> int:
-    from scaleforge.orchestrator import runs
-    from scaleforge.orchestrator.executors import retry
-
     states = retry(lambda: runs.run_states(entries), what="asking the executor for job states",
                    echo=print)
     launch = []
@@ -119,22 +120,16 @@ def _submit(args: argparse.Namespace, entries: list, options) -> int:
         return 0
     if args.dry_run:
         if options is not None:
-            from scaleforge.orchestrator.executors.slurm import describe_plan
-
             for line in describe_plan(launch, options):
                 print(f"would submit {line}")
         print(f"dry run: {len(launch)} run(s) would be launched with the {args.executor} executor")
         return 0
     if args.executor == "slurm":
-        from scaleforge.orchestrator.executors.slurm import submit_slurm
-
         queued = {st.entry.run_dir: st.record for st in states
                   if st.record is not None and st.state in ("queued", "running")}
         submit_slurm(launch, options, sources=queued)
         print(f"submitted {len(launch)} run(s); `orchestrate status {args.plan}` shows their states")
         return 0
-    from scaleforge.orchestrator.executors.local import run_local
-
     codes = run_local(launch, cores=args.cores, max_requeues=args.max_requeues)
     bad = {name: code for name, code in codes.items() if code != 0}
     if bad:
@@ -151,8 +146,6 @@ def _sources(st, states) -> list[tuple[str, object]]:
 
 
 def _slurm_options(args: argparse.Namespace):
-    from scaleforge.orchestrator.executors.slurm import SlurmOptions
-
     return SlurmOptions(partition=args.partition, account=args.account, qos=args.qos,
                         max_requeues=args.max_requeues, signal_delay_s=args.signal_delay,
                         cpus_per_task=args.cpus_per_task, array=not args.no_array,
@@ -163,8 +156,6 @@ def _slurm_options(args: argparse.Namespace):
 def _submit_lock(entries: list):
     """One `submit` at a time per runs directory: a second one waits until the first has recorded
     its jobs, then sees them queued (no run is queued twice)."""
-    import fcntl
-
     folders = sorted({e.run_dir.parent for e in entries})
     handles = []
     try:

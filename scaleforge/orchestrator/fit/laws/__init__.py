@@ -1,11 +1,11 @@
-"""Scaling-law forms, one module each. Parametric laws expose `LAW` (a `fit.Law`) for the shared
+"""Scaling-law forms, one module each. Parametric laws expose `LAW` (a `fitter.Law`) for the shared
 fitter; `isoflop` (Chinchilla Approach 2) has its own two-stage fit."""
 
 from __future__ import annotations
 
 from scaleforge.errors import FitError
-from scaleforge.orchestrator.fit import Law
-from scaleforge.orchestrator.laws import annealing, chinchilla, isoflop, overtrain, parscale
+from scaleforge.orchestrator.fit.fitter import Law
+from scaleforge.orchestrator.fit.laws import annealing, chinchilla, isoflop, overtrain, parscale
 
 PARAMETRIC: dict[str, Law] = {m.LAW.name: m.LAW for m in (chinchilla, parscale, overtrain, annealing)}
 """Laws fitted by the shared Huber fitter, by name."""

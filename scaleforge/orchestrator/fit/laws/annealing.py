@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from scaleforge.orchestrator.fit import Evaluation, Law
+from scaleforge.orchestrator.fit.fitter import Evaluation, Law
 
 PARAMS = ("L0", "A", "alpha", "C")
 DECAY = 0.999

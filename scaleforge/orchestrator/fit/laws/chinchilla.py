@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from scaleforge.orchestrator.fit import Evaluation, Law
+from scaleforge.orchestrator.fit.fitter import Evaluation, Law
 
 PARAMS = ("a", "b", "e", "alpha", "beta")
 

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from scaleforge.orchestrator.fit import Evaluation, Law
+from scaleforge.orchestrator.fit.fitter import Evaluation, Law
 
 PARAMS = ("ln_alpha", "ln_beta", "b", "E")
 LN6 = float(np.log(6.0))

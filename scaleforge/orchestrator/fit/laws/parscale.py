@@ -13,7 +13,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from scaleforge.orchestrator.fit import Evaluation, Law
+from scaleforge.orchestrator.fit.fitter import Evaluation, Law
 
 PARAMS = ("E", "A", "alpha", "k")
 A_UNIT = 1e9

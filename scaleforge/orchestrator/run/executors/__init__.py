@@ -1,9 +1,10 @@
 """Executors and the one interface through which they report job states. Torch-free.
 
-`job_states(records)` answers, for the job records of many runs, whether each recorded job still
-holds or waits for resources. It asks each executor once for all of its records (Slurm: one squeue
-and at most one sacct call, whatever the number of runs; local: the process table). An executor
-that cannot be asked (squeue failing, slurmctld down, psutil missing) reports `unknown` for its
+Each executor module (`local`, `slurm`) answers `query_states(records, now=, runner=)` with a
+JobState per record. `runs.job_states(records)` answers, for the job records of many runs, whether
+each recorded job still holds or waits for resources: it asks each executor once for all of its
+records (Slurm: one squeue and at most one sacct call, whatever the number of runs; local: the
+process table). An executor that cannot be asked (squeue failing, slurmctld down, psutil missing) reports `unknown` for its
 records, never "gone": `status` shows unknown, `submit` retries (`retry`) and then refuses.
 """
 
@@ -16,7 +17,6 @@ from dataclasses import dataclass
 from typing import Callable, Sequence, TypeVar
 
 from scaleforge.errors import ScaleforgeError
-from scaleforge.rundir import JobRecord
 
 ACTIVE, ENDED, UNKNOWN = "active", "ended", "unknown"
 
@@ -77,28 +77,10 @@ def run_command(cmd: list[str]) -> subprocess.CompletedProcess:
         return subprocess.CompletedProcess(cmd, 124, "", f"{cmd[0]}: no answer within 60 s")
 
 
-def job_states(records: Sequence[JobRecord | None], *, now: float | None = None,
-               runner: Runner = run_command) -> list[JobState | None]:
-    """The job state of each record (None for None), one batched query per executor."""
-    now = time.time() if now is None else now
-    out: list[JobState | None] = [None] * len(records)
-    by_kind: dict[str, list[int]] = {}
-    for i, rec in enumerate(records):
-        if rec is not None:
-            by_kind.setdefault(rec.executor, []).append(i)
-    for kind, idx in by_kind.items():
-        if kind == "slurm":
-            from scaleforge.orchestrator.executors import slurm as module
-        else:
-            from scaleforge.orchestrator.executors import local as module
-        try:
-            states = module.query_states([records[i] for i in idx], now=now, runner=runner)
-        except SchedulerError as exc:
-            states = [JobState(kind=UNKNOWN, label="?", job=records[i].job, why=str(exc))
-                      for i in idx]
-        for i, state in zip(idx, states):
-            out[i] = state
-    return out
+def first_line(proc: subprocess.CompletedProcess) -> str:
+    """The first line of a failed scheduler command's message (at most 300 characters)."""
+    text = (proc.stderr or proc.stdout or f"exit {proc.returncode}").strip()
+    return (text.splitlines() or [""])[0][:300]
 
 
 T = TypeVar("T")

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from scaleforge import rundir
-from scaleforge.orchestrator import runs
-from scaleforge.orchestrator.executors import ACTIVE, ENDED, UNKNOWN, JobState, SchedulerError
-from scaleforge.orchestrator.runs import RunEntry
+from scaleforge.orchestrator.run.executors import ACTIVE, ENDED, UNKNOWN, JobState, SchedulerError
+from scaleforge.orchestrator.run.entries import RunEntry, prepare_run_dir, run_name
 from scaleforge.rundir import JobRecord
 
 Command = Callable[[RunEntry], list[str]]
@@ -120,7 +119,7 @@ def run_local(
     cores = cores or os.cpu_count() or 1
     code_requeue = requeue_exit_code() if requeue_code is None else requeue_code
     for entry in entries:
-        runs.prepare_run_dir(entry)
+        prepare_run_dir(entry)
     records = {e.name: local_record() for e in entries}
     for entry in entries:
         rundir.write_job(entry.run_dir, records[entry.name])
@@ -190,7 +189,7 @@ def _blocked_for_good(queue: list[RunEntry], running: list[_Slot]) -> list[tuple
     for entry in queue:
         for source in entry.after:
             if source not in pending and not _source_done(source):
-                out.append((entry, runs.run_name(source)))
+                out.append((entry, run_name(source)))
                 break
     return out
 

@@ -32,24 +32,21 @@ whose run finished returns at once (its continuation too), and a crash fails the
 cancels its continuations (kill-on-invalid-dep). Two sbatch calls queue a 200-run ladder with one
 continuation each.
 
-Job states: `query_states` answers for every record in one squeue and at most one sacct call.
+Modules: this one submits (login node); `slurm_task.py` is what each srun task runs (`TrainTask`);
+`slurm_states.py` answers the job states of every record in one squeue and at most one sacct call.
 
 Everything that reaches a shell or an `#SBATCH` line is checked here or quoted by submitit (shlex):
 run names are restricted by the RunSpec; partition, account and paths are checked below.
 Torch-free (submitit is imported when jobs are submitted).
 """
 
-
 from __future__ import annotations
 
 import contextlib
 import io
-import os
 import re
 import shutil
-import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -58,17 +55,13 @@ from typing import Any, Callable
 
 from scaleforge import rundir
 from scaleforge.errors import ConfigError
-from scaleforge.orchestrator import runs
-from scaleforge.orchestrator.executors import (
-    ACTIVE, ENDED, UNKNOWN, JobState, Runner, SchedulerError, retry, run_command,
-)
-from scaleforge.orchestrator.runs import RunEntry
+from scaleforge.orchestrator.run.entries import RunEntry, prepare_run_dir, run_name
+from scaleforge.orchestrator.run.executors import Runner, SchedulerError, first_line, retry, run_command
+from scaleforge.orchestrator.run.executors.slurm_task import TrainTask
 from scaleforge.rundir import JobRecord
 
 # Slurm names (partition, account, qos) and job names: no shell or sbatch metacharacters.
 SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# Signals that ask the trainer to save and stop (scaleforge.pretrain.signals.HANDLED).
-HELD_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 # Paths reach `#SBATCH --output=` (where Slurm expands %j and friends) and the srun command line.
 UNSAFE_PATH_CHARS = ("%", "\n", "\r", "\0")
 
@@ -120,242 +113,6 @@ def _check_path(what: str, path: Any) -> None:
                           "use a path without it")
 
 
-# ----------------------------------------------------------------------------------------------
-# job states (the executors' state interface): one squeue and at most one sacct call per query
-
-# Slurm job states in which a job still holds or waits for resources (squeue's and sacct's names).
-SLURM_ACTIVE = frozenset({
-    "PENDING", "RUNNING", "REQUEUED", "REQUEUE_FED", "REQUEUE_HOLD", "RESIZING", "SUSPENDED",
-    "CONFIGURING", "COMPLETING", "STAGE_OUT", "SIGNALING", "RESV_DEL_HOLD", "SPECIAL_EXIT",
-    "STOPPED",
-})
-# A job missing from both squeue and sacct this long after submission is taken as gone; before that,
-# as pending: slurmdbd may record a new job seconds after sbatch returns (accounting lags).
-ACCOUNTING_LAG_S = 120.0
-
-
-def parse_slurm_table(text: str) -> dict[str, str]:
-    """`JOBID|STATE` lines (squeue or sacct) -> {job id: state}; array ranges are expanded."""
-    out: dict[str, str] = {}
-    for line in text.splitlines():
-        parts = line.strip().split("|")
-        if len(parts) < 2 or not parts[0] or "." in parts[0]:
-            continue  # job steps (`123.batch`) carry no state of their own
-        jid, state = parts[0], parts[1].split()[0].rstrip("+") if parts[1].split() else ""
-        for one in _expand_job_id(jid):
-            out[one] = state
-    return out
-
-
-def _expand_job_id(jid: str) -> list[str]:
-    # `12_[0-3,5%2]` (a pending array) -> 12_0 .. 12_3, 12_5
-    if "_[" not in jid:
-        return [jid]
-    base, rest = jid.split("_[", 1)
-    rest = rest.rstrip("]").split("%")[0]
-    out = []
-    for part in rest.split(","):
-        lo, _, hi = part.partition("-")
-        if lo.isdigit() and (not hi or hi.isdigit()):
-            out += [f"{base}_{i}" for i in range(int(lo), int(hi or lo) + 1)]
-    return out
-
-
-def slurm_job_states(job_ids: list[str], *, runner: Runner = run_command
-                     ) -> tuple[dict[str, str], str | None]:
-    """States of many Slurm jobs: one squeue call, plus one sacct call for those squeue no longer
-    has. Returns ({job id: state}, why sacct could not answer or None).
-
-    squeue answers from slurmctld's memory (pending and running jobs, always current): its failure is
-    a SchedulerError. sacct answers from accounting, which may be disabled, down or lagging.
-    """
-    ids = sorted({str(j) for j in job_ids if j})
-    if not ids:
-        return {}, None
-    bases = sorted({j.split("_")[0] for j in ids})
-    # -t all: jobs that ended within MinJobAge too, so sacct is asked only about older ones
-    sq = runner(["squeue", "-h", "-r", "-t", "all", "-o", "%i|%T", "-j", ",".join(bases)])
-    if sq.returncode != 0 and "Invalid job id" not in (sq.stderr or ""):
-        raise SchedulerError(f"squeue failed: {_first_line(sq)} (is SLURM_CONF set and the "
-                             "cluster up?)")
-    states = parse_slurm_table(sq.stdout if sq.returncode == 0 else "")
-    missing = [j for j in ids if j not in states]
-    sacct_error = None
-    if missing:
-        acct = runner(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
-                       ",".join(sorted({j.split("_")[0] for j in missing}))])
-        if acct.returncode == 0:
-            for jid, state in parse_slurm_table(acct.stdout).items():
-                states.setdefault(jid, state)
-        else:
-            sacct_error = f"sacct failed: {_first_line(acct)}"
-    return {j: states[j] for j in ids if j in states}, sacct_error
-
-
-def _first_line(proc: subprocess.CompletedProcess) -> str:
-    text = (proc.stderr or proc.stdout or f"exit {proc.returncode}").strip()
-    return (text.splitlines() or [""])[0][:300]
-
-
-def query_states(records: list[JobRecord], *, now: float, runner: Runner = run_command
-                 ) -> list[JobState]:
-    """The state of each record's job chain: its first active job, else its last ended one.
-
-    A chain squeue does not hold whose jobs sacct cannot name (slurmdbd down) is `unknown`; with
-    accounting disabled for good ("accounting storage is disabled"), squeue, which holds every
-    active job, is the answer and the chain has ended.
-    """
-    states, sacct_error = slurm_job_states([j for r in records for j in r.job_ids], runner=runner)
-    gone_for_good = sacct_error is not None and "accounting storage is disabled" in sacct_error
-    return [_chain_state(r, states, now, None if gone_for_good else sacct_error) for r in records]
-
-
-def _chain_state(record: JobRecord, sched: dict[str, str], now: float, sacct_error: str | None
-                 ) -> JobState:
-    last, last_id, unseen = "", record.job, False
-    for jid in record.job_ids:
-        state = sched.get(jid)
-        if state is None:
-            if now - record.submitted_at < ACCOUNTING_LAG_S and not sacct_error:
-                return JobState(kind=ACTIVE, label="SUBMITTED", job=jid)  # accounting lags sbatch
-            unseen = True
-            continue
-        if state in SLURM_ACTIVE:
-            # the first active job of the chain: the running one, or the next to run
-            return JobState(kind=ACTIVE, label=state, job=jid)
-        if not last or state != "CANCELLED":
-            # continuations cancelled because the job before them ended well say nothing new
-            last, last_id = state, jid
-    if unseen and sacct_error:
-        return JobState(kind=UNKNOWN, label="?", job=last_id, why=sacct_error)
-    return JobState(kind=ENDED, label=last or "GONE", job=last_id)
-
-
-# ----------------------------------------------------------------------------------------------
-# inside the job: one srun task = one rank
-
-
-@dataclass(kw_only=True, frozen=True)
-class TrainTask:
-    """The function submitit runs in every srun task: trains one rank of one run."""
-
-    run_dir: str
-    """The run directory (run.yaml is read from it; logs are written to its logs/)."""
-    continuation: bool = False
-    """A continuation job: returns at once if the run already finished or failed."""
-    python: str = ""
-    """Interpreter for the trainer (default: the one running this task)."""
-    after: tuple[str, ...] = ()
-    """Run directories this run starts from (checkpoint.init_from): it trains only once they
-    completed, and returns at once otherwise."""
-    stop_ok: bool = False
-    """A task of an array that has a continuation array: a run that saved and stopped (preempted,
-    time limit) ends the task successfully, which starts its continuation task (`aftercorr` starts
-    a task only after its corresponding task succeeded)."""
-
-    def __call__(self) -> dict:
-        return run_task(self)
-
-
-class RunStopped(RuntimeError):
-    """The trainer saved and stopped (preempted or at its time limit): the job ends failed, so the
-    run's next continuation job starts."""
-
-
-class RunFailed(RuntimeError):
-    """The trainer failed."""
-
-
-def run_task(task: TrainTask, *, requeue_code: int | None = None) -> dict:
-    run_dir = Path(task.run_dir)
-    rank = int(os.environ.get("SLURM_PROCID", "0"))
-    job = _job_id_from_env()
-    restarted = int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0
-    if task.continuation or restarted:
-        # a continuation, or a job Slurm requeued (after a node failure): a failed run is resumed
-        # by `orchestrate submit`, not retried behind the user's back
-        state = _status(run_dir).get("state")
-        if state in rundir.FINAL_STATES or state == rundir.FAILED:
-            return {"run_dir": str(run_dir), "state": state, "job": job, "skipped": True}
-    waiting = [p for p in task.after if _status(Path(p)).get("state") != rundir.COMPLETED]
-    if waiting:
-        # its source did not complete (a dependency Slurm cancelled, then this continuation ran)
-        return {"run_dir": str(run_dir), "state": "waiting", "waits_for": waiting, "job": job,
-                "skipped": True}
-    noted: list[int] = []
-    # Replace submitit's handlers: its USR2 handler would requeue through scontrol immediately. The
-    # trainer (this task's child, signalled by Slurm too) saves; we only wait for it.
-    for sig in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM):
-        signal.signal(sig, lambda s, _f: noted.append(s))
-    log_path = rundir.log_dir(run_dir) / f"slurm-{job}.rank{rank}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [task.python or sys.executable, "-m", "scaleforge.pretrain", str(rundir.spec_path(run_dir)),
-           "--out", str(run_dir)]
-    env = dict(os.environ)
-    env.setdefault("MASTER_ADDR", rendezvous_address(env))
-    with open(log_path, "a") as log:
-        log.write(f"=== job {job} rank {rank} on {socket.gethostname()} node "
-                  f"{env.get('SLURMD_NODENAME', '?')} local rank {env.get('SLURM_LOCALID', '0')} "
-                  f"rendezvous {env['MASTER_ADDR']} "
-                  f"restart {os.environ.get('SLURM_RESTART_COUNT', '0')} ===\n")
-        log.flush()
-        # The trainer starts with the signals blocked and unblocks them once its handler is in
-        # place (signals.install): a USR2 or SIGTERM during its start-up (imports, rendezvous) is
-        # held instead of killing it, and its helpers started before that inherit the block.
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        try:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, env=env)
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-        code = proc.wait()
-    status = _status(run_dir)
-    if code == 0:
-        return {"run_dir": str(run_dir), "state": status.get("state"), "step": status.get("step"),
-                "job": job}
-    code_requeue = _requeue_exit_code() if requeue_code is None else requeue_code
-    signals = ",".join(signal.Signals(s).name for s in noted) or "none seen by the task"
-    if code == code_requeue and (rank != 0 or task.stop_ok):
-        # Only rank 0 fails the job (which starts the continuation): srun --kill-on-bad-exit would
-        # end rank 0 the moment another rank exited non-zero, while rank 0 still writes status.json
-        # after the save's last barrier. In an array, the job ends well instead (`stop_ok`).
-        return {"run_dir": str(run_dir), "state": rundir.PREEMPTED, "job": job, "rank": rank}
-    if code == code_requeue:
-        raise RunStopped(f"{run_dir.name}: saved at step {status.get('step')} and stopped "
-                         f"(signals: {signals}); the next continuation job resumes it")
-    raise RunFailed(f"{run_dir.name}: trainer exited with {code} (signals: {signals}); log: {log_path}")
-
-
-def rendezvous_address(env: dict[str, str], *, runner: Runner = run_command) -> str:
-    """The address of the job's first node as Slurm records it (its NodeAddr), for rank 0's store.
-
-    Node names need not resolve (on many clusters and on the dev cluster they do not), so the name
-    in SLURM_JOB_NODELIST is looked up in Slurm's node table (`sinfo -n NAME -o %o`, no scontrol:
-    compute nodes often lack it). Without an answer: the address srun was started from, which is the
-    batch host, the first node of the allocation (SLURM_LAUNCH_NODE_IPADDR).
-    """
-    from scaleforge.parallel.setup import first_host
-
-    first = first_host(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_STEP_NODELIST", ""))
-    out = runner(["sinfo", "-h", "-N", "-n", first, "-o", "%o"])
-    addr = out.stdout.split()[0] if out.returncode == 0 and out.stdout.split() else ""
-    return addr or env.get("SLURM_LAUNCH_NODE_IPADDR") or first
-
-
-def _requeue_exit_code() -> int:
-    return int(rundir.REQUEUE_EXIT_CODE)
-
-
-def _job_id_from_env() -> str:
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '0')}"
-    return os.environ.get("SLURM_JOB_ID", "nojob")
-
-
-def _status(run_dir: Path) -> dict:
-    return rundir.read_status(run_dir)
-
 
 # ----------------------------------------------------------------------------------------------
 # submission (login node)
@@ -365,7 +122,7 @@ def cluster_gpus() -> bool:
     """Whether any node of the cluster offers GPUs as a generic resource (gres)."""
     out = run_command(["sinfo", "-h", "-o", "%G"])
     if out.returncode != 0:
-        raise SchedulerError(f"sinfo failed: {_first_line(out)} (is SLURM_CONF set and the "
+        raise SchedulerError(f"sinfo failed: {first_line(out)} (is SLURM_CONF set and the "
                              "cluster up? `slurm/dev-cluster up` starts one on this machine)")
     return "gpu" in out.stdout
 
@@ -375,7 +132,7 @@ def cluster_nodes(partition: str | None = None, *, runner: Runner = run_command)
     cmd = ["sinfo", "-h", "-N", "-o", "%N|%P|%t"]
     out = runner(cmd)
     if out.returncode != 0:
-        raise SchedulerError(f"sinfo failed: {_first_line(out)} (is SLURM_CONF set and the cluster "
+        raise SchedulerError(f"sinfo failed: {first_line(out)} (is SLURM_CONF set and the cluster "
                              "up? `slurm/dev-cluster up` starts one on this machine)")
     nodes = set()
     for line in out.stdout.splitlines():
@@ -483,7 +240,7 @@ def submit_slurm(entries: list[RunEntry], options: SlurmOptions | None = None, *
         return {}
     check_submittable(entries, has_gpus=retry(cluster_gpus, what="sinfo"))
     for e in entries:
-        runs.prepare_run_dir(e)
+        prepare_run_dir(e)
     known: dict[Path, JobRecord] = dict(sources or {})
     groups: dict[tuple, list[RunEntry]] = {}
     for e in entries:
@@ -517,11 +274,11 @@ def _dependency(e: RunEntry, known: dict[Path, JobRecord]) -> str | None:
     """`afterok:J0?afterok:J1...` over the job chains of e's not-yet-completed sources."""
     parts = []
     for source in e.after:
-        if rundir.read_status(source).get("state") == rundir.COMPLETED:
+        if rundir.readrundir.read_status(source).get("state") == rundir.COMPLETED:
             continue
         record = known.get(source)
         if record is None or record.executor != "slurm" or not record.job_ids:
-            raise ConfigError(f"run {e.name} starts from {runs.run_name(source)}, which is neither "
+            raise ConfigError(f"run {e.name} starts from {run_name(source)}, which is neither "
                               "completed nor queued on Slurm: submit it too")
         parts.append("?".join(f"afterok:{j}" for j in record.job_ids))
     if len(parts) > 1:
