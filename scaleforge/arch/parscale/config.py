@@ -119,7 +119,7 @@ class ParScaleConfig(DenseConfig):
 
         return dense_shape(n, base)
 
-    # planner hooks (orchestrator/plan.py asks for them by name; arch/parscale/planning.py)
+    # planner hooks (orchestrator/plan/plan.py asks for them by name; arch/parscale/planning.py)
 
     def plan_variant(self, params: dict, budget: float, user_keys: frozenset) -> "ParScaleConfig":
         """This config at the P the planner picks for `budget` (`--set model.streams` fixes P)."""

@@ -29,7 +29,7 @@ import numpy as np
 from scaleforge.errors import ConfigError
 from scaleforge.orchestrator.plan import prior
 from scaleforge.orchestrator.plan.hparams import round_sig
-from scaleforge.orchestrator.plan.plan import _keys, _variant, base_spec, for_cluster, plan_run
+from scaleforge.orchestrator.plan.plan import _variant, base_spec, for_cluster, override_keys, plan_run
 
 SIZE_SPAN = 3.0
 """Candidate sizes span N_opt / 3 .. 3 N_opt at each candidate budget."""
@@ -175,7 +175,7 @@ def extend_plan(plan, fit: dict, *, k: int, allowance: float | None = None):
         raise ConfigError(f"--allowance must be a positive number of FLOPs, got {allowance!r}")
     samples = fit.get("samples") or []
     params = fit["params"]
-    user_keys = _keys(plan.overrides)
+    user_keys = override_keys(plan.overrides)
     base = for_cluster(_variant(base_spec(plan.arch, plan.overrides), params, plan.budget, user_keys), plan.cluster)
     lo = min(r.budget for r in plan.ladder)
     have = {r.name for r in plan.ladder}

@@ -20,8 +20,8 @@ from scaleforge.orchestrator.plan.cluster import DEFAULT_CLUSTER, Cluster
 from scaleforge.orchestrator.plan.growth_ladder import check_stages, plan_growth
 from scaleforge.orchestrator.plan.hparams import round_sig
 from scaleforge.orchestrator.plan.plan import (
-    DEFAULT_UNIQUE_TOKENS, _check_budget, _default_seq_len, _keys, _optimum, _variant, base_spec,
-    for_cluster, plan_run, plan_target, prior_law,
+    DEFAULT_UNIQUE_TOKENS, _optimum, _variant, base_spec, check_budget, default_seq_len, for_cluster,
+    override_keys, plan_run, plan_target, prior_law,
 )
 from scaleforge.orchestrator.plan.planfile import LawInfo, Plan, PlannedRun
 
@@ -57,7 +57,7 @@ def make_plan(
     growth_stages: int = 0,
 ) -> Plan:
     """The whole plan (ladder + target); deterministic in its arguments."""
-    _check_budget(budget)
+    check_budget(budget)
     _check_positive("--size-span", size_span)
     if not 0 < ladder_min <= ladder_max < 1:
         raise ConfigError(
@@ -74,8 +74,8 @@ def make_plan(
         raise ConfigError(f"--size-span must be > 1 with several sizes, got {size_span:g}")
     law = law or prior_law(budget)
     base = base_spec(arch, overrides)
-    seq_len = seq_len if seq_len is not None else _default_seq_len(cluster, base)
-    user_keys = _keys(overrides)
+    seq_len = seq_len if seq_len is not None else default_seq_len(cluster, base)
+    user_keys = override_keys(overrides)
     base = for_cluster(_variant(base, law.params, budget, user_keys), cluster)
     if growth_stages:
         check_stages(base.model, growth_stages)

@@ -194,18 +194,18 @@ def plan_target(
     samples: list[dict] | None = None,
 ) -> tuple[TargetRun, list[str]]:
     """The target run at `budget` from a law (a LawInfo, a params dict, or None for the prior)."""
-    _check_budget(budget)
+    check_budget(budget)
     law = _as_law(law_params, budget)
     if samples is None and law.source == "prior":
         samples = _prior_samples(law)
-    base = _variant(base_spec(arch, overrides), law.params, budget, _keys(overrides))
+    base = _variant(base_spec(arch, overrides), law.params, budget, override_keys(overrides))
     base = for_cluster(base, cluster)
-    seq_len = seq_len or _default_seq_len(cluster, base)
+    seq_len = seq_len or default_seq_len(cluster, base)
     params = law.params
     n_opt, _ = _optimum(base.model, params, budget)
     run, warnings = plan_run(
         kind="target", budget=budget, n_target=n_opt, cluster=cluster, base=base, seq_len=seq_len,
-        unique_tokens=unique_tokens, user_keys=_keys(overrides),
+        unique_tokens=unique_tokens, user_keys=override_keys(overrides),
     )
     ci = {k: tuple(v) for k, v in law.ci.items()}
     model = base.model
@@ -247,15 +247,18 @@ def _short(x: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def _keys(overrides) -> frozenset:
+def override_keys(overrides) -> frozenset:
+    """The RunSpec keys the `--set key=value` items name (what the user decided, not the planner)."""
     return frozenset(item.split("=", 1)[0].strip() for item in overrides)
 
 
-def _default_seq_len(cluster: Cluster, base: RunSpec) -> int:
+def default_seq_len(cluster: Cluster, base: RunSpec) -> int:
+    """2048 tokens on GPUs, else the family's own default (the CPU ladders use short samples)."""
     return 2048 if cluster.kind == "gpu" else base.data.seq_len
 
 
-def _check_budget(budget: float) -> None:
+def check_budget(budget: float) -> None:
+    """A one-line ConfigError unless `budget` is a finite positive number of FLOPs."""
     if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget):
         raise ConfigError(f"--budget must be a finite number of FLOPs, got {budget!r}")
     if budget <= 0:

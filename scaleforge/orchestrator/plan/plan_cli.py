@@ -19,7 +19,7 @@ from scaleforge.orchestrator.plan import prior
 from scaleforge.orchestrator.plan.cluster import DEFAULT_CLUSTER, load_cluster
 from scaleforge.orchestrator.plan.growth_ladder import table_lines
 from scaleforge.orchestrator.plan.ladder import make_plan
-from scaleforge.orchestrator.plan.plan import DEFAULT_UNIQUE_TOKENS, _check_budget, law_from_fit, prior_law
+from scaleforge.orchestrator.plan.plan import DEFAULT_UNIQUE_TOKENS, check_budget, law_from_fit, prior_law
 from scaleforge.orchestrator.plan.plan_table import print_plan
 from scaleforge.orchestrator.plan.planfile import load_plan, save_plan
 
@@ -63,21 +63,21 @@ def run(args: argparse.Namespace) -> int:
         return _run_extend(args)
     if args.budget is None:
         raise ConfigError("--budget is required (or PLAN --extend K to add runs to a refitted plan)")
-    budget = _number("--budget", args.budget)
-    _check_budget(budget)
+    budget = parse_number("--budget", args.budget)
+    check_budget(budget)
     cluster = load_cluster(args.cluster) if args.cluster else DEFAULT_CLUSTER
     law, samples = law_from_fit(args.law) if args.law else (prior_law(budget), None)
     plan = make_plan(
         budget, arch=args.arch, cluster=cluster, law=law, samples=samples,
-        ladder_min=_number("--ladder-min", args.ladder_min),
-        ladder_max=_number("--ladder-max", args.ladder_max),
-        budgets=_integer("--budgets", args.budgets), sizes=_integer("--sizes", args.sizes),
-        size_span=_number("--size-span", args.size_span),
-        unique_tokens=(_number("--unique-tokens", args.unique_tokens)
+        ladder_min=parse_number("--ladder-min", args.ladder_min),
+        ladder_max=parse_number("--ladder-max", args.ladder_max),
+        budgets=parse_integer("--budgets", args.budgets), sizes=parse_integer("--sizes", args.sizes),
+        size_span=parse_number("--size-span", args.size_span),
+        unique_tokens=(parse_number("--unique-tokens", args.unique_tokens)
                        if args.unique_tokens is not None else None),
-        seq_len=_integer("--seq-len", args.seq_len) if args.seq_len is not None else None,
+        seq_len=parse_integer("--seq-len", args.seq_len) if args.seq_len is not None else None,
         overrides=tuple(args.overrides), runs_dir=args.runs_dir,
-        growth_stages=_integer("--growth-stages", args.growth_stages),
+        growth_stages=parse_integer("--growth-stages", args.growth_stages),
     )
     out = Path(args.out)
     if out.is_dir():
@@ -113,8 +113,8 @@ def _run_extend(args: argparse.Namespace) -> int:
         raise ConfigError(f"{path}: planned from the prior; run `orchestrate refit {path}` before --extend")
     fit = prior.load_fit(plan.law.path)
     fit["residuals"] = json.loads(Path(plan.law.path).read_text()).get("residuals") or []
-    allowance = _number("--allowance", args.allowance) if args.allowance is not None else None
-    new, choice, _ = extend.extend_plan(plan, fit, k=_integer("--extend", args.extend), allowance=allowance)
+    allowance = parse_number("--allowance", args.allowance) if args.allowance is not None else None
+    new, choice, _ = extend.extend_plan(plan, fit, k=parse_integer("--extend", args.extend), allowance=allowance)
     added = new.ladder[len(plan.ladder):]
     before = math.sqrt(choice.variance_before)
     print(f"target log-loss sd over the fit's bootstrap samples: {before:.4g}")
@@ -127,7 +127,8 @@ def _run_extend(args: argparse.Namespace) -> int:
     return 0
 
 
-def _number(flag: str, text) -> float:
+def parse_number(flag: str, text) -> float:
+    """A flag's text as a finite float, or a one-line ConfigError naming the flag."""
     try:
         value = float(text)
     except (TypeError, ValueError):
@@ -137,8 +138,9 @@ def _number(flag: str, text) -> float:
     return value
 
 
-def _integer(flag: str, text) -> int:
-    value = _number(flag, text)
+def parse_integer(flag: str, text) -> int:
+    """A flag's text as an integer (`1e3` is 1000), or a one-line ConfigError naming the flag."""
+    value = parse_number(flag, text)
     if not value.is_integer():
         raise ConfigError(f"{flag} must be an integer, got {text!r}")
     return int(value)

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} is a file: name a folder for the demo")
-    budget = plan_cli._number("--budget", args.budget)
+    budget = plan_cli.parse_number("--budget", args.budget)
     if not args.ladder_max * 4 <= 1 + 1e-9:
         raise ConfigError(f"--ladder-max must be <= 1/4 (the check run is 4x the ladder's top), got {args.ladder_max:g}")
     out.mkdir(parents=True, exist_ok=True)
