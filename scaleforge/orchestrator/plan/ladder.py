@@ -28,9 +28,6 @@ from scaleforge.orchestrator.plan.planfile import LawInfo, Plan, PlannedRun
 MAX_EPOCHS = 4.0
 """Past 4 epochs repeated tokens are worth markedly less than fresh ones (Muennighoff et al. 2023)."""
 
-# ----------------------------------------------------------------------------------------------
-# the plan
-
 
 def ladder_budgets(budget: float, lo: float, hi: float, count: int) -> list[float]:
     """`count` budgets log-spaced from lo x budget to hi x budget, 2 significant digits each."""

@@ -23,9 +23,6 @@ from scaleforge.orchestrator.plan.plan import DEFAULT_UNIQUE_TOKENS, check_budge
 from scaleforge.orchestrator.plan.plan_table import print_plan
 from scaleforge.orchestrator.plan.planfile import load_plan, save_plan
 
-# ----------------------------------------------------------------------------------------------
-# CLI
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
