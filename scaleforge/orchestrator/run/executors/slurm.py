@@ -274,7 +274,7 @@ def _dependency(e: RunEntry, known: dict[Path, JobRecord]) -> str | None:
     """`afterok:J0?afterok:J1...` over the job chains of e's not-yet-completed sources."""
     parts = []
     for source in e.after:
-        if rundir.readrundir.read_status(source).get("state") == rundir.COMPLETED:
+        if rundir.read_status(source).get("state") == rundir.COMPLETED:
             continue
         record = known.get(source)
         if record is None or record.executor != "slurm" or not record.job_ids:
