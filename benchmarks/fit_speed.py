@@ -2,7 +2,7 @@
 
 Naive: scipy L-BFGS-B from each of the 4,500 grid starts, one start at a time, numerical gradients,
 a vectorised numpy objective (summed Huber, delta 1e-3, on log-sum-exp log-loss). Ours:
-`scaleforge.orchestrator.fit.fit` (every start at once, analytic derivatives). Both on Epoch's 240
+`scaleforge.orchestrator.fit.fitter.fit` (every start at once, analytic derivatives). Both on Epoch's 240
 points (the 5 highest losses dropped); the script checks they reach the same optimum.
 
     python benchmarks/fit_speed.py [--naive-starts K] [--bootstrap 4000]
@@ -26,8 +26,8 @@ for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
 
 import numpy as np  # noqa: E402  (after the thread settings)
 
-from scaleforge.orchestrator import fit as F  # noqa: E402
-from scaleforge.orchestrator.laws import chinchilla  # noqa: E402
+from scaleforge.orchestrator.fit import fitter as F  # noqa: E402
+from scaleforge.orchestrator.fit.laws import chinchilla  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[1] / "tests" / "data" / "chinchilla_fig4_epoch.csv"
 

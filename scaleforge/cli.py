@@ -15,16 +15,16 @@ from scaleforge.errors import ScaleforgeError
 
 # verb -> (module, one-line help)
 VERBS: dict[str, tuple[str, str]] = {
-    "plan": ("scaleforge.orchestrator.plan", "plan a compute-optimal ladder and target run for a budget"),
-    "submit": ("scaleforge.orchestrator.submit", "launch a plan's runs (local or Slurm), skipping finished ones"),
-    "status": ("scaleforge.orchestrator.status", "show the state of a plan's runs"),
-    "refit": ("scaleforge.orchestrator.refit", "fit the laws to a plan's finished runs and re-plan the target"),
-    "fit": ("scaleforge.orchestrator.fit_cli", "fit a scaling law to a CSV table of runs"),
+    "plan": ("scaleforge.orchestrator.plan.plan_cli", "plan a compute-optimal ladder and target run for a budget"),
+    "submit": ("scaleforge.orchestrator.run.submit", "launch a plan's runs (local or Slurm), skipping finished ones"),
+    "status": ("scaleforge.orchestrator.run.status", "show the state of a plan's runs"),
+    "refit": ("scaleforge.orchestrator.report.refit_cli", "fit the laws to a plan's finished runs and re-plan the target"),
+    "fit": ("scaleforge.orchestrator.fit.fit_cli", "fit a scaling law to a CSV table of runs"),
     "train": ("scaleforge.pretrain.cli", "train one run from a RunSpec YAML"),
     "grow": ("scaleforge.pretrain.grow", "a new run from a trained run's checkpoint with a changed shape (the family's growth rule)"),
     "export": ("scaleforge.export.cli", "write a trained run's last checkpoint as a Hugging Face model directory"),
     "rewire": ("scaleforge.data_pipeline.rewire.cli", "REWIRE: classify a pool, rewrite it with an instruct model, filter, mix into a new store"),
-    "demo": ("scaleforge.orchestrator.demo", "the whole loop on this machine: plan, train, refit, forecast"),
+    "demo": ("scaleforge.orchestrator.report.demo", "the whole loop on this machine: plan, train, refit, forecast"),
 }
 
 

@@ -7,7 +7,7 @@ import pytest
 from scaleforge.arch.common import shapes
 from scaleforge.arch.common.decoder import megatron_flops_per_token
 from scaleforge.arch.dense.config import DenseConfig
-from scaleforge.orchestrator import hparams, prior
+from scaleforge.orchestrator.plan import hparams, prior
 
 GPT3 = DenseConfig(layers=96, hidden=12288, heads=96, kv_heads=96, ffn_hidden=32768, vocab_size=51200)
 

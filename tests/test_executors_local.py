@@ -18,8 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from scaleforge.orchestrator import runs
-from scaleforge.orchestrator.executors import local
+from scaleforge.orchestrator.run import runs
+from scaleforge.orchestrator.run.entries import RunEntry, entries_from_plan, entries_from_specs, prepare_run_dir
+from scaleforge.orchestrator.run.executors import local
 from test_runs import tiny_spec, write_plan
 
 REQUEUE = 75
@@ -68,12 +69,12 @@ def stand_in(tmp_path):
     return command
 
 
-def make_entries(tmp_path: Path, ranks: list[int]) -> list[runs.RunEntry]:
+def make_entries(tmp_path: Path, ranks: list[int]) -> list[RunEntry]:
     specs = [(f"r{i}", tiny_spec(f"r{i}", seed=i, dp=n)) for i, n in enumerate(ranks)]
-    return runs.entries_from_specs(specs, tmp_path / "runs")
+    return entries_from_specs(specs, tmp_path / "runs")
 
 
-def events(e: runs.RunEntry) -> list[dict]:
+def events(e: RunEntry) -> list[dict]:
     return [json.loads(line) for line in (e.run_dir / "events.jsonl").read_text().splitlines()]
 
 
@@ -161,9 +162,9 @@ def test_submit_local_real_trainer_resumes_after_sigusr1(tmp_path, tiny_store):
     submit launches nothing."""
     spec = tiny_spec("lr", steps=16, store=tiny_store)
     plan = write_plan(tmp_path / "plan.yaml", [spec])
-    (e,) = runs.entries_from_plan(plan)
+    (e,) = entries_from_plan(plan)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "default"}
-    runs.prepare_run_dir(e)
+    prepare_run_dir(e)
     ref = tmp_path / "reference"  # the uninterrupted run, beside the executor's
     straight_proc = subprocess.Popen(
         [sys.executable, "-m", "scaleforge.pretrain", str(e.spec_path), "--out", str(ref)],

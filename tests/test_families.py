@@ -165,7 +165,8 @@ def check_plan_torch_free(arch: str) -> None:
     """`make_plan --arch` with torch and megatron unimportable, twice the same plan."""
     code = (
         "import sys, time; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
-        "from scaleforge.orchestrator.plan import make_plan, plan_to_yaml\n"
+        "from scaleforge.orchestrator.plan.ladder import make_plan\n"
+        "from scaleforge.orchestrator.plan.planfile import plan_to_yaml\n"
         "start = time.perf_counter()\n"
         f"a = plan_to_yaml(make_plan(1e21, arch={arch!r}, unique_tokens=1e13))\n"
         "print(time.perf_counter() - start)\n"

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import rank_env
 from scaleforge.config import RunSpec, apply_overrides, spec_to_yaml
-from scaleforge.orchestrator.planfile import load_plan
+from scaleforge.orchestrator.plan.planfile import load_plan
 from test_families import (  # the checks the six go through, and their megatron fixture
     check_built_parameters,
     check_dry_run,

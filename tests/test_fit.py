@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from scaleforge.errors import FitError
-from scaleforge.orchestrator import fit as F
-from scaleforge.orchestrator.laws import chinchilla as ch
+from scaleforge.orchestrator.fit import fitter as F
+from scaleforge.orchestrator.fit.laws import chinchilla as ch
 
 DATA = Path(__file__).parent / "data" / "chinchilla_fig4_epoch.csv"
 

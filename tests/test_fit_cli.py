@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scaleforge.orchestrator.laws import chinchilla, parscale
+from scaleforge.orchestrator.fit.laws import chinchilla, parscale
 
 TRUTH = {"A": 482.01, "B": 2085.43, "E": 1.8169, "alpha": 0.3478, "beta": 0.3658}
 

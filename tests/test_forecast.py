@@ -17,9 +17,9 @@ import yaml
 from conftest import rank_env
 from scaleforge.config import check_device, resolve_precision, run_id, same_run
 from scaleforge.errors import ConfigError
-from scaleforge.orchestrator import extend
-from scaleforge.orchestrator import fit as fitter
-from scaleforge.orchestrator.laws import chinchilla
+from scaleforge.orchestrator.plan import extend
+from scaleforge.orchestrator.fit import fitter
+from scaleforge.orchestrator.fit.laws import chinchilla
 
 # ----------------------------------------------------------------------------------------------
 # --extend on synthetic data
@@ -74,7 +74,7 @@ def test_extend_shrinks_the_interval_more_than_one_more_isoflop_budget():
         res, samples = _fit(n, d, loss, rep)
         cands = []
         for c in extend.candidate_budgets(LADDER[0], allowance):
-            from scaleforge.orchestrator.prior import compute_optimal
+            from scaleforge.orchestrator.plan.prior import compute_optimal
 
             n_opt, _ = compute_optimal(res.params, c)
             cands += [(n_opt * 3**u, c / (6 * n_opt * 3**u), c) for u in np.linspace(-1, 1, 7)]
@@ -107,8 +107,8 @@ def test_conditional_variance_matches_the_closed_form():
 
 
 def test_plan_resolves_precision_from_the_cluster_kind_so_run_ids_differ():
-    from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, cpu_cluster
-    from scaleforge.orchestrator.plan import base_spec, for_cluster
+    from scaleforge.orchestrator.plan.cluster import DEFAULT_CLUSTER, cpu_cluster
+    from scaleforge.orchestrator.plan.plan import base_spec, for_cluster
 
     base = base_spec("dense", ("model.vocab_size=512",))
     assert base.train.precision == "auto"
@@ -127,8 +127,8 @@ def test_plan_resolves_precision_from_the_cluster_kind_so_run_ids_differ():
 def test_a_run_planned_for_gpus_is_refused_here(tmp_path, capsys):
     from scaleforge.cli import main
     from scaleforge.config import spec_to_yaml
-    from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER
-    from scaleforge.orchestrator.plan import base_spec, for_cluster
+    from scaleforge.orchestrator.plan.cluster import DEFAULT_CLUSTER
+    from scaleforge.orchestrator.plan.plan import base_spec, for_cluster
 
     spec = for_cluster(base_spec("dense", ("model.vocab_size=512",)), DEFAULT_CLUSTER)
     path = tmp_path / "run.yaml"
@@ -146,8 +146,8 @@ def test_on_a_gpu_auto_trains_bf16_and_a_cpu_plan_is_refused(tmp_path, tiny_stor
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU: the trainer resolves precision on the device it runs on")
     from scaleforge.config import spec_to_yaml
-    from scaleforge.orchestrator.cluster import cpu_cluster
-    from scaleforge.orchestrator.plan import base_spec, for_cluster
+    from scaleforge.orchestrator.plan.cluster import cpu_cluster
+    from scaleforge.orchestrator.plan.plan import base_spec, for_cluster
     from scaleforge.pretrain.cli import resolve
 
     base = base_spec("dense", ("model.vocab_size=512", f"data.stores=[{tiny_store}]"))

@@ -1,5 +1,5 @@
 """A planned growth ladder (`orchestrate plan --growth-stages K`): the target trained in stages, each
-starting from the previous stage's last checkpoint (orchestrator/growth_ladder.py)."""
+starting from the previous stage's last checkpoint (orchestrator/plan/growth_ladder.py)."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import pytest
 
 from scaleforge.cli import main
 from scaleforge.errors import ConfigError
-from scaleforge.orchestrator.cluster import cpu_cluster
-from scaleforge.orchestrator.growth_ladder import source_name
-from scaleforge.orchestrator.plan import load_plan, make_plan, save_plan
+from scaleforge.orchestrator.plan.cluster import cpu_cluster
+from scaleforge.orchestrator.plan.growth_ladder import source_name
+from scaleforge.orchestrator.plan.ladder import make_plan
+from scaleforge.orchestrator.plan.planfile import load_plan, save_plan
 from scaleforge.pretrain.grow import grown_model
 from conftest import rank_env
 

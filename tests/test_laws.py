@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from scaleforge.errors import FitError
-from scaleforge.orchestrator import fit as F
-from scaleforge.orchestrator import laws
-from scaleforge.orchestrator.laws import annealing, chinchilla, isoflop, overtrain, parscale
+from scaleforge.orchestrator.fit import fitter as F
+from scaleforge.orchestrator.fit import laws
+from scaleforge.orchestrator.fit.laws import annealing, chinchilla, isoflop, overtrain, parscale
 
 STACK = {"E": 0.6912, "A": 0.0113, "alpha": 0.1894, "k": 0.3935}
 PILE = {"E": 1.2888, "A": 0.1974, "alpha": 0.1963, "k": 0.3345}

@@ -8,7 +8,7 @@ import pytest
 
 from scaleforge.arch.dense.config import DenseConfig
 from scaleforge.errors import LayoutError
-from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, cpu_cluster
+from scaleforge.orchestrator.plan.cluster import DEFAULT_CLUSTER, cpu_cluster
 from scaleforge.parallel import layout as L
 from scaleforge.parallel import memory as M
 
@@ -224,7 +224,7 @@ def test_bf16_gradients_bytes():
 
 
 def _plan(budget: float, cluster):
-    from scaleforge.orchestrator.plan import make_plan
+    from scaleforge.orchestrator.plan.ladder import make_plan
 
     return make_plan(budget, cluster=cluster)
 
@@ -233,7 +233,7 @@ EIGHT_24GB = Path(__file__).parent.parent / "examples" / "cluster-8x24gb.yaml"
 
 
 def test_1e23_on_eight_24gb_gpus_needs_bf16_gradients_last():
-    from scaleforge.orchestrator.cluster import load_cluster
+    from scaleforge.orchestrator.plan.cluster import load_cluster
 
     cluster = load_cluster(EIGHT_24GB)
     plan = _plan(1e23, cluster)
@@ -256,7 +256,7 @@ def test_1e23_on_eight_24gb_gpus_needs_bf16_gradients_last():
 
     from rich.console import Console
 
-    from scaleforge.orchestrator.plan_table import print_plan
+    from scaleforge.orchestrator.plan.plan_table import print_plan
 
     out = io.StringIO()
     print_plan(plan, Console(file=out, width=250))
@@ -268,7 +268,7 @@ def test_1e23_on_eight_24gb_gpus_needs_bf16_gradients_last():
 
 
 def test_1e22_on_eight_24gb_gpus_keeps_fp32_gradients():
-    from scaleforge.orchestrator.cluster import load_cluster
+    from scaleforge.orchestrator.plan.cluster import load_cluster
 
     plan = _plan(1e22, load_cluster(EIGHT_24GB))
     runs = [*plan.ladder, plan.target]

@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from scaleforge.cli import main
-from scaleforge.orchestrator.cluster import cluster_to_dict, cpu_cluster
-from scaleforge.orchestrator.planfile import load_plan
+from scaleforge.orchestrator.plan.cluster import cluster_to_dict, cpu_cluster
+from scaleforge.orchestrator.plan.planfile import load_plan
 
 pytestmark = pytest.mark.slow
 

@@ -342,7 +342,7 @@ def test_plan_is_torch_free():
         "import sys, time\n"
         "sys.modules['torch'] = None\n"
         "t = time.perf_counter()\n"
-        "from scaleforge.orchestrator.plan import base_spec\n"
+        "from scaleforge.orchestrator.plan.plan import base_spec\n"
         "from scaleforge.arch.mamba.config import MambaConfig\n"
         "m = MambaConfig.for_params(1e9, base_spec('mamba', ['model.pattern=M*M-']).model)\n"
         "print(time.perf_counter() - t, m.num_params())\n"

@@ -105,7 +105,8 @@ def test_bad_layouts_are_one_line_errors(overrides, message):
 
 
 def test_plan_is_fast_deterministic_and_shards_experts_when_needed():
-    from scaleforge.orchestrator.plan import make_plan, plan_to_yaml
+    from scaleforge.orchestrator.plan.ladder import make_plan
+    from scaleforge.orchestrator.plan.planfile import plan_to_yaml
 
     start = time.perf_counter()
     a = make_plan(1e21, arch="moe", unique_tokens=15e12)

@@ -19,7 +19,8 @@ from pathlib import Path
 import pytest
 
 from scaleforge import rundir
-from scaleforge.orchestrator import runs
+from scaleforge.orchestrator.run import runs
+from scaleforge.orchestrator.run.entries import entries_from_plan
 from slurm_cluster import DEV_CLUSTER, REPO, cluster_nodes, wait_for
 from test_runs import tiny_spec, write_plan
 
@@ -103,7 +104,7 @@ def trained(two_nodes, tmp_path_factory, tiny_store):
              tiny_spec("tp2dp2", steps=STEPS, store=tiny_store, dp=2, tp=2),
              tiny_spec("pre", steps=STEPS, store=tiny_store, dp=2)]
     plan = write_plan(root / "plan.yaml", specs, nodes={"dp2": 2, "tp2dp2": 2, "pre": 2})
-    entries = {e.name: e for e in runs.entries_from_plan(plan)}
+    entries = {e.name: e for e in entries_from_plan(plan)}
     assert [(e.nodes, e.ranks_per_node) for e in entries.values()] == [(2, 1), (2, 2), (2, 1)]
     t0 = time.perf_counter()
     sub = _orchestrate("submit", plan, "--executor", "slurm", "--no-array", "--max-requeues", "1")
@@ -205,7 +206,7 @@ def test_node_lost_mid_run(trained, two_nodes):
     root.mkdir()
     spec = tiny_spec("lost", steps=STEPS, store=trained["entries"]["dp2"].spec.data.stores[0], dp=2)
     plan = write_plan(root / "plan.yaml", [spec], nodes={"lost": 2})
-    (e,) = runs.entries_from_plan(plan)
+    (e,) = entries_from_plan(plan)
     sub = _orchestrate("submit", plan, "--executor", "slurm", "--max-requeues", "0")
     assert sub.returncode == 0, sub.stderr
     job = runs.read_job(e.run_dir).job_ids[0]
@@ -262,7 +263,7 @@ def test_ladder_of_200_under_load(two_nodes, tmp_path):
     assert first.returncode == 0 and second.returncode == 0, err1 + second.stderr
     assert calls.read_text().split().count("sbatch") == 2
     assert "nothing to launch" in second.stdout and "r199: skip (queued" in second.stdout
-    entries = runs.entries_from_plan(plan)
+    entries = entries_from_plan(plan)
     records = [runs.read_job(e.run_dir) for e in entries]
     arrays = {j.split("_")[0] for r in records for j in r.job_ids}
     assert len(arrays) == 2 and all(len(r.job_ids) == 2 for r in records)
@@ -311,7 +312,7 @@ def test_bad_input_refused_before_anything_is_recorded(two_nodes, tmp_path):
     assert not (tmp_path / "runs").exists()
 
     plan = write_plan(tmp_path / "p2.yaml", [tiny_spec("one", steps=2)], runs_dir="runs2")
-    (e,) = runs.entries_from_plan(plan)
+    (e,) = entries_from_plan(plan)
     for label, path in (
         ("missing", _shim(tmp_path / "nosbatch", missing=("sbatch",))),
         ("failing", _shim(tmp_path / "badsbatch", failing={"sbatch": "sbatch: error: Batch job "
@@ -341,7 +342,7 @@ def test_growth_stage_queued_after_its_source(two_nodes, tmp_path):
     assert "would submit job of 1: g1 - " in dry.stdout and "after g0 completed" in dry.stdout
     out = _orchestrate("submit", plan, "--executor", "slurm", "--hold", "--max-requeues", "1")
     assert out.returncode == 0, out.stderr
-    g0, g1 = runs.entries_from_plan(plan)
+    g0, g1 = entries_from_plan(plan)
     chain0, chain1 = runs.read_job(g0.run_dir).job_ids, runs.read_job(g1.run_dir).job_ids
     try:
         deps = subprocess.run(["squeue", "-h", "-o", "%i|%E", "-j", chain1[0]], capture_output=True,

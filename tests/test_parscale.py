@@ -122,7 +122,7 @@ def test_grow_rule_takes_a_p1_backbone_only():
 def test_plan_with_a_fixed_p_is_torch_free_and_carries_it():
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
-        "from scaleforge.orchestrator.plan import make_plan\n"
+        "from scaleforge.orchestrator.plan.ladder import make_plan\n"
         "plan = make_plan(1e19, arch='parscale', unique_tokens=1e13, overrides=['model.streams=4'])\n"
         "print(sorted({r.spec.model.streams for r in (*plan.ladder, plan.target)}))\n"
     )
@@ -144,7 +144,8 @@ def test_planner_chooses_p_with_the_parscale_law():
     """At fixed training compute P costs P x the FLOPs for a (k ln P + 1) x parameter term, so the
     law picks P = 1; a fixed P plans a smaller N and predicts a higher loss; the table says why."""
     from scaleforge.arch.parscale import planning
-    from scaleforge.orchestrator.plan import make_plan, prior_law
+    from scaleforge.orchestrator.plan.ladder import make_plan
+    from scaleforge.orchestrator.plan.plan import prior_law
 
     params = prior_law().params
     options = planning.stream_options(params, 1e21)

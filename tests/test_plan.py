@@ -12,11 +12,11 @@ import pytest
 
 from scaleforge.config import RunSpec, run_id
 from scaleforge.errors import ConfigError
-from scaleforge.orchestrator import prior
-from scaleforge.orchestrator.cluster import DEFAULT_CLUSTER, cpu_cluster, load_cluster
-from scaleforge.orchestrator.plan import (
-    load_plan, make_plan, plan_target, plan_to_yaml, prior_law, run_dir, save_plan, with_target,
-)
+from scaleforge.orchestrator.plan import prior
+from scaleforge.orchestrator.plan.cluster import DEFAULT_CLUSTER, cpu_cluster, load_cluster
+from scaleforge.orchestrator.plan.ladder import make_plan
+from scaleforge.orchestrator.plan.plan import plan_target, prior_law
+from scaleforge.orchestrator.plan.planfile import load_plan, plan_to_yaml, run_dir, save_plan, with_target
 
 C = 1e21
 
@@ -77,7 +77,7 @@ def test_plan_file_round_trip_and_run_dirs(plan, tmp_path):
 def test_plan_yaml_is_what_pyyaml_writes(plan):
     import yaml
 
-    from scaleforge.orchestrator.plan import plan_to_dict
+    from scaleforge.orchestrator.plan.planfile import plan_to_dict
 
     expected = yaml.safe_dump(plan_to_dict(plan), sort_keys=False, default_flow_style=False, width=100)
     assert plan_to_yaml(plan) == expected  # libyaml's dumper is only a speed-up
@@ -93,7 +93,7 @@ def test_with_target_keeps_history(plan):
 
 
 def test_replan_target_keeps_overrides(tmp_path):
-    from scaleforge.orchestrator.plan import replan_target
+    from scaleforge.orchestrator.plan.plan import replan_target
 
     p = make_plan(1e18, overrides=("model.vocab_size=32000", "seed=7"), unique_tokens=1e12)
     law = dataclasses.replace(prior_law(), params={**prior.EPOCH_PARAMS, "alpha": 0.3}, source="fit")
@@ -105,7 +105,7 @@ def test_replan_target_keeps_overrides(tmp_path):
 
 def test_pool_tokens_agrees_with_the_store(tiny_store, tmp_path, monkeypatch):
     from scaleforge.data_pipeline.store import open_store
-    from scaleforge.orchestrator.plan import pool_tokens
+    from scaleforge.orchestrator.plan.ladder import pool_tokens
 
     expected = open_store(tiny_store).num_tokens("train")
     assert pool_tokens((str(tiny_store),)) == expected
@@ -127,7 +127,7 @@ def test_tiny_cpu_plan():
 
 
 def test_law_from_fit_file(tmp_path):
-    from scaleforge.orchestrator.plan import law_from_fit
+    from scaleforge.orchestrator.plan.plan import law_from_fit
 
     fit = {"law": "chinchilla", "params": {**prior.EPOCH_PARAMS, "alpha": 0.3, "beta": 0.4},
            "ci": {"E": [1.7, 1.9]}}
@@ -218,8 +218,8 @@ def test_planner_imports_without_torch(tmp_path):
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['megatron'] = None\n"
         "sys.modules['scipy'] = None; sys.modules['matplotlib'] = None\n"
-        "import scaleforge.orchestrator.plan, scaleforge.parallel.layout, scaleforge.arch.dense.config\n"
-        "from scaleforge.orchestrator.plan import make_plan\n"
+        "import scaleforge.orchestrator.plan.plan, scaleforge.parallel.layout, scaleforge.arch.dense.config\n"
+        "from scaleforge.orchestrator.plan.ladder import make_plan\n"
         "make_plan(1e19, unique_tokens=1e12)\n"
         "assert 'numpy' not in sys.modules, 'numpy was imported on the plan path'\n"
     )
@@ -228,8 +228,8 @@ def test_planner_imports_without_torch(tmp_path):
 
 
 def test_small_budgets_start_from_the_small_model_prior():
-    from scaleforge.orchestrator import prior
-    from scaleforge.orchestrator.plan import prior_law
+    from scaleforge.orchestrator.plan import prior
+    from scaleforge.orchestrator.plan.plan import prior_law
 
     small, big = prior_law(1e12), prior_law(prior.SMALL_BELOW)
     assert small.path == prior.SMALL_PATH and big.path == "" and big.params == prior.EPOCH_PARAMS
@@ -254,14 +254,14 @@ def test_a_budget_without_five_sizes_says_why():
     """Vocab 512 at 4e9 FLOPs: a law with N_opt = sqrt(C / 6) = 2.6e4 puts the optimum next to the
     smallest shape (2.05e4 parameters), so the budget cannot get 5 sizes around it; the plan says so
     instead of silently losing them. At 4e10 (N_opt 8.2e4) it gets them."""
-    from scaleforge.orchestrator.planfile import LawInfo
+    from scaleforge.orchestrator.plan.planfile import LawInfo
 
     law = LawInfo(name="chinchilla", params={"A": 400.0, "B": 400.0, "E": 1.5, "alpha": 0.3, "beta": 0.3},
                   ci={}, source="fit")
     plan = make_plan(1.6e11, cluster=cpu_cluster(1), law=law, ladder_min=0.025, ladder_max=0.25,
                      budgets=3, sizes=7, size_span=4.0, seq_len=32, unique_tokens=1e9,
                      overrides=("model.vocab_size=512",))
-    from scaleforge.orchestrator.prior import compute_optimal
+    from scaleforge.orchestrator.plan.prior import compute_optimal
 
     per_budget = {}
     for r in plan.ladder:

@@ -10,9 +10,10 @@ import pytest
 
 from scaleforge.cli import main
 from scaleforge.config import spec_to_yaml
-from scaleforge.orchestrator import refit
-from scaleforge.orchestrator.laws import chinchilla
-from scaleforge.orchestrator.plan import load_plan, make_plan, run_dir, save_plan
+from scaleforge.orchestrator.fit import refit
+from scaleforge.orchestrator.fit.laws import chinchilla
+from scaleforge.orchestrator.plan.ladder import make_plan
+from scaleforge.orchestrator.plan.planfile import load_plan, run_dir, save_plan
 
 TRUTH = {"A": 482.01, "B": 2085.43, "E": 1.8169, "alpha": 0.3478, "beta": 0.3658}
 STEPS = 60
@@ -185,7 +186,7 @@ def test_intermediate_points_are_the_losses_of_shorter_runs():
     from dataclasses import replace
 
     from scaleforge.config import TrainSpec
-    from scaleforge.orchestrator.laws import annealing
+    from scaleforge.orchestrator.fit.laws import annealing
     from scaleforge.pretrain.schedules import lr_at
 
     law = {"L0": 2.5, "A": 0.3, "alpha": 0.5, "C": 3.0}
@@ -214,7 +215,7 @@ def test_intermediate_points_are_the_losses_of_shorter_runs():
 
 
 def test_fit_json_marks_points_and_extend_adds_runs_that_refit_reads(plan_path: Path, capsys):
-    from scaleforge.orchestrator import extend
+    from scaleforge.orchestrator.plan import extend
 
     plan = _all_runs(plan_path)
     assert main(["refit", str(plan_path), "--bootstrap", "30"]) == 0

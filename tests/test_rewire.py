@@ -230,7 +230,7 @@ def test_kill_and_resume_gives_identical_report_and_store(tiny_store, kjv_jsonl,
     from scaleforge.data_pipeline import store as store_mod
     from scaleforge.data_pipeline.rewire import files, mix, pipeline
     from scaleforge.data_pipeline.rewire.config import load_config
-    from scaleforge.orchestrator.plan import pool_tokens
+    from scaleforge.orchestrator.plan.ladder import pool_tokens
 
     cfg_path = write_config(tmp_path / "tiny.yaml", tiny_config(tiny_store, kjv_jsonl))
     cfg = load_config(cfg_path)

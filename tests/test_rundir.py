@@ -11,15 +11,18 @@ import time
 from pathlib import Path
 
 from scaleforge import cli, rundir
-from scaleforge.orchestrator import executors, runs
-from scaleforge.orchestrator.executors import local
+from scaleforge.orchestrator.run import executors, runs
+from scaleforge.orchestrator.run.entries import entries_from_plan, prepare_run_dir
+from scaleforge.orchestrator.run.executors import local
 from test_runs import tiny_spec, write_plan
 
 REPO = Path(__file__).resolve().parents[1]
 # The modules that read or write run directories through scaleforge.rundir.
-CLIENTS = ["scaleforge/orchestrator/runs.py", "scaleforge/orchestrator/refit.py",
-           "scaleforge/orchestrator/status.py", "scaleforge/orchestrator/submit.py",
-           "scaleforge/orchestrator/executors/local.py", "scaleforge/orchestrator/executors/slurm.py",
+CLIENTS = ["scaleforge/orchestrator/run/runs.py", "scaleforge/orchestrator/run/entries.py",
+           "scaleforge/orchestrator/fit/refit.py", "scaleforge/orchestrator/report/refit_cli.py",
+           "scaleforge/orchestrator/run/status.py", "scaleforge/orchestrator/run/submit.py",
+           "scaleforge/orchestrator/run/executors/local.py", "scaleforge/orchestrator/run/executors/slurm.py",
+           "scaleforge/orchestrator/run/executors/slurm_task.py",
            "scaleforge/pretrain/cli.py", "scaleforge/pretrain/metrics.py", "scaleforge/pretrain/loop.py",
            "scaleforge/pretrain/checkpoint.py", "scaleforge/pretrain/grow.py"]
 NAMES = {rundir.SPEC_FILE, rundir.METRICS_FILE, rundir.STATUS_FILE, rundir.JOB_FILE}
@@ -42,9 +45,10 @@ def test_names_are_spelled_once():
 
 def test_torch_free():
     code = ("import sys; sys.modules['torch'] = None; import scaleforge.rundir, "
-            "scaleforge.orchestrator.runs, scaleforge.orchestrator.executors.slurm, "
-            "scaleforge.orchestrator.executors.local, scaleforge.orchestrator.status, "
-            "scaleforge.orchestrator.submit")
+            "scaleforge.orchestrator.run.runs, scaleforge.orchestrator.run.executors.slurm, "
+            "scaleforge.orchestrator.run.executors.slurm_task, scaleforge.orchestrator.run.executors.slurm_states, "
+            "scaleforge.orchestrator.run.executors.local, scaleforge.orchestrator.run.status, "
+            "scaleforge.orchestrator.run.submit")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -94,8 +98,8 @@ def test_unreadable_process_table_is_unknown(tmp_path, monkeypatch, capsys):
     """psutil missing: a live local run reads as unknown; status exits 0, submit retries and fails
     without launching or recording anything."""
     plan = write_plan(tmp_path / "plan.yaml", [tiny_spec("a", steps=2)])
-    (e,) = runs.entries_from_plan(plan)
-    runs.prepare_run_dir(e)
+    (e,) = entries_from_plan(plan)
+    prepare_run_dir(e)
     rec = local.local_record(attempts=1)
     rundir.write_job(e.run_dir, rec)
     assert runs.run_states([e])[0].state == "running"
@@ -129,7 +133,7 @@ def test_growth_stage_waits_for_its_source(tmp_path, capsys):
     second = replace(second, checkpoint=replace(second.checkpoint,
                                                 init_from=f"../s0-{run_id(first)}"))
     plan = write_plan(tmp_path / "plan.yaml", [first, second])
-    s0, s1 = runs.entries_from_plan(plan)
+    s0, s1 = entries_from_plan(plan)
     assert s0.after == () and s1.after == (s0.run_dir,) and s1.after_names == ("s0",)
     st = {s.entry.name: s for s in runs.run_states([s0, s1])}
     assert st["s1"].waits_for == ("s0",) and st["s0"].waits_for == ()

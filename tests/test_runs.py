@@ -1,4 +1,4 @@
-"""Run directories, states and idempotence (scaleforge.orchestrator.runs), without a scheduler."""
+"""Run directories, states and idempotence (scaleforge.orchestrator.run.runs), without a scheduler."""
 
 from __future__ import annotations
 
@@ -14,10 +14,12 @@ import pytest
 
 from scaleforge.config import RunSpec, from_dict, run_id, to_dict
 from scaleforge.errors import ConfigError
-from scaleforge.orchestrator import planfile, runs
-from scaleforge.orchestrator.cluster import cpu_cluster
-from scaleforge.orchestrator.executors import local
-from scaleforge.orchestrator.executors import slurm as slurm_ex
+from scaleforge.orchestrator.plan import planfile
+from scaleforge.orchestrator.run import runs
+from scaleforge.orchestrator.run.entries import RunEntry, entries_from_plan, entries_from_specs, prepare_run_dir
+from scaleforge.orchestrator.plan.cluster import cpu_cluster
+from scaleforge.orchestrator.run.executors import local
+from scaleforge.orchestrator.run.executors import slurm_states
 
 
 def tiny_spec(name: str, *, seed: int = 1234, steps: int = 20, store: str | Path = "bundled",
@@ -60,8 +62,8 @@ def write_plan(path: Path, specs: list[RunSpec], *, runs_dir: str = "runs",
     return path
 
 
-def entry(tmp_path: Path, name: str = "r1", **kw) -> runs.RunEntry:
-    return runs.entries_from_specs([(name, tiny_spec(name, **kw))], tmp_path / "runs")[0]
+def entry(tmp_path: Path, name: str = "r1", **kw) -> RunEntry:
+    return entries_from_specs([(name, tiny_spec(name, **kw))], tmp_path / "runs")[0]
 
 
 def write_status(run_dir: Path, state: str, step: int, total: int = 20, loss: float = 3.5) -> None:
@@ -83,7 +85,7 @@ def test_run_dir_layout_and_identity(tmp_path):
     assert e.run_id == run_id(e.spec) and len(e.run_id) == 12
     # layout and checkpoint cadence are not identity: the same run under another layout
     spec2 = replace(e.spec, parallel=replace(e.spec.parallel, dp=2))
-    (e2,) = runs.entries_from_specs([("alpha", spec2)], tmp_path / "runs")
+    (e2,) = entries_from_specs([("alpha", spec2)], tmp_path / "runs")
     assert e2.run_dir == e.run_dir and e2.ranks == 2
     # a different seed is a different run
     assert entry(tmp_path, "alpha", seed=7).run_dir != e.run_dir
@@ -97,16 +99,16 @@ def test_names_that_reach_the_shell_are_rejected(tmp_path):
 
 def test_entries_from_plan(tmp_path):
     plan = write_plan(tmp_path / "plan.yaml", [tiny_spec("s1"), tiny_spec("s2", seed=5)])
-    entries = runs.entries_from_plan(plan)
+    entries = entries_from_plan(plan)
     assert [e.name for e in entries] == ["s1", "s2"]
     assert entries[0].run_dir == tmp_path / "runs" / f"s1-{run_id(tiny_spec('s1'))}"
     assert entries[0].gpus_per_node == 0  # a CPU cluster asks for no GPUs
-    assert [e.name for e in runs.entries_from_plan(plan, target=True)] == ["s1", "s2", "target"]
-    assert [e.name for e in runs.entries_from_plan(plan, only=["s2"])] == ["s2"]
+    assert [e.name for e in entries_from_plan(plan, target=True)] == ["s1", "s2", "target"]
+    assert [e.name for e in entries_from_plan(plan, only=["s2"])] == ["s2"]
     with pytest.raises(ConfigError, match="--only nope: no such run"):
-        runs.entries_from_plan(plan, only=["nope"])
-    assert runs.entries_from_plan(plan, time_min=7)[0].time_min == 7
-    assert runs.entries_from_plan(plan)[0].time_min == 12  # 2 x 0.6 min + 10 = 11.2, rounded up
+        entries_from_plan(plan, only=["nope"])
+    assert entries_from_plan(plan, time_min=7)[0].time_min == 7
+    assert entries_from_plan(plan)[0].time_min == 12  # 2 x 0.6 min + 10 = 11.2, rounded up
 
 
 def test_plan_with_edited_spec_is_refused(tmp_path):
@@ -114,18 +116,18 @@ def test_plan_with_edited_spec_is_refused(tmp_path):
     text = (tmp_path / "plan.yaml").read_text().replace("seed: 1234", "seed: 4321", 1)
     (tmp_path / "plan.yaml").write_text(text)
     with pytest.raises(ConfigError, match="hashes to"):
-        runs.entries_from_plan(plan)
+        entries_from_plan(plan)
 
 
 def test_prepare_run_dir_refuses_another_run(tmp_path):
     e = entry(tmp_path)
-    runs.prepare_run_dir(e)
+    prepare_run_dir(e)
     assert from_dict(RunSpec, __import__("yaml").safe_load(e.spec_path.read_text())) == e.spec
     other = tiny_spec("r1", seed=77)
     e.spec_path.write_text(__import__("yaml").safe_dump(to_dict(other)))
     before = e.spec_path.read_text()
     with pytest.raises(ConfigError, match="move that directory away"):
-        runs.prepare_run_dir(e)
+        prepare_run_dir(e)
     assert e.spec_path.read_text() == before  # nothing overwritten
 
 
@@ -169,7 +171,7 @@ def test_states_from_run_dir_alone(tmp_path, written, state, action):
 
 def test_local_record_alive_and_gone(tmp_path):
     e = entry(tmp_path)
-    runs.prepare_run_dir(e)
+    prepare_run_dir(e)
     # this process is the recorded executor: the run is queued (not yet launched), then running
     runs.write_job(e.run_dir, local.local_record())
     (st,) = runs.run_states([e], runner=no_scheduler)
@@ -199,10 +201,10 @@ def test_job_record_roundtrip_and_garbage(tmp_path):
 
 def test_parse_slurm_tables():
     squeue = "7_[2-3,5%2]|PENDING\n6_1|RUNNING\n9|COMPLETING\n"
-    assert slurm_ex.parse_slurm_table(squeue) == {
+    assert slurm_states.parse_slurm_table(squeue) == {
         "7_2": "PENDING", "7_3": "PENDING", "7_5": "PENDING", "6_1": "RUNNING", "9": "COMPLETING"}
     sacct = "6_0|FAILED\n6_0.batch|FAILED\n12|CANCELLED by 0\n14|RUNNING\n"
-    assert slurm_ex.parse_slurm_table(sacct) == {"6_0": "FAILED", "12": "CANCELLED", "14": "RUNNING"}
+    assert slurm_states.parse_slurm_table(sacct) == {"6_0": "FAILED", "12": "CANCELLED", "14": "RUNNING"}
 
 
 class Counting:
@@ -228,7 +230,7 @@ def test_slurm_states_batched_and_tolerant(tmp_path, monkeypatch):
     entries = [entry(tmp_path, f"r{i}") for i in range(6)]
     chains = [("11", "12"), ("21", "22"), ("31",), ("41", "42"), ("51",), ("61",)]
     for e, ids in zip(entries, chains):
-        runs.prepare_run_dir(e)
+        prepare_run_dir(e)
         runs.write_job(e.run_dir, runs.JobRecord(executor="slurm", job_ids=ids, submitted_at=now - 600))
     write_status(entries[0].run_dir, "completed", 20)    # finished: the scheduler is not asked about it
     write_status(entries[1].run_dir, "preempted", 8)     # 21 failed, continuation 22 pending
@@ -267,7 +269,7 @@ def test_slurm_states_batched_and_tolerant(tmp_path, monkeypatch):
 
 def test_scheduler_down(tmp_path, monkeypatch):
     e = entry(tmp_path)
-    runs.prepare_run_dir(e)
+    prepare_run_dir(e)
     runs.write_job(e.run_dir, runs.JobRecord(executor="slurm", job_ids=("5",), submitted_at=time.time()))
 
     def down(cmd):
@@ -283,7 +285,7 @@ def test_wait_for_runs(tmp_path):
     import threading
 
     e = entry(tmp_path)
-    runs.prepare_run_dir(e)
+    prepare_run_dir(e)
     rec = local.local_record(attempts=1)
     runs.write_job(e.run_dir, rec)
     write_status(e.run_dir, "running", 3)

@@ -17,8 +17,10 @@ import pytest
 
 from scaleforge import rundir
 from scaleforge.errors import ConfigError
-from scaleforge.orchestrator import runs
-from scaleforge.orchestrator.executors import slurm as slurm_ex
+from scaleforge.orchestrator.run import runs
+from scaleforge.orchestrator.run.entries import RunEntry, entries_from_plan, entries_from_specs
+from scaleforge.orchestrator.run.executors import slurm as slurm_ex
+from scaleforge.orchestrator.run.executors import slurm_states
 from slurm_cluster import DEV_CLUSTER, REPO
 from slurm_cluster import wait_for as _wait
 from test_runs import tiny_spec, write_plan
@@ -56,7 +58,7 @@ def _sacct(job_ids) -> dict[str, str]:
     out = subprocess.run(["sacct", "-X", "-n", "-P", "-o", "JobID,State", "-j",
                           ",".join(sorted({j.split("_")[0] for j in job_ids}))],
                          capture_output=True, text=True, check=True)
-    return slurm_ex.parse_slurm_table(out.stdout)
+    return slurm_states.parse_slurm_table(out.stdout)
 
 
 def _squeue_state(job_id: str) -> str:
@@ -112,7 +114,7 @@ def test_cluster_status_and_accounting(slurm_root):
     assert sorted(srun.stdout.split("\n")[:-1]) == ["0 0 0 sf1", "1 0 1 sf1", "2 1 0 sf2", "3 1 1 sf2"]
     # a job whose first node is sf2 meets at sf2's recorded address, not at its name (which does
     # not resolve) nor at the address srun was started from
-    code = ("import os; from scaleforge.orchestrator.executors.slurm import rendezvous_address; "
+    code = ("import os; from scaleforge.orchestrator.run.executors.slurm_task import rendezvous_address; "
             "print(rendezvous_address(dict(os.environ)), os.environ['SLURM_LAUNCH_NODE_IPADDR'])")
     rdv = subprocess.run(["srun", "-N1", "-w", "sf2", sys.executable, "-c", code],
                          capture_output=True, text=True, timeout=60, check=True)
@@ -135,16 +137,16 @@ def test_unsafe_inputs_rejected_before_sbatch(slurm_root, tmp_path):
         slurm_ex.SlurmOptions(partition="debug; touch PWNED")
     with pytest.raises(ConfigError, match="account"):
         slurm_ex.SlurmOptions(account="a b")
-    e = runs.entries_from_specs([("ok", tiny_spec("ok"))], tmp_path / "100%done")[0]
+    e = entries_from_specs([("ok", tiny_spec("ok"))], tmp_path / "100%done")[0]
     with pytest.raises(ConfigError, match="'%'"):
         slurm_ex.check_submittable([e], has_gpus=False)
     # a GPU run on a cluster without gpu gres is refused with what to change
-    gpu = runs.RunEntry(name="g", spec=tiny_spec("g"), run_dir=tmp_path / "g", gpus_per_node=1)
+    gpu = RunEntry(name="g", spec=tiny_spec("g"), run_dir=tmp_path / "g", gpus_per_node=1)
     with pytest.raises(ConfigError, match="no gpu gres"):
         slurm_ex.submit_slurm([gpu])
     assert not (tmp_path / "g").exists()  # nothing written for a refused submission
     # more ranks than the node has CPUs: sbatch refuses at once, in one line, nothing is recorded
-    (big,) = runs.entries_from_specs([("big", tiny_spec("big", dp=64))], tmp_path / "runs")
+    (big,) = entries_from_specs([("big", tiny_spec("big", dp=64))], tmp_path / "runs")
     with pytest.raises(runs.SchedulerError, match="sbatch refused run big: .*processors"):
         slurm_ex.submit_slurm([big], slurm_ex.SlurmOptions(array=False), echo=lambda _m: None)
     assert runs.read_job(big.run_dir) is None
@@ -176,7 +178,7 @@ def test_ladder_preempt_requeue_resume(slurm_root, tmp_path, tiny_store, client_
     assert specs[1].checkpoint.every == 5
     plan = write_plan(hostile / "plan.yaml", specs)
     env = _env(client_path)
-    a, b = runs.entries_from_plan(plan)
+    a, b = entries_from_plan(plan)
     assert (a.ranks, b.ranks) == (1, 2)
 
     sub = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "2",
@@ -267,7 +269,7 @@ def test_array_task_resumes_while_its_array_runs(slurm_root, tmp_path, tiny_stor
              tiny_spec("long", steps=steps, store=tiny_store)]
     plan = write_plan(tmp_path / "plan.yaml", specs)
     env = _env(client_path)
-    short, long = runs.entries_from_plan(plan)
+    short, long = entries_from_plan(plan)
     sub = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "1",
                        env=env, cwd=tmp_path)
     assert sub.returncode == 0, sub.stderr + sub.stdout
@@ -315,7 +317,7 @@ def test_second_submit_while_queued_queues_nothing(slurm_root, tmp_path, tiny_st
         first = _orchestrate("submit", str(plan), "--executor", "slurm", "--max-requeues", "0",
                              env=env, cwd=tmp_path)
         assert first.returncode == 0, first.stderr
-        e, e2 = runs.entries_from_plan(plan)
+        e, e2 = entries_from_plan(plan)
         jid, jid2 = runs.read_job(e.run_dir).job_ids[0], runs.read_job(e2.run_dir).job_ids[0]
         # same-shaped runs form one array: one job id, one task each
         base = jid.split("_")[0]

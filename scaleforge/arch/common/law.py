@@ -3,7 +3,7 @@
 They sit here, below the planner, because a family's planning rules build on them (ParScale's
 `arch/parscale/planning.py` joins its streams law to this one) and arch does not import upward into
 `orchestrator/` (the layers in docs/architecture.md). The planner reaches them as
-`orchestrator.prior.chinchilla_loss` and `orchestrator.prior.compute_optimal`.
+`orchestrator.plan.prior.chinchilla_loss` and `orchestrator.plan.prior.compute_optimal`.
 
 L(N, D) = E + A / N^alpha + B / D^beta, N all parameters, D tokens; `params` is a dict with the
 keys A, B, E, alpha, beta.

@@ -126,7 +126,7 @@ class ParScaleConfig(DecoderConfig):
         """LlamaForCausalLM at P=1, refused for P > 1 (arch/parscale/hf.py)."""
         return hf.target(self, seq_len=seq_len)
 
-    # planner hooks (orchestrator/plan.py asks for them by name; arch/parscale/planning.py)
+    # planning hooks of the contract (arch/common/family.py); the rules: arch/parscale/planning.py
 
     def plan_variant(self, params: dict, budget: float, user_keys: frozenset) -> "ParScaleConfig":
         """This config at the P the planner picks for `budget` (`--set model.streams` fixes P)."""

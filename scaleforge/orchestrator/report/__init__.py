@@ -1,0 +1,1 @@
+"""Reporting: `orchestrate refit` (fit.json, plots, the re-planned target) and the demo."""
