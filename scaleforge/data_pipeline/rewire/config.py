@@ -21,12 +21,16 @@ PROMPTS = ("direct", "guided")
 DIGEST_EXCLUDE = ("endpoint", "server", "timeout_s", "retries", "threads")
 
 
+READERS = ("jsonl", "parquet", "warc", "hf_disk")
+
+
 @dataclass(kw_only=True, frozen=True)
 class TextSet:
-    """A set of documents: a slice of a token store's split, or text files.
+    """A set of documents: a slice of a token store's split, text files, or files a datatrove reader reads.
 
-    Exactly one of `store` and `path` is given. Documents are taken at indices
-    `start, start + stride, ...` (`count` of them, 0: all there are) and each is cut to its first
+    Exactly one of `store`, `path` and `reader` is given. From a store or text files, documents are
+    taken at indices `start, start + stride, ...` (`count` of them, 0: all there are); from a reader,
+    the first `limit` documents of its files in sorted path order (0: all). Each is cut to its first
     `max_chars` characters, back to the last whitespace (0: whole documents).
     """
 
@@ -34,6 +38,17 @@ class TextSet:
     """A token store (a path, or `bundled`): its documents are decoded with its own tokenizer."""
     path: str = ""
     """Text files instead of a store: a .txt/.md file, a .jsonl file (`text` field) or a directory."""
+    reader: str = ""
+    """A datatrove reader over `paths`: `jsonl` (gzip too), `parquet`, `warc` (WARC/WET records) or
+    `hf_disk` (a Hugging Face dataset saved with `save_to_disk`: its directory)."""
+    paths: tuple[str, ...] = ()
+    """reader: the files (or, for hf_disk, dataset directories) as glob patterns (`**` recurses)."""
+    text_key: str = "text"
+    """reader: the field (JSONL key, Parquet or Arrow column) that holds the text."""
+    id_key: str = "id"
+    """reader: the field that holds the document id, when present (else file path and index)."""
+    limit: int = 0
+    """reader: documents read at most (0: all)."""
     split: str = "train"
     """The store split to read (train or validation)."""
     start: int = 0
@@ -46,11 +61,20 @@ class TextSet:
     """Cut each document to at most this many characters, at a word boundary (0: no cut)."""
 
     def __post_init__(self) -> None:
-        if bool(self.store) == bool(self.path):
-            raise ConfigError("a text set names exactly one of `store` and `path`")
+        object.__setattr__(self, "paths", tuple(self.paths))
+        if sum(map(bool, (self.store, self.path, self.reader))) != 1:
+            raise ConfigError("a text set names exactly one of `store`, `path` and `reader`")
+        if self.reader and self.reader not in READERS:
+            raise ConfigError(f"reader must be one of {', '.join(READERS)}, got {self.reader!r}")
+        if self.reader and not self.paths:
+            raise ConfigError(f"reader {self.reader} needs `paths`: a list of file globs")
+        if self.paths and not self.reader:
+            raise ConfigError("`paths` go with a `reader` (jsonl, parquet, warc, hf_disk)")
+        if self.reader and not self.text_key:
+            raise ConfigError("text_key is empty: name the field that holds the text")
         if self.split not in ("train", "validation"):
             raise ConfigError(f"split must be train or validation, got {self.split!r}")
-        for name in ("start", "count", "max_chars"):
+        for name in ("start", "count", "max_chars", "limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.stride < 1:
@@ -229,6 +253,9 @@ class MixConfig:
     lowest scores first, so that no document repeats."""
     validation_fraction: float = 0.01
     """Fraction of the mixed documents held out for validation (at least 4, as every store)."""
+    tokenizer: str = ""
+    """A token store (a path, or `bundled`) whose tokenizer writes the mix and counts tokens
+    (empty: the pool's store; a pool read from files names one)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.raw_fraction <= 1:
@@ -244,7 +271,8 @@ class RewireConfig:
     """REWIRE: classify a pool, rewrite it, filter the rewrites, mix them with the best raw text."""
 
     pool: TextSet
-    """The documents to recycle: a slice of a token store (the mixed store uses its tokenizer)."""
+    """The documents to recycle: a slice of a token store (the mixed store uses its tokenizer), or
+    files a datatrove reader reads (then mix.tokenizer names the tokenizer)."""
     classify: ClassifyConfig
     """Stage 1: the quality classifier."""
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
@@ -257,8 +285,9 @@ class RewireConfig:
     """Seed of the classifiers and of the random rewrite negatives."""
 
     def __post_init__(self) -> None:
-        if not self.pool.store:
-            raise ConfigError("pool.store is empty: the pool is a token store (a path, or bundled)")
+        if not self.pool.store and not self.mix.tokenizer:
+            raise ConfigError("mix.tokenizer is empty and the pool is not a token store: name the store "
+                              "(a path, or bundled) whose tokenizer the mixed store uses")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
 

@@ -67,6 +67,15 @@ def read_inputs(cfg: RewireConfig) -> Inputs:
     return Inputs(pool=pool, positives=pos, negatives=neg, filter_positives=fpos)
 
 
+def tokenizer_store(cfg: RewireConfig):
+    """The store whose tokenizer counts tokens and writes the mix: mix.tokenizer, else the pool's."""
+    from scaleforge.data_pipeline.rewire.config import TextSet
+
+    if cfg.mix.tokenizer:
+        return texts.open_store(TextSet(store=cfg.mix.tokenizer), "mix.tokenizer")
+    return texts.open_store(cfg.pool, "pool")
+
+
 def run(cfg: RewireConfig, out: str | Path, *, until: str = "report", shard: int | None = None,
         generator: Generator | None = None, echo=print) -> dict | None:
     """Run the stages up to `until` (or only rewrite shard `shard`); returns the report when made."""
@@ -87,8 +96,7 @@ def run(cfg: RewireConfig, out: str | Path, *, until: str = "report", shard: int
         or (shard is None and rewrite.missing_shards(out, len(inputs.pool), cfg.rewrite)))
     if needs_rewrite and generator is None:
         generator = make_generator(cfg.rewrite, log=echo)  # a missing model or endpoint stops here
-    st = texts.open_store(cfg.pool, "pool")
-    tokenizer = st.tokenizer()
+    tokenizer = tokenizer_store(cfg).tokenizer()
 
     # Everything checked: from here on OUT is written.
     out.mkdir(parents=True, exist_ok=True)
@@ -148,7 +156,7 @@ def _classify(cfg: RewireConfig, out: Path, inputs: Inputs, tokenizer) -> None:
     pool_texts = [doc.text for doc in inputs.pool]
     scores = classify.scores(model, pool_texts)
     counts = _tokens(tokenizer, pool_texts)
-    files.write_jsonl(d / "pool.jsonl", [{"id": doc.id, "text": doc.text, "tokens": n}
+    files.write_jsonl(d / "pool.jsonl", [{"id": doc.id, "key": doc.key, "text": doc.text, "tokens": n}
                                          for doc, n in zip(inputs.pool, counts)])
     files.write_jsonl(d / "scores.jsonl", [{"id": doc.id, "score": s} for doc, s in zip(inputs.pool, scores)])
     files.write_json(files.done_path(out, "classify"), {

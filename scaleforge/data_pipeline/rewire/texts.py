@@ -1,4 +1,5 @@
-"""Documents of a text set: a slice of a token store (decoded with its tokenizer) or text files."""
+"""Documents of a text set: a slice of a token store (decoded with its tokenizer), text files, or
+files a datatrove reader reads (readers.py)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,17 @@ class Doc:
     """One document of a text set."""
 
     id: int
-    """Its index in the store split (or in the files' document order)."""
+    """Its index in the store split (or in the files' document order, or in the reader's)."""
+    key: str = ""
+    """A reader's document id (its `id_key` field, else file path and index); empty otherwise."""
     text: str
     """The text, cut to the set's `max_chars`."""
 
 
 def describe(ts: TextSet) -> str:
     """A short name for messages: `store bundled[train]` or `path docs.jsonl`."""
+    if ts.reader:
+        return f"{ts.reader} {', '.join(ts.paths)}"
     return f"store {ts.store}[{ts.split}]" if ts.store else f"path {ts.path}"
 
 
@@ -27,14 +32,14 @@ def read(ts: TextSet, where: str) -> list[Doc]:
     """The documents of `ts`; an empty selection is a ConfigError naming `where`."""
     if ts.store:
         docs = _from_store(ts, where)
+    elif ts.reader:
+        docs = _from_reader(ts, where)
     else:
         docs = _from_files(ts, where)
     docs = [d for d in docs if d.text.strip()]
     if not docs:
-        raise ConfigError(
-            f"{where}: {describe(ts)} selects no non-empty document (start {ts.start}, count "
-            f"{ts.count}, stride {ts.stride}): widen the selection"
-        )
+        which = f"limit {ts.limit}" if ts.reader else f"start {ts.start}, count {ts.count}, stride {ts.stride}"
+        raise ConfigError(f"{where}: {describe(ts)} selects no non-empty document ({which}): widen the selection")
     return docs
 
 
@@ -77,6 +82,14 @@ def _from_files(ts: TextSet, where: str) -> list[Doc]:
     except Exception as exc:
         raise ConfigError(f"{where}.path: {exc}") from None
     return [Doc(id=i, text=cut(texts[i], ts.max_chars)) for i in indices(ts, len(texts))]
+
+
+def _from_reader(ts: TextSet, where: str) -> list[Doc]:
+    from scaleforge.data_pipeline.rewire import readers
+
+    paths = readers.check(ts, where)
+    return [Doc(id=i, key=key, text=cut(text, ts.max_chars))
+            for i, (key, text) in enumerate(readers.documents(ts, paths))]
 
 
 def cut(text: str, max_chars: int) -> str:
