@@ -19,7 +19,7 @@ from scaleforge.errors import ConfigError, ScaleforgeError
 
 
 class BackendError(ScaleforgeError):
-    """A generation request failed after its retries (the shard is marked failed; a rerun retries it)."""
+    """A generation request failed after its retries (its task fails; a rerun retries it)."""
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -190,6 +190,24 @@ class HttpGenerator:
         with ThreadPoolExecutor(max_workers=len(requests)) as pool:
             futures = [pool.submit(self._one, r, cfg, seed + i) for i, r in enumerate(requests)]
             return [f.result() for f in futures]
+
+
+_SHARED: dict[str, Generator] = {}
+
+
+def provide(gen: Generator | None) -> None:
+    """Make `gen` the generator of rewrite tasks that run in this process (a model loaded once);
+    None: the next task makes the one its config names."""
+    _SHARED.pop("generator", None)
+    if gen is not None:
+        _SHARED["generator"] = gen
+
+
+def shared_generator(cfg: RewriteConfig) -> Generator:
+    """The generator this process provides, else the one `cfg` names, made once per process."""
+    if "generator" not in _SHARED:
+        _SHARED["generator"] = make_generator(cfg)
+    return _SHARED["generator"]
 
 
 def make_generator(cfg: RewriteConfig, log=None) -> Generator:

@@ -158,11 +158,12 @@ class RewriteConfig:
     batch_size: int = 4
     """Documents per generation batch (fixed by document index, so a resumed shard batches alike)."""
     shard_size: int = 64
-    """Documents per shard: the unit of a Slurm array task and of the done/failed markers."""
+    """Documents per pool shard file (OUT/classify/docs): the unit a rewrite task takes, so a
+    document's batch never depends on the number of tasks."""
     timeout_s: float = 600.0
     """http: seconds before a request counts as failed."""
     retries: int = 3
-    """http: retries of a failed request (exponential backoff) before its shard is marked failed."""
+    """http: retries of a failed request (exponential backoff) before its task fails."""
     seed: int = 0
     """Sampling seed (per batch: seed + first document index)."""
     threads: int = 0
@@ -267,6 +268,36 @@ class MixConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class ExecutorConfig:
+    """How datatrove runs the stages: tasks, local workers, and the Slurm job settings.
+
+    Outside the config digest: the outputs do not depend on it (a document's batch is fixed by its
+    pool position, and every output is ordered by pool position)."""
+
+    tasks: int = 1
+    """datatrove tasks of each parallel stage (scoring, rewriting); the others run as one task."""
+    workers: int = 1
+    """Local executor: tasks run at once in worker processes (1: in this process)."""
+    partition: str = ""
+    """Slurm executor: the partition (empty: the cluster's default)."""
+    time: str = "01:00:00"
+    """Slurm executor: the time limit of each job."""
+    cpus_per_task: int = 1
+    """Slurm executor: CPUs per task."""
+    mem_per_cpu_gb: int = 2
+    """Slurm executor: memory per CPU in GB."""
+    gpus_per_task: int = 0
+    """Slurm executor: GPUs per rewrite task (a local model on the node's GPU)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "workers", "cpus_per_task", "mem_per_cpu_gb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"executor.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_task < 0:
+            raise ConfigError(f"executor.gpus_per_task must be >= 0, got {self.gpus_per_task}")
+
+
+@dataclass(kw_only=True, frozen=True)
 class RewireConfig:
     """REWIRE: classify a pool, rewrite it, filter the rewrites, mix them with the best raw text."""
 
@@ -281,6 +312,8 @@ class RewireConfig:
     """Stage 3: the rewrite filter."""
     mix: MixConfig = field(default_factory=MixConfig)
     """Stage 4: the mixed store."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """How datatrove runs the stages (outside the digest)."""
     seed: int = 0
     """Seed of the classifiers and of the random rewrite negatives."""
 
@@ -299,8 +332,10 @@ class RewireConfig:
 
     def digest(self) -> str:
         """sha256 of the canonical config minus how the rewrites are fetched (endpoint, timeout,
-        retries, threads), which leave the data unchanged: an output directory belongs to one digest."""
+        retries, threads) and how the stages run (executor), which leave the data unchanged: an
+        output directory belongs to one digest."""
         body = self.to_dict()
+        body.pop("executor")
         for key in DIGEST_EXCLUDE:
             body["rewrite"].pop(key)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

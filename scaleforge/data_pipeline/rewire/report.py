@@ -37,6 +37,7 @@ def table(report: dict) -> str:
         ("pool documents / tokens", f"{report['pool']['documents']} / {report['pool']['tokens']:,}"),
         ("scored", f"{report['classify']['scored']}"),
         ("rewritten (replies) / tokens", f"{report['rewrite']['documents']} / {report['rewrite']['tokens']:,}"),
+        (f"replies parsed ({report['rewrite']['prompt']['variant']} prompt)", f"{report['rewrite']['parsed_share']:.0%}"),
     ]
     for reason, n in sorted(report["filter"]["dropped"].items()):
         rows.append((f"  dropped: {reason}", str(n)))

@@ -1,0 +1,234 @@
+"""The REWIRE stages as functions of (config, OUT, rank, world_size): what each datatrove step runs.
+
+Documents stream through: the classify stage reads the pool once and writes it as shard files of
+`rewrite.shard_size` documents (pool position p is in shard p // shard_size); a rewrite task takes
+every world_size-th shard, so a document's shard and batch (positions [p - p % batch_size, +
+batch_size)) never depend on the number of tasks or workers, and every output is ordered by pool
+position. The global stages (filter, mix) hold two or three numbers per document, never the texts.
+"""
+
+from __future__ import annotations
+
+import heapq
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from scaleforge.data_pipeline.rewire import classify, files, prompts, texts
+from scaleforge.data_pipeline.rewire import filter as filter_mod
+from scaleforge.data_pipeline.rewire.config import RewireConfig, TextSet
+
+
+def tokenizer(cfg: RewireConfig):
+    """The tokenizer that counts tokens and writes the mix: mix.tokenizer's store, else the pool's."""
+    if cfg.mix.tokenizer:
+        return texts.open_store(TextSet(store=cfg.mix.tokenizer), "mix.tokenizer").tokenizer()
+    return texts.open_store(cfg.pool, "pool").tokenizer()
+
+
+def token_counts(tok, texts_: list[str]) -> list[int]:
+    """Tokens of each text (no separator)."""
+    return [len(e.ids) for e in tok.encode_batch(texts_)] if texts_ else []
+
+
+def set_texts(sets, where: str) -> list[str]:
+    """Texts of a list of text sets (the classifier sets: small by nature, read whole)."""
+    return [d.text for i, ts in enumerate(sets) for d in texts.iterate(ts, f"{where}[{i}]")]
+
+
+def _chunks(docs: Iterator[texts.Doc], size: int) -> Iterator[tuple[int, list[tuple[int, texts.Doc]]]]:
+    """(shard, [(pool position, doc), ...]) of `size` documents each, in pool order."""
+    block: list[tuple[int, texts.Doc]] = []
+    for pos, doc in enumerate(docs):
+        block.append((pos, doc))
+        if len(block) == size:
+            yield pos // size, block
+            block = []
+    if block:
+        yield block[0][0] // size, block
+
+
+# ---------------------------------------------------------------------------------------------
+# classify: train the quality classifier, score the pool shard by shard (one task)
+
+
+def classify_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
+    """Train on the classifier sets, then stream the pool into scored shard files."""
+    d = files.stage_dir(out, "classify")
+    pos = set_texts(cfg.classify.positives, "classify.positives")
+    neg = set_texts(cfg.classify.negatives, "classify.negatives")
+    model = classify.load(classify.train(pos, neg, cfg.classify.fasttext, cfg.seed, d / "model.bin", "classify"))
+    tok = tokenizer(cfg)
+    n = tokens = 0
+    t0 = time.perf_counter()
+    for shard, block in _chunks(texts.iterate(cfg.pool, "pool"), cfg.rewrite.shard_size):
+        scores = classify.scores(model, [doc.text for _, doc in block])
+        counts = token_counts(tok, [doc.text for _, doc in block])
+        files.write_shard(files.shard_path(out, "classify", shard), [
+            {"pos": p, "id": doc.id, "key": doc.key, "text": doc.text, "score": s, "tokens": c}
+            for (p, doc), s, c in zip(block, scores, counts)])
+        n += len(block)
+        tokens += sum(counts)
+    files.log(out, f"classify: {n} documents scored in {time.perf_counter() - t0:.1f} s")
+    files.write_json(files.summary_path(out, "classify"), {
+        "positives": len(pos), "negatives": len(neg), "documents": n, "tokens": tokens})
+
+
+# ---------------------------------------------------------------------------------------------
+# rewrite: the shards of this task, batch by batch (committed batches are reused on a rerun)
+
+
+def _replies(out: Path, rows: list[dict], cfg: RewireConfig, gen) -> list[dict]:
+    """The replies of one batch: its committed file, else generated now and committed."""
+    path = files.batch_path(out, rows[0]["pos"])
+    if path.is_file():
+        return files.read_jsonl(path)
+    t0 = time.perf_counter()
+    requests = [prompts.messages(cfg.rewrite.prompt, r["text"]) for r in rows]
+    # The seed is the batch's first pool position: the same on every attempt and every executor.
+    gens = gen.generate(requests, cfg.rewrite, cfg.rewrite.seed + rows[0]["pos"])
+    replies = [{"pos": r["pos"], "reply": g.text, "finish_reason": g.finish_reason, "reply_tokens": g.tokens}
+               for r, g in zip(rows, gens)]
+    files.write_jsonl(path, replies)
+    files.log(out, f"rewrite batch {rows[0]['pos']}: {len(rows)} documents, "
+                   f"{sum(g.tokens for g in gens)} tokens in {time.perf_counter() - t0:.1f} s")
+    return replies
+
+
+def rewrite_shard(cfg: RewireConfig, out: Path, shard: int, gen, tok, description: dict) -> None:
+    """Rewrite and screen one shard; its file is written once every batch is committed."""
+    rows = list(files.read_shard(files.shard_path(out, "classify", shard)))
+    replies: list[dict] = []
+    for lo in range(0, len(rows), cfg.rewrite.batch_size):
+        replies += _replies(out, rows[lo : lo + cfg.rewrite.batch_size], cfg, gen)
+    screened = filter_mod.screen([{"id": r["pos"], "reply": r["reply"]} for r in replies],
+                                 {r["pos"]: r["text"] for r in rows}, cfg)
+    counts = iter(token_counts(tok, [s["text"] for s in screened if s["dropped"] is None]))
+    out_rows = []
+    for src, rep, s in zip(rows, replies, screened):
+        out_rows.append({
+            "pos": src["pos"], "id": src["id"], "key": src["key"], "raw_score": src["score"],
+            "reply": rep["reply"], "finish_reason": rep["finish_reason"], "reply_tokens": rep["reply_tokens"],
+            "text": s["text"], "dropped": s["dropped"], "tokens": next(counts) if s["dropped"] is None else 0,
+            "prompt": cfg.rewrite.prompt, "model": description.get("model", ""),
+        })
+    files.write_shard(files.shard_path(out, "rewrite", shard), out_rows)
+
+
+def rewrite_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
+    """Rewrite the shards rank, rank + world_size, ... that have no output yet."""
+    from scaleforge.data_pipeline.rewire import backends, rewrite
+
+    shards = sorted(int(p.name[:5]) for p in files.docs_dir(out, "classify").glob(f"*{files.SHARD_SUFFIX}"))
+    todo = [s for s in shards[rank::world_size] if not files.shard_path(out, "rewrite", s).is_file()]
+    if not todo:
+        return
+    gen = backends.shared_generator(cfg.rewrite)
+    files.write_json(files.stage_dir(out, "rewrite") / "settings.json", rewrite.settings(cfg.rewrite, gen.description))
+    tok = tokenizer(cfg)
+    for shard in todo:
+        rewrite_shard(cfg, out, shard, gen, tok, gen.description)
+
+
+# ---------------------------------------------------------------------------------------------
+# filter: the rewrite classifier, trained on the user's positives and sampled survivors (one task)
+
+
+def _hash_rank(seed: int, pos: int) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(f"{seed}:{pos}".encode(), digest_size=8).digest()
+
+
+def filter_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
+    """Count the rewrites, train the rewrite classifier, score and keep the top survivors."""
+    from scaleforge.data_pipeline.rewire import report
+
+    d = files.stage_dir(out, "filter")
+    fpos = (set_texts(cfg.filter.positives, "filter.positives") if cfg.filter.positives
+            else set_texts(cfg.classify.positives, "classify.positives"))
+    n_neg = cfg.filter.negatives or len(fpos)
+    finish: dict[str, int] = {}
+    dropped: dict[str, int] = {}
+    docs = reply_tokens = survived = survived_tokens = 0
+    for r in files.read_shards(out, "rewrite"):
+        docs += 1
+        reply_tokens += r["reply_tokens"]
+        finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
+        if r["dropped"]:
+            dropped[r["dropped"]] = dropped.get(r["dropped"], 0) + 1
+        else:
+            survived += 1
+            survived_tokens += r["tokens"]
+    if not survived:
+        from scaleforge.errors import ConfigError
+
+        raise ConfigError(
+            f"filter: every rewrite was dropped ({', '.join(sorted(dropped))}), so the rewrite classifier "
+            "has no negatives (one class): raise rewrite.max_new_tokens, lower rewrite.min_length_ratio, "
+            "or use a larger model")
+    # Negatives: the survivors with the smallest seeded hashes of their positions, an order-free draw.
+    picked = heapq.nsmallest(n_neg, ((_hash_rank(cfg.seed, r["pos"]), r["pos"], r["text"])
+                                     for r in files.read_shards(out, "rewrite") if not r["dropped"]))
+    neg = [t for _, _, t in sorted(picked, key=lambda x: x[1])]
+    model = classify.load(classify.train(fpos, neg, cfg.filter.fasttext, cfg.seed, d / "model.bin", "filter"))
+    scored = []  # (pos, score, raw score, tokens): four numbers per survivor
+    for r in files.read_shards(out, "rewrite"):
+        if not r["dropped"]:
+            scored.append((r["pos"], classify.scores(model, [r["text"]])[0], r["raw_score"], r["tokens"]))
+    kept = set(filter_mod.top([(p, s) for p, s, _, _ in scored], cfg.filter.keep_fraction))
+    files.write_jsonl(d / "scores.jsonl", [{"pos": p, "score": s, "tokens": t, "kept": p in kept}
+                                          for p, s, _, t in scored])
+    files.write_json(files.summary_path(out, "filter"), {
+        "rewrite": {"documents": docs, "tokens": reply_tokens, "finish_reasons": finish,
+                    # replies the prompt's parser turned into a text (not no_tags, not empty)
+                    "parsed_share": round((docs - dropped.get("no_tags", 0) - dropped.get("empty", 0)) / docs, 6)},
+        "dropped": dropped, "dropped_total": sum(dropped.values()),
+        "survived": survived, "survived_tokens": survived_tokens,
+        "kept": len(kept), "kept_tokens": sum(t for p, _, _, t in scored if p in kept),
+        "positives": len(fpos), "negatives": len(neg),
+        "spearman_raw_vs_rewrite": report.spearman([x[2] for x in scored], [x[1] for x in scored]),
+    })
+
+
+# ---------------------------------------------------------------------------------------------
+# mix: the raw top fraction and the kept rewrites into the mixed store (one task)
+
+
+def mix_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
+    """Select by score, balance by token share, stream the selected texts into OUT/mixed."""
+    from scaleforge.data_pipeline.rewire import mix, report
+
+    raw_rows = [(r["pos"], r["score"], r["tokens"], r["id"]) for r in files.read_shards(out, "classify")]
+    ids = {p: i for p, _, _, i in raw_rows}
+    raw_top = filter_mod.top([(p, s) for p, s, _, _ in raw_rows], cfg.mix.raw_fraction)
+    tokens = {p: t for p, _, t, _ in raw_rows}
+    del raw_rows
+    scores = files.read_jsonl(files.stage_dir(out, "filter") / "scores.jsonl")
+    kept = sorted((r for r in scores if r["kept"]), key=lambda r: (-r["score"], r["pos"]))
+    raw = [{"kind": mix.RAW, "pos": p, "tokens": tokens[p]} for p in raw_top]
+    rew = [{"kind": mix.REWRITE, "pos": r["pos"], "tokens": r["tokens"]} for r in kept]
+    raw, rew = mix.balance(raw, rew, cfg.mix.raw_share)
+    chosen = {(x["kind"], x["pos"]) for x in raw + rew}
+    # Store order: by pool position, the raw text before its rewrite.
+    entries = sorted(chosen, key=lambda k: (k[1], k[0] != mix.RAW))
+
+    def stream() -> Iterator[str]:
+        rewrites = files.read_shards(out, "rewrite")
+        for src in files.read_shards(out, "classify"):
+            rw = next(rewrites)
+            if (mix.RAW, src["pos"]) in chosen:
+                yield src["text"]
+            if (mix.REWRITE, src["pos"]) in chosen:
+                yield rw["text"]
+
+    st = mix.write_store(out / files.MIXED, [(k, ids[p]) for k, p in entries], stream, tokenizer(cfg),
+                         cfg.seed, cfg.mix.validation_fraction)
+    files.write_json(files.summary_path(out, "mix"), {
+        "raw_documents": len(raw), "raw_tokens": sum(x["tokens"] for x in raw),
+        "rewritten_documents": len(rew), "rewritten_tokens": sum(x["tokens"] for x in rew),
+        "train_tokens": st.num_tokens("train"), "validation_tokens": st.num_tokens("validation"),
+        "train_documents": st.num_documents("train"), "validation_documents": st.num_documents("validation"),
+        "identity": st.identity,
+        "overlap": report.overlap(raw_top, [r["pos"] for r in kept]),
+    })
