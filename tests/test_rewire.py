@@ -341,7 +341,7 @@ def served(model_dir):
 def test_http_backend_matches_local_and_retries_failed_tasks(tiny_store, kjv_jsonl, model_dir, local_gen,
                                                               served, tmp_path):
     from scaleforge.data_pipeline.rewire import files, pipeline, prompts
-    from scaleforge.data_pipeline.rewire.backends import BackendError, HttpGenerator
+    from scaleforge.data_pipeline.rewire.backends import HttpGenerator
     from scaleforge.data_pipeline.rewire.config import load_config
 
     body = tiny_config(tiny_store, kjv_jsonl, backend="http", server="transformers",
@@ -360,17 +360,38 @@ def test_http_backend_matches_local_and_retries_failed_tasks(tiny_store, kjv_jso
     assert all(g.text for g in http)
     assert "stop" in [g.finish_reason for g in local]  # a reply that ended: its end token not counted
 
-    # Requests that time out are retried, then the task fails: an error, no report.
+    # Documents per second against the real server at 1 and 4 requests in flight (printed, not asserted).
+    eight = [prompts.messages("direct", p["text"]) for p in
+             [{"text": f"Item {i}: the Congress shall assemble at least once in every year."} for i in range(8)]]
+    for c in (1, 4):
+        conc = dataclasses.replace(one, concurrency=c)
+        t0 = time.perf_counter()
+        got = HttpGenerator(conc).generate(eight, conc, 0)
+        print(f"transformers serve, concurrency {c}: {len(eight) / (time.perf_counter() - t0):.2f} docs/s")
+        assert all(g.finish_reason != "error" for g in got)
+
+    # Requests that time out are retried, then their documents are marked (the task goes on): with
+    # every request failed no rewrite survives, the filter says so, and no report is written.
     out = tmp_path / "out"
-    with pytest.raises(BackendError, match="failed after 1 retries"):
+    with pytest.raises(ConfigError, match="request_failed"):
         pipeline.run(cfg, out, echo=lambda _m: None)
-    assert not (out / files.REPORT).exists() and not files.shard_path(out, "rewrite", 0).exists()
-    # A rerun with a workable timeout (same data config: same OUT) retries the failed task.
+    assert not (out / files.REPORT).exists()
+    marked = list(files.read_shards(out, "rewrite"))
+    assert [r["dropped"] for r in marked] == ["request_failed"] * 4 and "failed after 1 retries" in \
+        (out / files.LOG).read_text()
+    # With a workable timeout the same config runs through.
     fixed = dataclasses.replace(cfg, rewrite=dataclasses.replace(cfg.rewrite, timeout_s=120.0))
-    report = pipeline.run(fixed, out, echo=lambda _m: None)
+    report = pipeline.run(fixed, tmp_path / "out2", echo=lambda _m: None)
     assert report["rewrite"]["documents"] == 4
     assert report["rewrite"]["generator"] == {"backend": "http", "model": str(model_dir)}
-    assert json.loads((out / files.REPORT).read_text()) == report
+    assert json.loads((tmp_path / "out2" / files.REPORT).read_text()) == report
+
+
+def test_vllm_job_example_is_valid():
+    script = REPO / "examples" / "rewire-vllm.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "vllm serve" in text and "/health" in text and "orchestrate rewire" in text and "trap" in text
 
 
 def test_local_backend_takes_any_causal_lm_directory(tiny_store, tmp_path):

@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-STAGE_NAMES = ("classify", "rewrite", "filter", "mix", "report")
+STAGE_NAMES = ("classify", "rewrite", "filter", "dedup", "mix", "report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

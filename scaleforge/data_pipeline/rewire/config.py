@@ -18,7 +18,7 @@ from scaleforge.errors import ConfigError
 BACKENDS = ("local", "http")
 SERVERS = ("vllm", "transformers", "openai")
 PROMPTS = ("direct", "guided")
-DIGEST_EXCLUDE = ("endpoint", "server", "timeout_s", "retries", "threads")
+DIGEST_EXCLUDE = ("endpoint", "server", "timeout_s", "retries", "threads", "concurrency")
 
 
 READERS = ("jsonl", "parquet", "warc", "hf_disk")
@@ -163,7 +163,11 @@ class RewriteConfig:
     timeout_s: float = 600.0
     """http: seconds before a request counts as failed."""
     retries: int = 3
-    """http: retries of a failed request (exponential backoff) before its task fails."""
+    """http: retries of a failed request (exponential backoff); then its document is marked
+    `request_failed` and the task goes on."""
+    concurrency: int = 8
+    """http: requests in flight at once per task (batches after the current one are sent while
+    it completes; batches are still committed in order)."""
     seed: int = 0
     """Sampling seed (per batch: seed + first document index)."""
     threads: int = 0
@@ -205,6 +209,8 @@ class RewriteConfig:
             raise ConfigError(f"rewrite.min_length_ratio must be in [0, 10], got {self.min_length_ratio}")
         if not self.timeout_s > 0:
             raise ConfigError(f"rewrite.timeout_s must be > 0, got {self.timeout_s}")
+        if self.concurrency < 1:
+            raise ConfigError(f"rewrite.concurrency must be >= 1 (requests in flight), got {self.concurrency}")
         if self.retries < 0 or self.seed < 0 or self.threads < 0:
             raise ConfigError("rewrite.retries, rewrite.seed and rewrite.threads must be >= 0")
 
@@ -241,6 +247,25 @@ class FilterConfig:
             raise ConfigError(f"filter.keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if self.negatives < 0:
             raise ConfigError(f"filter.negatives must be >= 0, got {self.negatives}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DedupConfig:
+    """Near-duplicate removal over the mix candidates (datatrove's MinHash stages)."""
+
+    enabled: bool = True
+    """Run it (false: the candidates go to the mix as they are)."""
+    threshold: float = 0.72
+    """Jaccard similarity of word n-gram shingles at which a pair is caught with probability 1/2
+    (sets the number of MinHash buckets; datatrove's default 14 buckets of 8 hashes: 0.72)."""
+    n_grams: int = 5
+    """Shingle length in words."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"dedup.threshold must be in (0, 1], got {self.threshold}")
+        if self.n_grams < 1:
+            raise ConfigError(f"dedup.n_grams must be >= 1, got {self.n_grams}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -310,6 +335,8 @@ class RewireConfig:
     """Stage 2: the rewrites."""
     filter: FilterConfig = field(default_factory=FilterConfig)
     """Stage 3: the rewrite filter."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Near-duplicate removal before the mix."""
     mix: MixConfig = field(default_factory=MixConfig)
     """Stage 4: the mixed store."""
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)

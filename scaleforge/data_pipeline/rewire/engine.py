@@ -33,7 +33,7 @@ STEPS = (
     ("filter", stages.filter_stage, False),
     ("mix", stages.mix_stage, False),
 )
-"""(stage, function, runs executor.tasks tasks) in order."""
+"""(stage, function, runs executor.tasks tasks) in order; dedup's MinHash stages go before mix."""
 
 
 def _pdeathsig() -> None:
@@ -79,26 +79,35 @@ class RewireStep(PipelineStep):
         yield from ()
 
 
-def _tasks(cfg: RewireConfig, parallel: bool) -> int:
-    return cfg.executor.tasks if parallel else 1
+def plan(cfg: RewireConfig, out: Path, until: str) -> list[tuple[str, list, int]]:
+    """(step name, datatrove pipeline, tasks) of every step up to stage `until`, in order."""
+    from scaleforge.data_pipeline.rewire import dedup
+
+    steps = []
+    for stage, fn, parallel in STEPS:
+        if stage == "mix" and until == "dedup":
+            break
+        if stage == "mix" and cfg.dedup.enabled:
+            steps += dedup.pipelines(cfg, out)
+        steps.append((stage, [RewireStep(stage, fn, cfg, out)], cfg.executor.tasks if parallel else 1))
+        if stage == until:
+            break
+    return steps
 
 
 def run_local(cfg: RewireConfig, out: Path, until: str) -> None:
-    """Run the stages up to `until` one after the other in this process (and its workers)."""
+    """Run the steps up to `until` one after the other in this process (and its workers)."""
     from datatrove.executor import LocalPipelineExecutor
 
     os.environ[MAIN_PID] = str(os.getpid())
     _FORKS_DIE_WITH_ME["on"] = True
     try:
-        for stage, fn, parallel in STEPS:
-            tasks = _tasks(cfg, parallel)
+        for name, pipeline, tasks in plan(cfg, out, until):
             LocalPipelineExecutor(
-                [RewireStep(stage, fn, cfg, out)], tasks=tasks, workers=min(cfg.executor.workers, tasks),
-                logging_dir=str(files.logging_dir(out, stage)), skip_completed=True,
+                pipeline, tasks=tasks, workers=min(cfg.executor.workers, tasks),
+                logging_dir=str(files.logging_dir(out, name)), skip_completed=True,
             ).run()
-            _check_complete(out, stage, tasks)
-            if stage == until:
-                return
+            _check_complete(out, name, tasks)
     finally:
         _FORKS_DIE_WITH_ME["on"] = False
 
@@ -120,20 +129,17 @@ def run_slurm(cfg: RewireConfig, out: Path, until: str, echo=print) -> None:
     prev = None
     chain = []
     venv = str(Path(sys.executable).parent.parent)
-    for stage, fn, parallel in STEPS:
-        tasks = _tasks(cfg, parallel)
-        ex = cfg.executor
+    ex = cfg.executor
+    for name, pipeline, tasks in plan(cfg, out, until):
         prev = SlurmPipelineExecutor(
-            [RewireStep(stage, fn, cfg, out)], tasks=tasks, time=ex.time, partition=ex.partition,
+            pipeline, tasks=tasks, time=ex.time, partition=ex.partition,
             cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
-            gpus_per_task=ex.gpus_per_task if stage == "rewrite" else 0, workers=1,
-            job_name=f"rewire-{stage}", venv_path=venv, depends=prev, requeue=False,
-            logging_dir=str(files.logging_dir(out, stage)), skip_completed=True,
-            slurm_logs_folder=str(files.logging_dir(out, stage) / "slurm"),
+            gpus_per_task=ex.gpus_per_task if name == "rewrite" else 0, workers=1,
+            job_name=f"rewire-{name}", venv_path=venv, depends=prev, requeue=False,
+            logging_dir=str(files.logging_dir(out, name)), skip_completed=True,
+            slurm_logs_folder=str(files.logging_dir(out, name) / "slurm"),
         )
-        chain.append((stage, tasks))
-        if stage == until:
-            break
+        chain.append((name, tasks))
     prev.run()
     echo(f"submitted {len(chain)} Slurm job(s): {', '.join(s for s, _ in chain)}")
     for stage, tasks in chain:

@@ -11,6 +11,8 @@ OUT/rewrite/settings.json       prompt template, sampling, generator: recorded w
 OUT/rewrite/batches/            one committed file per generated batch (resume inside a task)
 OUT/rewrite/docs/NNNNN.jsonl.gz every document of shard NNNNN with its reply and drop reason
 OUT/filter/                     model.bin, scores.jsonl (survivors: score, kept), summary.json
+OUT/dedup/                      candidates.jsonl (raw top + kept rewrites), MinHash signatures,
+                                buckets, removals, kept.jsonl
 OUT/mixed/                      the mixed token store (+ provenance arrays per split)
 OUT/mix/summary.json, OUT/report.json
 ```
@@ -27,7 +29,7 @@ from pathlib import Path
 
 from scaleforge.rundir import write_atomic
 
-STAGES = ("classify", "rewrite", "filter", "mix", "report")
+STAGES = ("classify", "rewrite", "filter", "dedup", "mix", "report")
 MARKER = "rewire.json"
 LOG = "rewire.log"
 REPORT = "report.json"

@@ -1,6 +1,6 @@
 """Stage 3: drop degenerate rewrites (counted by reason), then keep the best by a second classifier.
 
-Drop reasons, checked in this order: `no_tags` (guided prompt: no opening improved-text tag; an
+Drop reasons, checked in this order: `duplicate_prompt` and `request_failed` (no reply), `no_tags` (guided prompt: no opening improved-text tag; an
 unclosed one runs to the end of the reply), `empty`, `too_short` (fewer words than `min_length_ratio` times the source's), then the Gopher
 repetition rules as datatrove's GopherRepetitionFilter implements them (Rae et al. 2021, table A1:
 duplicate lines/paragraphs, top 2-4-gram and duplicate 5-10-gram character fractions), each
@@ -19,6 +19,11 @@ from scaleforge.data_pipeline.rewire import prompts
 from scaleforge.data_pipeline.rewire.config import RewireConfig
 
 
+NOT_GENERATED = {"duplicate": "duplicate_prompt", "error": "request_failed"}
+"""Replies that are not the model's: an exact duplicate of an earlier pool document (its prompt
+is not sent again) and a request that failed after its retries, with their drop reasons."""
+
+
 def _words(text: str) -> int:
     return len(text.split())
 
@@ -33,6 +38,8 @@ def screen(replies: list[dict], sources: dict[int, str], cfg: RewireConfig) -> l
     rows = []
     for r in replies:
         text, reason = prompts.extract(cfg.rewrite.prompt, r["reply"])
+        if r.get("finish_reason") in NOT_GENERATED:
+            text, reason = None, NOT_GENERATED[r["finish_reason"]]
         if reason is None and _words(text) < cfg.rewrite.min_length_ratio * _words(sources[r["id"]]):
             reason = "too_short"
         if reason is None and repetition is not None:

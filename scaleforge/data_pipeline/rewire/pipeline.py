@@ -105,13 +105,15 @@ def make_report(cfg: RewireConfig, out: Path) -> dict:
     settings = files.read_json(files.stage_dir(out, "rewrite") / "settings.json")
     rewrite_s = filter_s.pop("rewrite")
     spearman = filter_s.pop("spearman_raw_vs_rewrite")
-    overlap = mix_s.pop("overlap")
+    overlap = filter_s.pop("overlap")
+    dedup = mix_s.pop("dedup")
     pool = {"documents": classify_s.pop("documents"), "tokens": classify_s.pop("tokens")}
     return {
         "pool": pool,
         "classify": {**classify_s, "scored": pool["documents"]},
         "rewrite": {**rewrite_s, **settings},
         "filter": filter_s,
+        "dedup": dedup,
         "mix": mix_s,
         "overlap": overlap,
         "spearman_raw_vs_rewrite": spearman,

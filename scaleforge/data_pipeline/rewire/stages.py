@@ -36,6 +36,12 @@ def set_texts(sets, where: str) -> list[str]:
     return [d.text for i, ts in enumerate(sets) for d in texts.iterate(ts, f"{where}[{i}]")]
 
 
+def _text_hash(text: str) -> bytes:
+    import hashlib
+
+    return hashlib.blake2b(text.encode(), digest_size=8).digest()
+
+
 def _chunks(docs: Iterator[texts.Doc], size: int) -> Iterator[tuple[int, list[tuple[int, texts.Doc]]]]:
     """(shard, [(pool position, doc), ...]) of `size` documents each, in pool order."""
     block: list[tuple[int, texts.Doc]] = []
@@ -60,13 +66,16 @@ def classify_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> 
     model = classify.load(classify.train(pos, neg, cfg.classify.fasttext, cfg.seed, d / "model.bin", "classify"))
     tok = tokenizer(cfg)
     n = tokens = 0
+    seen: dict[bytes, int] = {}  # 8-byte text hash -> first pool position: exact duplicates
     t0 = time.perf_counter()
     for shard, block in _chunks(texts.iterate(cfg.pool, "pool"), cfg.rewrite.shard_size):
         scores = classify.scores(model, [doc.text for _, doc in block])
         counts = token_counts(tok, [doc.text for _, doc in block])
+        dups = [seen.setdefault(_text_hash(doc.text), p) for p, doc in block]
         files.write_shard(files.shard_path(out, "classify", shard), [
-            {"pos": p, "id": doc.id, "key": doc.key, "text": doc.text, "score": s, "tokens": c}
-            for (p, doc), s, c in zip(block, scores, counts)])
+            {"pos": p, "id": doc.id, "key": doc.key, "text": doc.text, "score": s, "tokens": c,
+             "dup_of": None if d == p else d}
+            for (p, doc), s, c, d in zip(block, scores, counts, dups)])
         n += len(block)
         tokens += sum(counts)
     files.log(out, f"classify: {n} documents scored in {time.perf_counter() - t0:.1f} s")
@@ -78,31 +87,56 @@ def classify_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> 
 # rewrite: the shards of this task, batch by batch (committed batches are reused on a rerun)
 
 
-def _replies(out: Path, rows: list[dict], cfg: RewireConfig, gen) -> list[dict]:
-    """The replies of one batch: its committed file, else generated now and committed."""
+def _requests(rows: list[dict], cfg: RewireConfig) -> list[list[dict]]:
+    # Exact duplicates of an earlier pool document are not sent (their prompt would be the same).
+    return [prompts.messages(cfg.rewrite.prompt, r["text"]) for r in rows if r["dup_of"] is None]
+
+
+def _queue(out: Path, rows: list[dict], cfg: RewireConfig, gen):
+    """Send a batch's requests now when the backend takes them asynchronously (http); else None."""
+    if files.batch_path(out, rows[0]["pos"]).is_file() or not hasattr(gen, "submit"):
+        return None
+    # The seed is the batch's first pool position: the same on every attempt and every executor.
+    return gen.submit(_requests(rows, cfg), cfg.rewrite, cfg.rewrite.seed + rows[0]["pos"])
+
+
+def _replies(out: Path, rows: list[dict], cfg: RewireConfig, gen, futures) -> list[dict]:
+    """The replies of one batch: its committed file, else generated (or awaited) now and committed."""
     path = files.batch_path(out, rows[0]["pos"])
     if path.is_file():
         return files.read_jsonl(path)
     t0 = time.perf_counter()
-    requests = [prompts.messages(cfg.rewrite.prompt, r["text"]) for r in rows]
-    # The seed is the batch's first pool position: the same on every attempt and every executor.
-    gens = gen.generate(requests, cfg.rewrite, cfg.rewrite.seed + rows[0]["pos"])
-    replies = [{"pos": r["pos"], "reply": g.text, "finish_reason": g.finish_reason, "reply_tokens": g.tokens}
-               for r, g in zip(rows, gens)]
+    if futures is not None:
+        gens = iter([f.result() for f in futures])
+    else:
+        gens = iter(gen.generate(_requests(rows, cfg), cfg.rewrite, cfg.rewrite.seed + rows[0]["pos"])
+                    if any(r["dup_of"] is None for r in rows) else [])
+    replies = []
+    for r in rows:
+        g = next(gens) if r["dup_of"] is None else None
+        if g is None:
+            replies.append({"pos": r["pos"], "reply": "", "finish_reason": "duplicate", "reply_tokens": 0})
+            continue
+        replies.append({"pos": r["pos"], "reply": g.text, "finish_reason": g.finish_reason, "reply_tokens": g.tokens})
+        if g.error:
+            files.log(out, f"rewrite document {r['pos']}: {g.error}")
     files.write_jsonl(path, replies)
     files.log(out, f"rewrite batch {rows[0]['pos']}: {len(rows)} documents, "
-                   f"{sum(g.tokens for g in gens)} tokens in {time.perf_counter() - t0:.1f} s")
+                   f"{sum(x['reply_tokens'] for x in replies)} tokens in {time.perf_counter() - t0:.1f} s")
     return replies
 
 
 def rewrite_shard(cfg: RewireConfig, out: Path, shard: int, gen, tok, description: dict) -> None:
-    """Rewrite and screen one shard; its file is written once every batch is committed."""
+    """Rewrite and screen one shard; its file is written once every batch is committed. An http
+    backend gets every batch of the shard queued at once (`rewrite.concurrency` in flight)."""
     rows = list(files.read_shard(files.shard_path(out, "classify", shard)))
+    batches = [rows[lo : lo + cfg.rewrite.batch_size] for lo in range(0, len(rows), cfg.rewrite.batch_size)]
+    queued = [(b, _queue(out, b, cfg, gen)) for b in batches]
     replies: list[dict] = []
-    for lo in range(0, len(rows), cfg.rewrite.batch_size):
-        replies += _replies(out, rows[lo : lo + cfg.rewrite.batch_size], cfg, gen)
-    screened = filter_mod.screen([{"id": r["pos"], "reply": r["reply"]} for r in replies],
-                                 {r["pos"]: r["text"] for r in rows}, cfg)
+    for b, futures in queued:
+        replies += _replies(out, b, cfg, gen, futures)
+    screened = filter_mod.screen([{"id": r["pos"], "reply": r["reply"], "finish_reason": r["finish_reason"]}
+                                  for r in replies], {r["pos"]: r["text"] for r in rows}, cfg)
     counts = iter(token_counts(tok, [s["text"] for s in screened if s["dropped"] is None]))
     out_rows = []
     for src, rep, s in zip(rows, replies, screened):
@@ -138,6 +172,13 @@ def _hash_rank(seed: int, pos: int) -> bytes:
     import hashlib
 
     return hashlib.blake2b(f"{seed}:{pos}".encode(), digest_size=8).digest()
+
+
+def _parsed_share(docs: int, dropped: dict[str, int]) -> float | None:
+    """The share of generated replies the prompt's parser turned into a text (not no_tags, not empty)."""
+    generated = docs - sum(dropped.get(r, 0) for r in filter_mod.NOT_GENERATED.values())
+    parsed = generated - dropped.get("no_tags", 0) - dropped.get("empty", 0)
+    return round(parsed / generated, 6) if generated else None
 
 
 def filter_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
@@ -176,18 +217,25 @@ def filter_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> No
     for r in files.read_shards(out, "rewrite"):
         if not r["dropped"]:
             scored.append((r["pos"], classify.scores(model, [r["text"]])[0], r["raw_score"], r["tokens"]))
-    kept = set(filter_mod.top([(p, s) for p, s, _, _ in scored], cfg.filter.keep_fraction))
+    kept_list = filter_mod.top([(p, s) for p, s, _, _ in scored], cfg.filter.keep_fraction)
+    kept = set(kept_list)
     files.write_jsonl(d / "scores.jsonl", [{"pos": p, "score": s, "tokens": t, "kept": p in kept}
                                           for p, s, _, t in scored])
+    # The mix candidates: the raw top fraction (by the quality score) and the kept rewrites.
+    raw_top = filter_mod.top([(r["pos"], r["score"]) for r in files.read_shards(out, "classify")],
+                             cfg.mix.raw_fraction)
+    files.write_jsonl(files.stage_dir(out, "dedup") / "candidates.jsonl",
+                      sorted([{"kind": "raw", "pos": p} for p in raw_top] + [{"kind": "rewrite", "pos": p} for p in kept],
+                             key=lambda x: (x["pos"], x["kind"] != "raw")))
     files.write_json(files.summary_path(out, "filter"), {
         "rewrite": {"documents": docs, "tokens": reply_tokens, "finish_reasons": finish,
-                    # replies the prompt's parser turned into a text (not no_tags, not empty)
-                    "parsed_share": round((docs - dropped.get("no_tags", 0) - dropped.get("empty", 0)) / docs, 6)},
+                    "parsed_share": _parsed_share(docs, dropped)},
         "dropped": dropped, "dropped_total": sum(dropped.values()),
         "survived": survived, "survived_tokens": survived_tokens,
         "kept": len(kept), "kept_tokens": sum(t for p, _, _, t in scored if p in kept),
         "positives": len(fpos), "negatives": len(neg),
         "spearman_raw_vs_rewrite": report.spearman([x[2] for x in scored], [x[1] for x in scored]),
+        "overlap": report.overlap(raw_top, kept_list),
     })
 
 
@@ -196,33 +244,36 @@ def filter_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> No
 
 
 def mix_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
-    """Select by score, balance by token share, stream the selected texts into OUT/mixed."""
-    from scaleforge.data_pipeline.rewire import mix, report
+    """The candidates dedup kept, balanced by token share, streamed into OUT/mixed."""
+    from scaleforge.data_pipeline.rewire import dedup, mix
 
-    raw_rows = [(r["pos"], r["score"], r["tokens"], r["id"]) for r in files.read_shards(out, "classify")]
-    ids = {p: i for p, _, _, i in raw_rows}
-    raw_top = filter_mod.top([(p, s) for p, s, _, _ in raw_rows], cfg.mix.raw_fraction)
-    tokens = {p: t for p, _, t, _ in raw_rows}
-    del raw_rows
+    chosen = dedup.candidates(out)
+    summary_dedup = {}
+    if cfg.dedup.enabled:
+        summary_dedup = dedup.summary(out)
+        chosen &= {(r["kind"], r["pos"]) for r in files.read_jsonl(files.stage_dir(out, "dedup") / "kept.jsonl")}
+    raw_info = {r["pos"]: (r["score"], r["tokens"], r["id"]) for r in files.read_shards(out, "classify")
+                if ("raw", r["pos"]) in chosen or ("rewrite", r["pos"]) in chosen}
+    raw = sorted(({"kind": mix.RAW, "pos": p, "tokens": raw_info[p][1], "score": raw_info[p][0]}
+                  for k, p in chosen if k == mix.RAW), key=lambda x: (-x["score"], x["pos"]))
     scores = files.read_jsonl(files.stage_dir(out, "filter") / "scores.jsonl")
-    kept = sorted((r for r in scores if r["kept"]), key=lambda r: (-r["score"], r["pos"]))
-    raw = [{"kind": mix.RAW, "pos": p, "tokens": tokens[p]} for p in raw_top]
-    rew = [{"kind": mix.REWRITE, "pos": r["pos"], "tokens": r["tokens"]} for r in kept]
+    rew = sorted(({"kind": mix.REWRITE, "pos": r["pos"], "tokens": r["tokens"], "score": r["score"]}
+                  for r in scores if (mix.REWRITE, r["pos"]) in chosen), key=lambda x: (-x["score"], x["pos"]))
     raw, rew = mix.balance(raw, rew, cfg.mix.raw_share)
-    chosen = {(x["kind"], x["pos"]) for x in raw + rew}
+    mixed = {(x["kind"], x["pos"]) for x in raw + rew}
     # Store order: by pool position, the raw text before its rewrite.
-    entries = sorted(chosen, key=lambda k: (k[1], k[0] != mix.RAW))
+    entries = sorted(mixed, key=lambda k: (k[1], k[0] != mix.RAW))
 
     def stream() -> Iterator[str]:
         rewrites = files.read_shards(out, "rewrite")
         for src in files.read_shards(out, "classify"):
             rw = next(rewrites)
-            if (mix.RAW, src["pos"]) in chosen:
+            if (mix.RAW, src["pos"]) in mixed:
                 yield src["text"]
-            if (mix.REWRITE, src["pos"]) in chosen:
+            if (mix.REWRITE, src["pos"]) in mixed:
                 yield rw["text"]
 
-    st = mix.write_store(out / files.MIXED, [(k, ids[p]) for k, p in entries], stream, tokenizer(cfg),
+    st = mix.write_store(out / files.MIXED, [(k, raw_info[p][2]) for k, p in entries], stream, tokenizer(cfg),
                          cfg.seed, cfg.mix.validation_fraction)
     files.write_json(files.summary_path(out, "mix"), {
         "raw_documents": len(raw), "raw_tokens": sum(x["tokens"] for x in raw),
@@ -230,5 +281,5 @@ def mix_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
         "train_tokens": st.num_tokens("train"), "validation_tokens": st.num_tokens("validation"),
         "train_documents": st.num_documents("train"), "validation_documents": st.num_documents("validation"),
         "identity": st.identity,
-        "overlap": report.overlap(raw_top, [r["pos"] for r in kept]),
+        "dedup": summary_dedup,
     })
