@@ -387,6 +387,25 @@ def test_http_backend_matches_local_and_retries_failed_tasks(tiny_store, kjv_jso
     assert json.loads((tmp_path / "out2" / files.REPORT).read_text()) == report
 
 
+def test_classifier_metrics_are_on_held_out_texts(tmp_path):
+    from scaleforge.data_pipeline.rewire import classify
+    from scaleforge.data_pipeline.rewire.config import FastTextConfig
+
+    good = [f"the committee reviewed the annual budget report number {i} in detail" for i in range(10)]
+    bad = [f"buy cheap pills now click here offer {i} free free free" for i in range(10)]
+    g_tr, g_ho = classify.split(good, 0.2, seed=3)
+    assert len(g_ho) == 2 and set(g_tr) | set(g_ho) == set(good) and not set(g_tr) & set(g_ho)
+    assert classify.split(good, 0.2, seed=3) == (g_tr, g_ho)  # a seeded draw
+    b_tr, b_ho = classify.split(bad, 0.2, seed=4)
+    model = classify.load(classify.train(g_tr, b_tr, FastTextConfig(dim=8, bucket=1024, epochs=25, lr=0.5), 0,
+                                         tmp_path / "m.bin", "t"))
+    m = classify.evaluate(model, g_ho, b_ho)
+    assert (m["positives"], m["negatives"], m["precision"], m["recall"], m["auc"]) == (2, 2, 1.0, 1.0, 1.0)
+    # AUC by its definition: a reversed model ranks every negative first.
+    assert classify.evaluate(model, b_ho, g_ho)["auc"] == 0.0
+    assert classify.split(["one"], 0.2, 0) == (["one"], []) and classify.evaluate(model, [], b_ho) is None
+
+
 def test_vllm_job_example_is_valid():
     script = REPO / "examples" / "rewire-vllm.sbatch"
     subprocess.run(["bash", "-n", str(script)], check=True)

@@ -57,6 +57,12 @@ def test_duplicates_sent_once_and_near_duplicates_removed(tiny_store, tmp_path):
     # The duplicates were not sent: six prompts, one per distinct document.
     assert sorted(echo.asked) == sorted(texts)
     assert report["filter"]["dropped"] == {"duplicate_prompt": 2}
+    # Classifier metrics on held-out texts: a fifth of each set (8 positives, 6 negatives) held out.
+    h = report["classify"]["held_out"]
+    assert (report["classify"]["positives"], h["positives"]) == (6, 2)
+    assert (report["classify"]["negatives"], h["negatives"]) == (5, 1) and 0 <= h["auc"] <= 1
+    # The rewrite classifier: two folds of the 6 survivors, each scored by the other fold's model.
+    assert report["filter"]["negatives"] == [3, 3] and len(report["filter"]["held_out"]) == 2
     # Every kept rewrite equals its raw document: MinHash removes one of each pair (and the two raw
     # duplicates): 8 raw + 6 rewrites in, 6 distinct texts left.
     d = report["dedup"]

@@ -117,10 +117,14 @@ class ClassifyConfig:
     """Documents of ordinary quality (DCLM: random pool documents)."""
     fasttext: FastTextConfig = field(default_factory=FastTextConfig)
     """fastText training settings."""
+    held_out: float = 0.2
+    """Fraction of each set held out (seeded draw) for precision, recall and AUC in the report."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positives", tuple(self.positives))
         object.__setattr__(self, "negatives", tuple(self.negatives))
+        if not 0 <= self.held_out < 1:
+            raise ConfigError(f"classify.held_out must be in [0, 1), got {self.held_out}")
         if not self.positives:
             raise ConfigError("classify.positives is empty: name at least one set of good documents")
         if not self.negatives:
@@ -240,9 +244,13 @@ class FilterConfig:
     """Apply the Gopher repetition rules (datatrove's GopherRepetitionFilter, its defaults)."""
     fasttext: FastTextConfig = field(default_factory=FastTextConfig)
     """fastText training settings of the rewrite classifier."""
+    held_out: float = 0.2
+    """Fraction of the positives held out (seeded draw) for precision, recall and AUC."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positives", tuple(self.positives))
+        if not 0 <= self.held_out < 1:
+            raise ConfigError(f"filter.held_out must be in [0, 1), got {self.held_out}")
         if not 0 < self.keep_fraction <= 1:
             raise ConfigError(f"filter.keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if self.negatives < 0:

@@ -45,6 +45,9 @@ def table(report: dict) -> str:
     ]
     for reason, n in sorted(report["filter"]["dropped"].items()):
         rows.append((f"  dropped: {reason}", str(n)))
+    held = [report["classify"].get("held_out")] + list(report["filter"].get("held_out") or [])
+    rows.append(("held-out AUC: classify / filter folds",
+                 " / ".join("n/a" if h is None else str(h["auc"]) for h in held)))
     f = report["filter"]
     rows += [
         ("survived / kept rewrites", f"{f['survived']} / {f['kept']}"),

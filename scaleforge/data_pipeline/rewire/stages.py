@@ -61,8 +61,10 @@ def _chunks(docs: Iterator[texts.Doc], size: int) -> Iterator[tuple[int, list[tu
 def classify_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> None:
     """Train on the classifier sets, then stream the pool into scored shard files."""
     d = files.stage_dir(out, "classify")
-    pos = set_texts(cfg.classify.positives, "classify.positives")
-    neg = set_texts(cfg.classify.negatives, "classify.negatives")
+    pos, pos_held = classify.split(set_texts(cfg.classify.positives, "classify.positives"),
+                                   cfg.classify.held_out, cfg.seed)
+    neg, neg_held = classify.split(set_texts(cfg.classify.negatives, "classify.negatives"),
+                                   cfg.classify.held_out, cfg.seed + 1)
     model = classify.load(classify.train(pos, neg, cfg.classify.fasttext, cfg.seed, d / "model.bin", "classify"))
     tok = tokenizer(cfg)
     n = tokens = 0
@@ -80,7 +82,8 @@ def classify_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> 
         tokens += sum(counts)
     files.log(out, f"classify: {n} documents scored in {time.perf_counter() - t0:.1f} s")
     files.write_json(files.summary_path(out, "classify"), {
-        "positives": len(pos), "negatives": len(neg), "documents": n, "tokens": tokens})
+        "positives": len(pos), "negatives": len(neg), "documents": n, "tokens": tokens,
+        "held_out": classify.evaluate(model, pos_held, neg_held)})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,10 +171,11 @@ def rewrite_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> N
 # filter: the rewrite classifier, trained on the user's positives and sampled survivors (one task)
 
 
-def _hash_rank(seed: int, pos: int) -> bytes:
+def _neg_hash(seed: int, pos: int) -> int:
+    """Minus a seeded 64-bit hash of a pool position: a min-heap of these keeps the smallest hashes."""
     import hashlib
 
-    return hashlib.blake2b(f"{seed}:{pos}".encode(), digest_size=8).digest()
+    return -int.from_bytes(hashlib.blake2b(f"{seed}:{pos}".encode(), digest_size=8).digest(), "little")
 
 
 def _parsed_share(docs: int, dropped: dict[str, int]) -> float | None:
@@ -188,7 +192,6 @@ def filter_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> No
     d = files.stage_dir(out, "filter")
     fpos = (set_texts(cfg.filter.positives, "filter.positives") if cfg.filter.positives
             else set_texts(cfg.classify.positives, "classify.positives"))
-    n_neg = cfg.filter.negatives or len(fpos)
     finish: dict[str, int] = {}
     dropped: dict[str, int] = {}
     docs = reply_tokens = survived = survived_tokens = 0
@@ -208,15 +211,24 @@ def filter_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> No
             f"filter: every rewrite was dropped ({', '.join(sorted(dropped))}), so the rewrite classifier "
             "has no negatives (one class): raise rewrite.max_new_tokens, lower rewrite.min_length_ratio, "
             "or use a larger model")
-    # Negatives: the survivors with the smallest seeded hashes of their positions, an order-free draw.
-    picked = heapq.nsmallest(n_neg, ((_hash_rank(cfg.seed, r["pos"]), r["pos"], r["text"])
-                                     for r in files.read_shards(out, "rewrite") if not r["dropped"]))
-    neg = [t for _, _, t in sorted(picked, key=lambda x: x[1])]
-    model = classify.load(classify.train(fpos, neg, cfg.filter.fasttext, cfg.seed, d / "model.bin", "filter"))
+    # Two folds of the survivors (alternating in pool order): the classifier of one fold is
+    # trained on negatives drawn from it and scores the other fold, so no survivor is scored by a
+    # classifier that saw it. Negatives: the smallest seeded hashes of their positions in the fold.
+    fpos, fpos_held = classify.split(fpos, cfg.filter.held_out, cfg.seed + 2)
+    n_neg = cfg.filter.negatives or len(fpos)
+    folds: list[list] = [[], []]  # bounded max-heaps (by negated hash) of n_neg texts each
+    for i, r in enumerate(r for r in files.read_shards(out, "rewrite") if not r["dropped"]):
+        heapq.heappush(folds[i % 2], (_neg_hash(cfg.seed, r["pos"]), r["pos"], r["text"]))
+        if len(folds[i % 2]) > n_neg:
+            heapq.heappop(folds[i % 2])
+    negs = [[t for _, _, t in sorted(f, key=lambda x: x[1])] for f in folds]
+    models = [classify.load(classify.train(fpos, negs[f], cfg.filter.fasttext, cfg.seed, d / f"model-{f}.bin",
+                                           "filter")) if negs[f] else None for f in (0, 1)]
+    held_out = [classify.evaluate(models[f], fpos_held, negs[1 - f]) if models[f] else None for f in (0, 1)]
     scored = []  # (pos, score, raw score, tokens): four numbers per survivor
-    for r in files.read_shards(out, "rewrite"):
-        if not r["dropped"]:
-            scored.append((r["pos"], classify.scores(model, [r["text"]])[0], r["raw_score"], r["tokens"]))
+    for i, r in enumerate(r for r in files.read_shards(out, "rewrite") if not r["dropped"]):
+        model = models[1 - i % 2] or models[i % 2]  # one survivor: only its own fold has a classifier
+        scored.append((r["pos"], classify.scores(model, [r["text"]])[0], r["raw_score"], r["tokens"]))
     kept_list = filter_mod.top([(p, s) for p, s, _, _ in scored], cfg.filter.keep_fraction)
     kept = set(kept_list)
     files.write_jsonl(d / "scores.jsonl", [{"pos": p, "score": s, "tokens": t, "kept": p in kept}
@@ -233,7 +245,7 @@ def filter_stage(cfg: RewireConfig, out: Path, rank: int, world_size: int) -> No
         "dropped": dropped, "dropped_total": sum(dropped.values()),
         "survived": survived, "survived_tokens": survived_tokens,
         "kept": len(kept), "kept_tokens": sum(t for p, _, _, t in scored if p in kept),
-        "positives": len(fpos), "negatives": len(neg),
+        "positives": len(fpos), "negatives": [len(n) for n in negs], "held_out": held_out,
         "spearman_raw_vs_rewrite": report.spearman([x[2] for x in scored], [x[1] for x in scored]),
         "overlap": report.overlap(raw_top, kept_list),
     })
