@@ -85,10 +85,10 @@ def plan(cfg: RewireConfig, out: Path, until: str) -> list[tuple[str, list, int]
 
     steps = []
     for stage, fn, parallel in STEPS:
-        if stage == "mix" and until == "dedup":
-            break
         if stage == "mix" and cfg.dedup.enabled:
             steps += dedup.pipelines(cfg, out)
+        if stage == "mix" and until == "dedup":
+            break
         steps.append((stage, [RewireStep(stage, fn, cfg, out)], cfg.executor.tasks if parallel else 1))
         if stage == until:
             break
@@ -120,50 +120,61 @@ def _check_complete(out: Path, stage: str, tasks: int) -> None:
                               f"{files.logging_dir(out, stage)}/logs): rerun to retry them")
 
 
+def default_partition() -> str:
+    """The cluster's default partition (sinfo marks it with *)."""
+    import subprocess
+
+    res = subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, text=True)
+    marked = [p[:-1] for p in res.stdout.split() if p.endswith("*")]
+    if res.returncode or not marked:
+        raise ConfigError("executor.partition is empty and the cluster names no default partition "
+                          "(sinfo): set executor.partition")
+    return marked[0]
+
+
 def run_slurm(cfg: RewireConfig, out: Path, until: str, echo=print) -> None:
-    """Submit the stages up to `until` as Slurm jobs chained by dependencies; wait for them."""
+    """Submit the steps up to `until` as Slurm job arrays chained by dependencies; wait for them."""
     import sys
 
     from datatrove.executor import SlurmPipelineExecutor
 
-    prev = None
-    chain = []
-    venv = str(Path(sys.executable).parent.parent)
     ex = cfg.executor
+    partition = ex.partition or default_partition()
+    activate = Path(sys.executable).parent / "activate"  # the job runs in this environment
+    chain = []
+    prev = None
     for name, pipeline, tasks in plan(cfg, out, until):
         prev = SlurmPipelineExecutor(
-            pipeline, tasks=tasks, time=ex.time, partition=ex.partition,
+            pipeline, tasks=tasks, time=ex.time, partition=partition,
             cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb,
-            gpus_per_task=ex.gpus_per_task if name == "rewrite" else 0, workers=1,
-            job_name=f"rewire-{name}", venv_path=venv, depends=prev, requeue=False,
-            logging_dir=str(files.logging_dir(out, name)), skip_completed=True,
+            gpus_per_task=ex.gpus_per_task if name == "rewrite" else 0,
+            job_name=f"rewire-{name}", venv_path=str(activate) if activate.is_file() else None,
+            depends=prev, requeue=False, logging_dir=str(files.logging_dir(out, name)), skip_completed=True,
             slurm_logs_folder=str(files.logging_dir(out, name) / "slurm"),
         )
-        chain.append((name, tasks))
-    prev.run()
-    echo(f"submitted {len(chain)} Slurm job(s): {', '.join(s for s, _ in chain)}")
-    for stage, tasks in chain:
-        done = files.logging_dir(out, stage) / "completions"
+        chain.append((name, tasks, prev))
+    prev.run()  # submits the chain, first step first
+    echo(f"submitted {len(chain)} Slurm job array(s): {', '.join(n for n, _, _ in chain)}")
+    for name, tasks, _ in chain:
+        done = files.logging_dir(out, name) / "completions"
         while sum((done / f"{r:05d}").is_file() for r in range(tasks)) < tasks:
-            _check_jobs(prev, stage)
+            _check_jobs(chain)
             time.sleep(SLURM_POLL_S)
 
 
-def _check_jobs(last, stage: str) -> None:
+def _check_jobs(chain) -> None:
     """Stop waiting when a job of the chain ended without its completion markers."""
     import subprocess
 
-    job = last
-    while job is not None:
-        if job.job_id:
+    for name, _, job in chain:
+        if job.job_id and job.job_id != -1:
             res = subprocess.run(["sacct", "-n", "-X", "-P", "-j", str(job.job_id), "-o", "State"],
                                  capture_output=True, text=True)
             states = {s.split()[0] for s in res.stdout.split() if s}
             bad = states & {"FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL"}
             if bad:
-                raise ScaleforgeError(f"rewire: Slurm job {job.job_id} ({job.job_name}) ended {sorted(bad)[0]}; "
-                                      "its logs are under OUT/logs: fix and rerun (finished tasks are skipped)")
-        job = job.depends
+                raise ScaleforgeError(f"rewire: Slurm job {job.job_id} ({name}) ended {sorted(bad)[0]}; its logs "
+                                      f"are under OUT/logs/{name}: fix and rerun (finished tasks are skipped)")
 
 
 def run(cfg: RewireConfig, out: Path, until: str, executor: str = "local", echo=print) -> None:
