@@ -104,8 +104,12 @@ def test_config_refuses_bad_fields(tiny_store, kjv_jsonl, tmp_path):
         ({"rewrite": {"backend": "http"}}, "rewrite.endpoint"),
         ({"rewrite": {"backend": "http", "endpoint": "http://x/v1", "server": "openai"}}, "repetition_penalty"),
         ({"filter": {"keep_fraction": 0}}, "filter.keep_fraction"),
+        ({"rewrite": {**base["rewrite"], "concurrency": 0}}, "rewrite.concurrency must be >= 1"),
+        ({"dedup": {"threshold": 0}}, "dedup.threshold must be in (0, 1]"),
+        ({"executor": {"tasks": 0}}, "executor.tasks must be >= 1"),
         ({"mix": {"raw_shares": 0.5}}, "unknown config field 'mix.raw_shares'"),
         ({"pool": {"store": str(tiny_store), "path": "x"}}, "pool: a text set names exactly one of"),
+        ({"pool": {"reader": "jsonl"}}, "pool: reader jsonl needs `paths`"),
         ({"classify": {**base["classify"], "negatives": [{"path": "x", "stride": 0}]}},
          "classify.negatives[0]: stride must be >= 1"),
     ]
