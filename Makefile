@@ -12,9 +12,16 @@ UV_VERSION := 0.13.9
 LOCK_CMD := uv pip compile pyproject.toml --extra dev --python-version 3.11 \
 	--python-platform x86_64-manylinux_2_28 $(if $(PIP_FIND_LINKS),--find-links $(PIP_FIND_LINKS)) -o requirements.lock
 
-.PHONY: setup demo test test-fast golden-compare clean slurm-packages lock
+.PHONY: setup demo test test-fast golden-compare clean slurm-packages system-packages lock
 
-setup: $(STAMP)
+setup: system-packages $(STAMP)
+
+# libmagic1, the system library python-magic loads (REWIRE's WARC reader, through datatrove and
+# warcio); apt-get as root, a no-op when present
+system-packages:
+	@ldconfig -p 2>/dev/null | grep -q 'libmagic\.so\.1' || { [ "$$(id -u)" = 0 ] && \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libmagic1; } || \
+		{ echo "error: libmagic1 is missing: run \`sudo apt-get install libmagic1\` (or your system's libmagic)" >&2; exit 2; }
 
 $(STAMP): pyproject.toml requirements.lock Makefile
 	# a new venv each time: nothing but the lock's distributions (and pip, and the project) in it

@@ -1,5 +1,6 @@
 """REWIRE: config and bad input, the filter's drop reasons, the report's statistics, the local and
-HTTP backends (a real `transformers serve` process), kill-and-resume identity, the sbatch template."""
+HTTP backends (a real `transformers serve` process), kill-and-resume identity under datatrove's
+local executor, the outputs' independence of the number of tasks and workers."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import dataclasses
 import json
 import os
 import re
-import shlex
 import signal
 import socket
 import subprocess
@@ -22,7 +22,6 @@ import yaml
 from scaleforge.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATE = REPO / "scaleforge/data_pipeline/rewire/slurm/rewire-array.sh"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,8 +104,12 @@ def test_config_refuses_bad_fields(tiny_store, kjv_jsonl, tmp_path):
         ({"rewrite": {"backend": "http"}}, "rewrite.endpoint"),
         ({"rewrite": {"backend": "http", "endpoint": "http://x/v1", "server": "openai"}}, "repetition_penalty"),
         ({"filter": {"keep_fraction": 0}}, "filter.keep_fraction"),
+        ({"rewrite": {**base["rewrite"], "concurrency": 0}}, "rewrite.concurrency must be >= 1"),
+        ({"dedup": {"threshold": 0}}, "dedup.threshold must be in (0, 1]"),
+        ({"executor": {"tasks": 0}}, "executor.tasks must be >= 1"),
         ({"mix": {"raw_shares": 0.5}}, "unknown config field 'mix.raw_shares'"),
         ({"pool": {"store": str(tiny_store), "path": "x"}}, "pool: a text set names exactly one of"),
+        ({"pool": {"reader": "jsonl"}}, "pool: reader jsonl needs `paths`"),
         ({"classify": {**base["classify"], "negatives": [{"path": "x", "stride": 0}]}},
          "classify.negatives[0]: stride must be >= 1"),
     ]
@@ -182,9 +185,10 @@ def test_filter_drops_by_reason(tiny_store, kjv_jsonl, tmp_path):
     assert reasons[1].startswith("repetition:") and reasons[2] == "too_short" and reasons[3] == "empty"
     guided = dataclasses.replace(cfg, rewrite=dataclasses.replace(cfg.rewrite, prompt="guided"))
     tagged = f"<reasoning>plan</reasoning><improved_document>{good}</improved_document>"
-    rows = filter_mod.screen([{"id": 0, "reply": tagged}, {"id": 1, "reply": f"<improved_document>{good}"}],
-                             {0: source, 1: source}, guided)
-    assert rows[0]["text"] == good and rows[1]["dropped"] == "no_tags"
+    unclosed = f"<reasoning>plan</reasoning><improved_document>\n{good}"
+    rows = filter_mod.screen([{"id": 0, "reply": tagged}, {"id": 1, "reply": unclosed}, {"id": 2, "reply": good}],
+                             {0: source, 1: source, 2: source}, guided)
+    assert rows[0]["text"] == good and rows[1]["text"] == good and rows[2]["dropped"] == "no_tags"
 
 
 def test_report_statistics_match_independent_formulas():
@@ -241,14 +245,14 @@ def test_kill_and_resume_gives_identical_report_and_store(tiny_store, kjv_jsonl,
     killed = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "scaleforge.cli", "rewire", str(cfg_path), "--out",
                              str(killed)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = files.shard_batches(killed, 0) / "batch-000000000.jsonl"
+    first = files.batch_path(killed, 0)
     deadline = time.time() + 240
     while not first.is_file() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert first.is_file(), "the killed run committed no batch"
-    assert not (killed / files.REPORT).exists() and not files.shard_file(killed, 0).exists()
+    assert not (killed / files.REPORT).exists() and not files.shard_path(killed, "rewrite", 0).exists()
 
     pipeline.run(cfg, killed, generator=local_gen, echo=lambda _m: None)
     assert (killed / files.REPORT).read_bytes() == (ref / files.REPORT).read_bytes()
@@ -258,9 +262,22 @@ def test_kill_and_resume_gives_identical_report_and_store(tiny_store, kjv_jsonl,
               if " batch " in ln]
     assert sorted(logged, key=int) == ["0", "2"]
 
+    # Two tasks on two worker processes (a shard each): the same report and the same store.
+    body = tiny_config(tiny_store, kjv_jsonl, shard_size=2)
+    body["executor"] = {"tasks": 2, "workers": 2}
+    two = tmp_path / "two"
+    subprocess.run([sys.executable, "-m", "scaleforge.cli", "rewire", str(write_config(tmp_path / "two.yaml", body)),
+                    "--out", str(two)], cwd=REPO, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                   timeout=600)
+    assert sorted(p.name for p in files.docs_dir(two, "rewrite").iterdir()) == ["00000.jsonl.gz", "00001.jsonl.gz"]
+    strip = lambda r: {k: v for k, v in r.items() if k != "config_digest"}  # noqa: E731
+    assert strip(json.loads((two / files.REPORT).read_text())) == strip(json.loads((ref / files.REPORT).read_text()))
+    assert _tree_bytes(two / files.MIXED) == _tree_bytes(ref / files.MIXED)
+
     report = json.loads((ref / files.REPORT).read_text())
-    replies = files.read_jsonl(files.shard_file(ref, 0))
-    assert [r["id"] for r in replies] == list(range(4))
+    replies = list(files.read_shards(ref, "rewrite"))
+    assert [r["pos"] for r in replies] == [r["id"] for r in replies] == list(range(4))
+    assert {r["prompt"] for r in replies} == {"direct"} and all("raw_score" in r for r in replies)
     assert report["rewrite"]["documents"] == 4
     assert report["rewrite"]["sampling"]["temperature"] == 0.0
     assert "{document}" in report["rewrite"]["prompt"]["template"]
@@ -269,8 +286,9 @@ def test_kill_and_resume_gives_identical_report_and_store(tiny_store, kjv_jsonl,
     # The mixed store: provenance per document, its texts are the pool's and the kept rewrites'.
     st = store_mod.open_store(ref / files.MIXED)
     st.verify()
-    pool = {p["id"]: p["text"] for p in files.read_jsonl(ref / "classify" / "pool.jsonl")}
-    rewrites = {r["id"]: r["text"] for r in files.read_jsonl(ref / "filter" / "rewrites.jsonl") if r.get("kept")}
+    pool = {p["id"]: p["text"] for p in files.read_shards(ref, "classify")}
+    kept = {r["pos"] for r in files.read_jsonl(ref / "filter" / "scores.jsonl") if r["kept"]}
+    rewrites = {r["id"]: r["text"] for r in replies if r["pos"] in kept}
     tok = st.tokenizer()
     n_raw = n_rew = 0
     for split in ("train", "validation"):
@@ -324,10 +342,10 @@ def served(model_dir):
 
 
 @pytest.mark.slow
-def test_http_backend_matches_local_and_retries_failed_shards(tiny_store, kjv_jsonl, model_dir, local_gen,
+def test_http_backend_matches_local_and_retries_failed_tasks(tiny_store, kjv_jsonl, model_dir, local_gen,
                                                               served, tmp_path):
     from scaleforge.data_pipeline.rewire import files, pipeline, prompts
-    from scaleforge.data_pipeline.rewire.backends import BackendError, HttpGenerator
+    from scaleforge.data_pipeline.rewire.backends import HttpGenerator
     from scaleforge.data_pipeline.rewire.config import load_config
 
     body = tiny_config(tiny_store, kjv_jsonl, backend="http", server="transformers",
@@ -346,38 +364,57 @@ def test_http_backend_matches_local_and_retries_failed_shards(tiny_store, kjv_js
     assert all(g.text for g in http)
     assert "stop" in [g.finish_reason for g in local]  # a reply that ended: its end token not counted
 
-    # Requests that time out are retried, then the shard is marked failed: an error, no report.
+    # Documents per second against the real server at 1 and 4 requests in flight (printed, not asserted).
+    eight = [prompts.messages("direct", p["text"]) for p in
+             [{"text": f"Item {i}: the Congress shall assemble at least once in every year."} for i in range(8)]]
+    for c in (1, 4):
+        conc = dataclasses.replace(one, concurrency=c)
+        t0 = time.perf_counter()
+        got = HttpGenerator(conc).generate(eight, conc, 0)
+        print(f"transformers serve, concurrency {c}: {len(eight) / (time.perf_counter() - t0):.2f} docs/s")
+        assert all(g.finish_reason != "error" for g in got)
+
+    # Requests that time out are retried, then their documents are marked (the task goes on): with
+    # every request failed no rewrite survives, the filter says so, and no report is written.
     out = tmp_path / "out"
-    with pytest.raises(BackendError, match="shard"):
+    with pytest.raises(ConfigError, match="request_failed"):
         pipeline.run(cfg, out, echo=lambda _m: None)
-    assert files.shard_failed(out, 0).is_file() and not (out / files.REPORT).exists()
-    # A rerun with a workable timeout (same data config: same OUT) retries the failed shard.
+    assert not (out / files.REPORT).exists()
+    marked = list(files.read_shards(out, "rewrite"))
+    assert [r["dropped"] for r in marked] == ["request_failed"] * 4 and "failed after 1 retries" in \
+        (out / files.LOG).read_text()
+    # With a workable timeout the same config runs through.
     fixed = dataclasses.replace(cfg, rewrite=dataclasses.replace(cfg.rewrite, timeout_s=120.0))
-    report = pipeline.run(fixed, out, echo=lambda _m: None)
-    assert not files.shard_failed(out, 0).exists()
+    report = pipeline.run(fixed, tmp_path / "out2", echo=lambda _m: None)
     assert report["rewrite"]["documents"] == 4
     assert report["rewrite"]["generator"] == {"backend": "http", "model": str(model_dir)}
-    assert json.loads((out / files.REPORT).read_text()) == report
+    assert json.loads((tmp_path / "out2" / files.REPORT).read_text()) == report
 
 
-# ----------------------------------------------------------------------------------------------
-# the cluster template (written and checked here; it runs on a GPU cluster)
+def test_classifier_metrics_are_on_held_out_texts(tmp_path):
+    from scaleforge.data_pipeline.rewire import classify
+    from scaleforge.data_pipeline.rewire.config import FastTextConfig
+
+    good = [f"the committee reviewed the annual budget report number {i} in detail" for i in range(10)]
+    bad = [f"buy cheap pills now click here offer {i} free free free" for i in range(10)]
+    g_tr, g_ho = classify.split(good, 0.2, seed=3)
+    assert len(g_ho) == 2 and set(g_tr) | set(g_ho) == set(good) and not set(g_tr) & set(g_ho)
+    assert classify.split(good, 0.2, seed=3) == (g_tr, g_ho)  # a seeded draw
+    b_tr, b_ho = classify.split(bad, 0.2, seed=4)
+    model = classify.load(classify.train(g_tr, b_tr, FastTextConfig(dim=8, bucket=1024, epochs=25, lr=0.5), 0,
+                                         tmp_path / "m.bin", "t"))
+    m = classify.evaluate(model, g_ho, b_ho)
+    assert (m["positives"], m["negatives"], m["precision"], m["recall"], m["auc"]) == (2, 2, 1.0, 1.0, 1.0)
+    # AUC by its definition: a reversed model ranks every negative first.
+    assert classify.evaluate(model, b_ho, g_ho)["auc"] == 0.0
+    assert classify.split(["one"], 0.2, 0) == (["one"], []) and classify.evaluate(model, [], b_ho) is None
 
 
-def test_sbatch_template_is_valid():
-    from scaleforge.cli import build_parser
-
-    text = TEMPLATE.read_text()
-    subprocess.run(["bash", "-n", str(TEMPLATE)], check=True)
-    assert "#SBATCH --array=" in text and "#SBATCH --gpus-per-node=" in text
-    assert "vllm serve" in text and "sglang.launch_server" in text and "/health" in text
-    # The command each array task runs parses as the verb's arguments.
-    start = text.index("\norchestrate rewire") + 1
-    command = text[start:].split("\n\n")[0].replace("\\\n", " ")
-    for var, value in {"$CONFIG": "c.yaml", "$OUT": "out", "$SHARD": "3", "$PORT": "20003"}.items():
-        command = command.replace(var, value)
-    args = build_parser("rewire").parse_args(shlex.split(command)[1:])
-    assert (args.stage, args.shard, args.endpoint) == ("rewrite", 3, "http://127.0.0.1:20003/v1")
+def test_vllm_job_example_is_valid():
+    script = REPO / "examples" / "rewire-vllm.sbatch"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "vllm serve" in text and "/health" in text and "orchestrate rewire" in text and "trap" in text
 
 
 def test_local_backend_takes_any_causal_lm_directory(tiny_store, tmp_path):

@@ -15,11 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from scaleforge.data_pipeline.rewire.config import RewriteConfig
-from scaleforge.errors import ConfigError, ScaleforgeError
-
-
-class BackendError(ScaleforgeError):
-    """A generation request failed after its retries (the shard is marked failed; a rerun retries it)."""
+from scaleforge.errors import ConfigError
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -32,6 +28,8 @@ class Generation:
     """`stop` (the model ended its reply) or `length` (cut at max_new_tokens)."""
     tokens: int
     """Generated tokens (the model's own tokenizer), the end token not counted."""
+    error: str = ""
+    """Why the request failed for good (finish_reason `error`); empty otherwise."""
 
 
 class Generator(Protocol):
@@ -128,16 +126,22 @@ class LocalGenerator:
 class HttpGenerator:
     """An OpenAI-compatible chat endpoint (vLLM, SGLang, `transformers serve`), via the openai client.
 
-    The client retries connection errors, timeouts, 429 and 5xx answers `retries` times with
-    exponential backoff (0.5 s doubling, at most 8 s, with jitter); then a BackendError.
+    `concurrency` requests are in flight at once (a thread pool; `submit` queues a batch and
+    returns its futures). The client retries connection errors, timeouts, 429 and 5xx answers
+    `retries` times with exponential backoff (0.5 s doubling, at most 8 s, with jitter); a request
+    that still fails gives a Generation with finish_reason `error`: its document is marked, the
+    task goes on.
     """
 
     def __init__(self, cfg: RewriteConfig):
+        from concurrent.futures import ThreadPoolExecutor
+
         import openai
 
         self.endpoint = cfg.endpoint.rstrip("/")
         self.client = openai.OpenAI(base_url=self.endpoint, api_key="none", timeout=cfg.timeout_s,
                                     max_retries=cfg.retries)
+        self.pool = ThreadPoolExecutor(max_workers=cfg.concurrency, thread_name_prefix="rewire-http")
         self.description = {"backend": "http", "model": cfg.model}
 
     def probe(self) -> None:
@@ -168,10 +172,9 @@ class HttpGenerator:
             )
         except openai.OpenAIError as exc:
             first = str(exc).splitlines()[0] if str(exc) else ""
-            raise BackendError(
-                f"rewrite: {self.endpoint} failed after {cfg.retries} retries "
-                f"({type(exc).__name__}: {first[:160]})"
-            ) from None
+            return Generation(text="", finish_reason="error", tokens=0,
+                              error=f"{self.endpoint} failed after {cfg.retries} retries "
+                                    f"({type(exc).__name__}: {first[:160]})")
         choice = resp.choices[0]
         usage = getattr(resp, "usage", None)
         tokens = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -184,12 +187,30 @@ class HttpGenerator:
             tokens=max(0, tokens - 1) if stopped else tokens,
         )
 
-    def generate(self, requests: list[list[dict]], cfg: RewriteConfig, seed: int) -> list[Generation]:
-        from concurrent.futures import ThreadPoolExecutor
+    def submit(self, requests: list[list[dict]], cfg: RewriteConfig, seed: int) -> list:
+        """Queue the requests of a batch; one future per request, in order."""
+        return [self.pool.submit(self._one, r, cfg, seed + i) for i, r in enumerate(requests)]
 
-        with ThreadPoolExecutor(max_workers=len(requests)) as pool:
-            futures = [pool.submit(self._one, r, cfg, seed + i) for i, r in enumerate(requests)]
-            return [f.result() for f in futures]
+    def generate(self, requests: list[list[dict]], cfg: RewriteConfig, seed: int) -> list[Generation]:
+        return [f.result() for f in self.submit(requests, cfg, seed)]
+
+
+_SHARED: dict[str, Generator] = {}
+
+
+def provide(gen: Generator | None) -> None:
+    """Make `gen` the generator of rewrite tasks that run in this process (a model loaded once);
+    None: the next task makes the one its config names."""
+    _SHARED.pop("generator", None)
+    if gen is not None:
+        _SHARED["generator"] = gen
+
+
+def shared_generator(cfg: RewriteConfig) -> Generator:
+    """The generator this process provides, else the one `cfg` names, made once per process."""
+    if "generator" not in _SHARED:
+        _SHARED["generator"] = make_generator(cfg)
+    return _SHARED["generator"]
 
 
 def make_generator(cfg: RewriteConfig, log=None) -> Generator:

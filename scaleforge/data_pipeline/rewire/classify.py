@@ -76,3 +76,33 @@ def scores(model, texts: list[str]) -> list[float]:
         p = dict(zip(labels, probs)).get(POSITIVE, 0.0)
         out.append(round(float(min(max(p, 0.0), 1.0)), 6))
     return out
+
+
+def split(texts: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """(train, held-out): a seeded draw of round(fraction * n) texts held out, order kept; none
+    held out when that would leave no text on either side."""
+    import random
+
+    k = round(fraction * len(texts))
+    if k < 1 or k >= len(texts):
+        return texts, []
+    held = set(random.Random(seed).sample(range(len(texts)), k))
+    return ([t for i, t in enumerate(texts) if i not in held], [t for i, t in enumerate(texts) if i in held])
+
+
+def evaluate(model, positives: list[str], negatives: list[str]) -> dict | None:
+    """Precision and recall (at P >= 0.5) and ROC AUC of `model` on texts it never saw; None
+    without texts of both classes."""
+    if not positives or not negatives:
+        return None
+    ps, ns = scores(model, positives), scores(model, negatives)
+    tp = sum(s >= 0.5 for s in ps)
+    fp = sum(s >= 0.5 for s in ns)
+    # AUC: the probability that a positive outscores a negative (ties count half).
+    wins = sum((p > n) + 0.5 * (p == n) for p in ps for n in ns)
+    return {
+        "positives": len(ps), "negatives": len(ns),
+        "precision": round(tp / (tp + fp), 6) if tp + fp else None,
+        "recall": round(tp / len(ps), 6),
+        "auc": round(wins / (len(ps) * len(ns)), 6),
+    }

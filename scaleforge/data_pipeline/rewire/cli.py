@@ -5,10 +5,9 @@ and datatrove only when they run."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-STAGE_NAMES = ("classify", "rewrite", "filter", "mix", "report")
+STAGE_NAMES = ("classify", "rewrite", "filter", "dedup", "mix", "report")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,24 +17,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="output directory: stage folders, the mixed store, report.json; a rerun resumes")
     parser.add_argument("--stage", choices=STAGE_NAMES, default="report",
                         help="run the stages up to this one (default: all)")
-    parser.add_argument("--shard", type=int, default=None, metavar="I",
-                        help="rewrite only shard I (a Slurm array task); classify must be done")
-    parser.add_argument("--endpoint", default=None, metavar="URL",
-                        help="override rewrite.endpoint (the server this task talks to)")
+    parser.add_argument("--executor", choices=("local", "slurm"), default="local",
+                        help="datatrove's local executor (default) or its Slurm executor: one job per "
+                             "stage, chained by dependencies (executor.* in the config)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Validate, then run the stages that are not done."""
     from scaleforge.data_pipeline.rewire import pipeline
     from scaleforge.data_pipeline.rewire.config import load_config
-    from scaleforge.errors import ConfigError
 
     cfg = load_config(args.config)
-    if args.endpoint is not None:
-        cfg = dataclasses.replace(cfg, rewrite=dataclasses.replace(cfg.rewrite, endpoint=args.endpoint))
-    if args.shard is not None and args.stage not in ("rewrite", "report"):
-        raise ConfigError("--shard runs one rewrite shard: use it with --stage rewrite (or no --stage)")
-    until = "rewrite" if args.shard is not None else args.stage
-    pipeline.run(cfg, args.out, until=until, shard=args.shard,
+    pipeline.run(cfg, args.out, until=args.stage, executor=args.executor,
                  echo=lambda m: print(m, file=sys.stdout, flush=True))
     return 0

@@ -18,15 +18,19 @@ from scaleforge.errors import ConfigError
 BACKENDS = ("local", "http")
 SERVERS = ("vllm", "transformers", "openai")
 PROMPTS = ("direct", "guided")
-DIGEST_EXCLUDE = ("endpoint", "server", "timeout_s", "retries", "threads")
+DIGEST_EXCLUDE = ("endpoint", "server", "timeout_s", "retries", "threads", "concurrency")
+
+
+READERS = ("jsonl", "parquet", "warc", "hf_disk")
 
 
 @dataclass(kw_only=True, frozen=True)
 class TextSet:
-    """A set of documents: a slice of a token store's split, or text files.
+    """A set of documents: a slice of a token store's split, text files, or files a datatrove reader reads.
 
-    Exactly one of `store` and `path` is given. Documents are taken at indices
-    `start, start + stride, ...` (`count` of them, 0: all there are) and each is cut to its first
+    Exactly one of `store`, `path` and `reader` is given. From a store or text files, documents are
+    taken at indices `start, start + stride, ...` (`count` of them, 0: all there are); from a reader,
+    the first `limit` documents of its files in sorted path order (0: all). Each is cut to its first
     `max_chars` characters, back to the last whitespace (0: whole documents).
     """
 
@@ -34,6 +38,17 @@ class TextSet:
     """A token store (a path, or `bundled`): its documents are decoded with its own tokenizer."""
     path: str = ""
     """Text files instead of a store: a .txt/.md file, a .jsonl file (`text` field) or a directory."""
+    reader: str = ""
+    """A datatrove reader over `paths`: `jsonl` (gzip too), `parquet`, `warc` (WARC/WET records) or
+    `hf_disk` (a Hugging Face dataset saved with `save_to_disk`: its directory)."""
+    paths: tuple[str, ...] = ()
+    """reader: the files (or, for hf_disk, dataset directories) as glob patterns (`**` recurses)."""
+    text_key: str = "text"
+    """reader: the field (JSONL key, Parquet or Arrow column) that holds the text."""
+    id_key: str = "id"
+    """reader: the field that holds the document id, when present (else file path and index)."""
+    limit: int = 0
+    """reader: documents read at most (0: all)."""
     split: str = "train"
     """The store split to read (train or validation)."""
     start: int = 0
@@ -46,11 +61,20 @@ class TextSet:
     """Cut each document to at most this many characters, at a word boundary (0: no cut)."""
 
     def __post_init__(self) -> None:
-        if bool(self.store) == bool(self.path):
-            raise ConfigError("a text set names exactly one of `store` and `path`")
+        object.__setattr__(self, "paths", tuple(self.paths))
+        if sum(map(bool, (self.store, self.path, self.reader))) != 1:
+            raise ConfigError("a text set names exactly one of `store`, `path` and `reader`")
+        if self.reader and self.reader not in READERS:
+            raise ConfigError(f"reader must be one of {', '.join(READERS)}, got {self.reader!r}")
+        if self.reader and not self.paths:
+            raise ConfigError(f"reader {self.reader} needs `paths`: a list of file globs")
+        if self.paths and not self.reader:
+            raise ConfigError("`paths` go with a `reader` (jsonl, parquet, warc, hf_disk)")
+        if self.reader and not self.text_key:
+            raise ConfigError("text_key is empty: name the field that holds the text")
         if self.split not in ("train", "validation"):
             raise ConfigError(f"split must be train or validation, got {self.split!r}")
-        for name in ("start", "count", "max_chars"):
+        for name in ("start", "count", "max_chars", "limit"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.stride < 1:
@@ -93,10 +117,14 @@ class ClassifyConfig:
     """Documents of ordinary quality (DCLM: random pool documents)."""
     fasttext: FastTextConfig = field(default_factory=FastTextConfig)
     """fastText training settings."""
+    held_out: float = 0.2
+    """Fraction of each set held out (seeded draw) for precision, recall and AUC in the report."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positives", tuple(self.positives))
         object.__setattr__(self, "negatives", tuple(self.negatives))
+        if not 0 <= self.held_out < 1:
+            raise ConfigError(f"classify.held_out must be in [0, 1), got {self.held_out}")
         if not self.positives:
             raise ConfigError("classify.positives is empty: name at least one set of good documents")
         if not self.negatives:
@@ -134,11 +162,16 @@ class RewriteConfig:
     batch_size: int = 4
     """Documents per generation batch (fixed by document index, so a resumed shard batches alike)."""
     shard_size: int = 64
-    """Documents per shard: the unit of a Slurm array task and of the done/failed markers."""
+    """Documents per pool shard file (OUT/classify/docs): the unit a rewrite task takes, so a
+    document's batch never depends on the number of tasks."""
     timeout_s: float = 600.0
     """http: seconds before a request counts as failed."""
     retries: int = 3
-    """http: retries of a failed request (exponential backoff) before its shard is marked failed."""
+    """http: retries of a failed request (exponential backoff); then its document is marked
+    `request_failed` and the task goes on."""
+    concurrency: int = 8
+    """http: requests in flight at once per task (batches after the current one are sent while
+    it completes; batches are still committed in order)."""
     seed: int = 0
     """Sampling seed (per batch: seed + first document index)."""
     threads: int = 0
@@ -180,6 +213,8 @@ class RewriteConfig:
             raise ConfigError(f"rewrite.min_length_ratio must be in [0, 10], got {self.min_length_ratio}")
         if not self.timeout_s > 0:
             raise ConfigError(f"rewrite.timeout_s must be > 0, got {self.timeout_s}")
+        if self.concurrency < 1:
+            raise ConfigError(f"rewrite.concurrency must be >= 1 (requests in flight), got {self.concurrency}")
         if self.retries < 0 or self.seed < 0 or self.threads < 0:
             raise ConfigError("rewrite.retries, rewrite.seed and rewrite.threads must be >= 0")
 
@@ -209,13 +244,36 @@ class FilterConfig:
     """Apply the Gopher repetition rules (datatrove's GopherRepetitionFilter, its defaults)."""
     fasttext: FastTextConfig = field(default_factory=FastTextConfig)
     """fastText training settings of the rewrite classifier."""
+    held_out: float = 0.2
+    """Fraction of the positives held out (seeded draw) for precision, recall and AUC."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "positives", tuple(self.positives))
+        if not 0 <= self.held_out < 1:
+            raise ConfigError(f"filter.held_out must be in [0, 1), got {self.held_out}")
         if not 0 < self.keep_fraction <= 1:
             raise ConfigError(f"filter.keep_fraction must be in (0, 1], got {self.keep_fraction}")
         if self.negatives < 0:
             raise ConfigError(f"filter.negatives must be >= 0, got {self.negatives}")
+
+
+@dataclass(kw_only=True, frozen=True)
+class DedupConfig:
+    """Near-duplicate removal over the mix candidates (datatrove's MinHash stages)."""
+
+    enabled: bool = True
+    """Run it (false: the candidates go to the mix as they are)."""
+    threshold: float = 0.72
+    """Jaccard similarity of word n-gram shingles at which a pair is caught with probability 1/2
+    (sets the number of MinHash buckets; datatrove's default 14 buckets of 8 hashes: 0.72)."""
+    n_grams: int = 5
+    """Shingle length in words."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"dedup.threshold must be in (0, 1], got {self.threshold}")
+        if self.n_grams < 1:
+            raise ConfigError(f"dedup.n_grams must be >= 1, got {self.n_grams}")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -229,6 +287,9 @@ class MixConfig:
     lowest scores first, so that no document repeats."""
     validation_fraction: float = 0.01
     """Fraction of the mixed documents held out for validation (at least 4, as every store)."""
+    tokenizer: str = ""
+    """A token store (a path, or `bundled`) whose tokenizer writes the mix and counts tokens
+    (empty: the pool's store; a pool read from files names one)."""
 
     def __post_init__(self) -> None:
         if not 0 < self.raw_fraction <= 1:
@@ -240,25 +301,61 @@ class MixConfig:
 
 
 @dataclass(kw_only=True, frozen=True)
+class ExecutorConfig:
+    """How datatrove runs the stages: tasks, local workers, and the Slurm job settings.
+
+    Outside the config digest: the outputs do not depend on it (a document's batch is fixed by its
+    pool position, and every output is ordered by pool position)."""
+
+    tasks: int = 1
+    """datatrove tasks of each parallel stage (scoring, rewriting); the others run as one task."""
+    workers: int = 1
+    """Local executor: tasks run at once in worker processes (1: in this process)."""
+    partition: str = ""
+    """Slurm executor: the partition (empty: the cluster's default)."""
+    time: str = "01:00:00"
+    """Slurm executor: the time limit of each job."""
+    cpus_per_task: int = 1
+    """Slurm executor: CPUs per task."""
+    mem_per_cpu_gb: int = 2
+    """Slurm executor: memory per CPU in GB."""
+    gpus_per_task: int = 0
+    """Slurm executor: GPUs per rewrite task (a local model on the node's GPU)."""
+
+    def __post_init__(self) -> None:
+        for name in ("tasks", "workers", "cpus_per_task", "mem_per_cpu_gb"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"executor.{name} must be >= 1, got {getattr(self, name)}")
+        if self.gpus_per_task < 0:
+            raise ConfigError(f"executor.gpus_per_task must be >= 0, got {self.gpus_per_task}")
+
+
+@dataclass(kw_only=True, frozen=True)
 class RewireConfig:
     """REWIRE: classify a pool, rewrite it, filter the rewrites, mix them with the best raw text."""
 
     pool: TextSet
-    """The documents to recycle: a slice of a token store (the mixed store uses its tokenizer)."""
+    """The documents to recycle: a slice of a token store (the mixed store uses its tokenizer), or
+    files a datatrove reader reads (then mix.tokenizer names the tokenizer)."""
     classify: ClassifyConfig
     """Stage 1: the quality classifier."""
     rewrite: RewriteConfig = field(default_factory=RewriteConfig)
     """Stage 2: the rewrites."""
     filter: FilterConfig = field(default_factory=FilterConfig)
     """Stage 3: the rewrite filter."""
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    """Near-duplicate removal before the mix."""
     mix: MixConfig = field(default_factory=MixConfig)
     """Stage 4: the mixed store."""
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
+    """How datatrove runs the stages (outside the digest)."""
     seed: int = 0
     """Seed of the classifiers and of the random rewrite negatives."""
 
     def __post_init__(self) -> None:
-        if not self.pool.store:
-            raise ConfigError("pool.store is empty: the pool is a token store (a path, or bundled)")
+        if not self.pool.store and not self.mix.tokenizer:
+            raise ConfigError("mix.tokenizer is empty and the pool is not a token store: name the store "
+                              "(a path, or bundled) whose tokenizer the mixed store uses")
         if self.seed < 0:
             raise ConfigError(f"seed must be >= 0, got {self.seed}")
 
@@ -270,8 +367,10 @@ class RewireConfig:
 
     def digest(self) -> str:
         """sha256 of the canonical config minus how the rewrites are fetched (endpoint, timeout,
-        retries, threads), which leave the data unchanged: an output directory belongs to one digest."""
+        retries, threads) and how the stages run (executor), which leave the data unchanged: an
+        output directory belongs to one digest."""
         body = self.to_dict()
+        body.pop("executor")
         for key in DIGEST_EXCLUDE:
             body["rewrite"].pop(key)
         return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()

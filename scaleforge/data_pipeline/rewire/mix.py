@@ -12,6 +12,7 @@ document in store order; the document keys in the corpus manifest read `raw/<id>
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,35 +48,38 @@ def _prefix(docs: list[dict], budget: float) -> list[dict]:
     return kept
 
 
-def write_store(path: Path, docs: list[dict], tokenizer, seed: int, validation_fraction: float):
-    """Ingest `docs` (dicts with kind, id, text) into the store at `path`; add provenance arrays."""
+def write_store(path: Path, entries: list[tuple[str, int]], texts: Callable[[], Iterator[str]], tokenizer,
+                seed: int, validation_fraction: float):
+    """Ingest the documents `entries` name ((kind, source id), in store order; each call of `texts`
+    streams their texts in the same order: ingestion reads them twice) into the store at `path`;
+    add the provenance arrays."""
     import zarr
     from zarr.codecs import ZstdCodec
 
     from scaleforge.data_pipeline import corpus, ingest, store
 
-    if len(docs) < 2:
+    if len(entries) < 2:
         raise ConfigError(
-            f"mix: only {len(docs)} document(s) to mix, a store needs at least 2: raise "
+            f"mix: only {len(entries)} document(s) to mix, a store needs at least 2: raise "
             "mix.raw_fraction or filter.keep_fraction, or use a larger pool"
         )
 
     def documents():
-        for d in docs:
-            yield f"{d['kind']}/{d['id']}", d["text"]
+        for (kind, source), text in zip(entries, texts()):
+            yield f"{kind}/{source}", text
 
     # The origin names no path: equal mixes give equal stores, wherever they are written.
     source = corpus.Source(name="rewire", origin="rewire mix", documents=documents)
     split = store.SplitConfig(seed=seed, validation_fraction=validation_fraction)
     result = ingest.ingest(path, [source], tokenizer, split=split)
-    mask = store.validation_mask(len(docs), split.seed, split.validation_fraction,
+    mask = store.validation_mask(len(entries), split.seed, split.validation_fraction,
                                  split.min_validation_docs)
     root = zarr.open_group(zarr.storage.LocalStore(path), mode="a")
     for name, want_val in (("train", False), ("validation", True)):
-        rows = [d for d, v in zip(docs, mask) if bool(v) == want_val]
+        rows = [e for e, v in zip(entries, mask) if bool(v) == want_val]
         for array, values in (
-            ("provenance_rewritten", np.array([d["kind"] == REWRITE for d in rows], dtype=np.uint8)),
-            ("provenance_source", np.array([d["id"] for d in rows], dtype=np.int64)),
+            ("provenance_rewritten", np.array([k == REWRITE for k, _ in rows], dtype=np.uint8)),
+            ("provenance_source", np.array([i for _, i in rows], dtype=np.int64)),
         ):
             arr = root[name].create_array(array, shape=values.shape, chunks=(max(1, min(len(values), 1 << 16)),),
                                           dtype=values.dtype, fill_value=0, compressors=ZstdCodec(level=3),

@@ -3,7 +3,7 @@
 `guided` follows the structure REWIRE describes (Nguyen et al. 2025, section 3): the document is
 framed as a draft, the model infers the task, reasons as the best-suited expert with a few guiding
 questions, then writes an improved version that keeps the useful details and is not shorter,
-between explicit tags; only the tagged text is kept. `direct` is for small local models, which
+between explicit tags; only the tagged text is kept (an unclosed tag runs to the end of the reply). `direct` is for small local models, which
 (measured with SmolLM2-135M-Instruct) never close the guided prompt's tags: the whole reply is the
 rewrite.
 """
@@ -45,15 +45,15 @@ def messages(variant: str, document: str) -> list[dict]:
 
 
 def extract(variant: str, reply: str) -> tuple[str | None, str | None]:
-    """(rewrite, None) or (None, drop reason). `guided` keeps only the text between the tags."""
+    """(rewrite, None) or (None, drop reason). `guided` keeps only the text after the last opening
+    tag, up to the closing tag or, when the model never wrote it, to the end of the reply (the
+    length and repetition rules still judge that text)."""
     if variant == "guided":
         start = reply.rfind(OPEN_TAG)
         if start < 0:
             return None, "no_tags"
         end = reply.find(CLOSE_TAG, start)
-        if end < 0:
-            return None, "no_tags"
-        reply = reply[start + len(OPEN_TAG) : end]
+        reply = reply[start + len(OPEN_TAG) : end if end >= 0 else len(reply)]
     text = reply.strip()
     if not text:
         return None, "empty"

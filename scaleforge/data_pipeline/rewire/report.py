@@ -31,15 +31,23 @@ def spearman(raw_scores: list[float], rewrite_scores: list[float]) -> float | No
     return None if math.isnan(rho) else round(rho, 6)
 
 
+def _share(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
+
+
 def table(report: dict) -> str:
     """The report as aligned `name  value` lines for the terminal."""
     rows = [
         ("pool documents / tokens", f"{report['pool']['documents']} / {report['pool']['tokens']:,}"),
         ("scored", f"{report['classify']['scored']}"),
         ("rewritten (replies) / tokens", f"{report['rewrite']['documents']} / {report['rewrite']['tokens']:,}"),
+        (f"replies parsed ({report['rewrite']['prompt']['variant']} prompt)", _share(report["rewrite"]["parsed_share"])),
     ]
     for reason, n in sorted(report["filter"]["dropped"].items()):
         rows.append((f"  dropped: {reason}", str(n)))
+    held = [report["classify"].get("held_out")] + list(report["filter"].get("held_out") or [])
+    rows.append(("held-out AUC: classify / filter folds",
+                 " / ".join("n/a" if h is None else str(h["auc"]) for h in held)))
     f = report["filter"]
     rows += [
         ("survived / kept rewrites", f"{f['survived']} / {f['kept']}"),
