@@ -24,6 +24,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from scaleforge.data_pipeline.rewire import files
 from scaleforge.data_pipeline.rewire.config import RewireConfig
+from scaleforge.data_pipeline.rewire.workers import die_with_parent
 
 HASHES_PER_BUCKET = 8
 
@@ -58,9 +59,7 @@ class CandidateReader(_OutStep):
     name = "candidates"
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        from scaleforge.data_pipeline.rewire.engine import _die_with_parent
-
-        _die_with_parent()
+        die_with_parent()
         chosen = candidates(self.out)
         rewrites = files.read_shards(self.out, "rewrite")
         for src in files.read_shards(self.out, "classify"):

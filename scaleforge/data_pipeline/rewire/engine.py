@@ -11,7 +11,6 @@ the process that started it (PR_SET_PDEATHSIG), so a killed run leaves nothing w
 from __future__ import annotations
 
 import os
-import signal
 import time
 from pathlib import Path
 
@@ -19,11 +18,12 @@ from datatrove.pipeline.base import PipelineStep
 
 from scaleforge.data_pipeline.rewire import files, stages
 from scaleforge.data_pipeline.rewire.config import RewireConfig
+from scaleforge.data_pipeline.rewire.workers import MAIN_PID
+from scaleforge.data_pipeline.rewire.workers import die_with_parent as _die_with_parent
+from scaleforge.data_pipeline.rewire.workers import pdeathsig as _pdeathsig
 from scaleforge.errors import ConfigError, ScaleforgeError
 
 EXECUTORS = ("local", "slurm")
-MAIN_PID = "SCALEFORGE_REWIRE_PID"
-"""The pid of the process that runs the executors: its workers are the other processes."""
 SLURM_POLL_S = 5.0
 """Seconds between checks of the Slurm jobs' completion markers."""
 
@@ -34,23 +34,6 @@ STEPS = (
     ("mix", stages.mix_stage, False),
 )
 """(stage, function, runs executor.tasks tasks) in order; dedup's MinHash stages go before mix."""
-
-
-def _pdeathsig() -> None:
-    """Ask the kernel to SIGKILL this process when its parent dies."""
-    import ctypes
-
-    PR_SET_PDEATHSIG = 1  # linux/prctl.h
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except (OSError, AttributeError):  # not Linux: nothing to ask the kernel for
-        pass
-
-
-def _die_with_parent() -> None:
-    """In a worker process (forked by the forkserver, which exits with the run): die with it."""
-    if os.environ.get(MAIN_PID, str(os.getpid())) != str(os.getpid()):
-        _pdeathsig()
 
 
 _FORKS_DIE_WITH_ME = {"on": False}
