@@ -18,9 +18,7 @@ from datatrove.pipeline.base import PipelineStep
 
 from scaleforge.data_pipeline.rewire import files, stages
 from scaleforge.data_pipeline.rewire.config import RewireConfig
-from scaleforge.data_pipeline.rewire.workers import MAIN_PID
-from scaleforge.data_pipeline.rewire.workers import die_with_parent as _die_with_parent
-from scaleforge.data_pipeline.rewire.workers import pdeathsig as _pdeathsig
+from scaleforge.data_pipeline.rewire.workers import MAIN_PID, die_with_parent, pdeathsig
 from scaleforge.errors import ConfigError, ScaleforgeError
 
 EXECUTORS = ("local", "slurm")
@@ -39,7 +37,7 @@ STEPS = (
 _FORKS_DIE_WITH_ME = {"on": False}
 """While the executors run, a process forked from this one (datatrove's multiprocess Manager)
 dies with it: a SIGKILLed run leaves no process behind."""
-os.register_at_fork(after_in_child=lambda: _FORKS_DIE_WITH_ME["on"] and _pdeathsig())
+os.register_at_fork(after_in_child=lambda: _FORKS_DIE_WITH_ME["on"] and pdeathsig())
 
 
 class RewireStep(PipelineStep):
@@ -55,7 +53,7 @@ class RewireStep(PipelineStep):
         self.out = Path(out)
 
     def run(self, data=None, rank: int = 0, world_size: int = 1):
-        _die_with_parent()
+        die_with_parent()
         with self.track_time():
             self.fn(self.cfg, self.out, rank, world_size)
         self.stat_update("tasks")
